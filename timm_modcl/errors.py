@@ -1,0 +1,67 @@
+"""The exception family of timm_modcl: every error the library raises on bad input derives from ``ModCLError``."""
+
+__all__ = [
+    'ModCLError',
+    'TaskError',
+    'TaskNotFoundError',
+    'TaskExistsError',
+    'InvalidTaskNameError',
+    'ResolutionError',
+    'InputError',
+    'StateDictError',
+    'AdapterError',
+    'AdapterFormatError',
+    'FingerprintMismatchError',
+    'HubError',
+]
+
+
+class ModCLError(Exception):
+    """Base class of all timm_modcl errors."""
+
+
+class TaskError(ModCLError, ValueError):
+    """A task operation was given bad arguments."""
+
+
+class TaskNotFoundError(TaskError, KeyError):
+    """The named task does not exist."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ''
+
+
+class TaskExistsError(TaskError):
+    """A task of that name already exists."""
+
+
+class InvalidTaskNameError(TaskError):
+    """A task name is empty, too long, or contains characters that are not allowed."""
+
+
+class ResolutionError(TaskError):
+    """A modulation resolution is not a pair of positive integers."""
+
+
+class InputError(ModCLError, ValueError):
+    """A forward input does not fit the model (e.g. wrong channel count)."""
+
+
+class StateDictError(ModCLError, RuntimeError):
+    """A state dict does not fit the model (different architecture, width or tasks)."""
+
+
+class AdapterError(ModCLError):
+    """A task adapter file could not be read, written or applied."""
+
+
+class AdapterFormatError(AdapterError, ValueError):
+    """An adapter file is corrupt, truncated, not an adapter, or has unexpected tensors, shapes or values."""
+
+
+class FingerprintMismatchError(AdapterError):
+    """An adapter was trained on different frozen backbone weights than the model has."""
+
+
+class HubError(ModCLError):
+    """Pushing to or pulling from the Hugging Face Hub failed."""
