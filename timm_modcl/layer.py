@@ -14,6 +14,7 @@ re-bound by the model when the task changes. In eval mode without autograd the e
 reused until the modulator or the weight changes (detected through tensor version counters), so inference costs
 what a plain convolution costs.
 """
+import functools
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     'ModulatedConv2d',
     'modulator_shape',
     'upsample_modulator',
+    'interpolation_matrix',
     'validate_resolution',
     'LayerResolution',
 ]
@@ -81,13 +83,31 @@ def modulator_shape(weight_shape: Tuple[int, ...], resolution: Tuple[int, int]) 
 
 
 def upsample_modulator(modulator: torch.Tensor, out_channels: int, in_channels: int) -> torch.Tensor:
-    """Bicubically interpolate a modulator ``(o, i, kh, kw)`` over its channel dims to ``(O, I, kh, kw)``."""
+    """Bicubically interpolate a modulator ``(o, i, kh, kw)`` over its channel dims to ``(O, I, kh, kw)``.
+
+    The reference implementation with ``F.interpolate`` (used under TorchScript); eager code uses the equivalent,
+    faster ``interpolation_matrix`` form ``U_O @ M @ U_I^T``.
+    """
     o, i, kh, kw = modulator.shape[0], modulator.shape[1], modulator.shape[2], modulator.shape[3]
     if o == out_channels and i == in_channels:
         return modulator
     m = modulator.permute(2, 3, 0, 1).reshape(kh * kw, 1, o, i)
     m = F.interpolate(m, size=(out_channels, in_channels), mode='bicubic', align_corners=False)
     return m.reshape(kh, kw, out_channels, in_channels).permute(2, 3, 0, 1)
+
+
+@functools.lru_cache(maxsize=512)
+def _interpolation_matrix_cpu(size_out: int, size_in: int) -> torch.Tensor:
+    eye = torch.eye(size_in, dtype=torch.float64).reshape(1, 1, size_in, size_in)
+    return F.interpolate(eye, size=(size_out, size_in), mode='bicubic', align_corners=False)[0, 0]
+
+
+def interpolation_matrix(size_out: int, size_in: int, device=None, dtype=None) -> torch.Tensor:
+    """The ``(size_out, size_in)`` matrix of 1-D bicubic interpolation as done by ``F.interpolate``.
+
+    Bicubic interpolation is separable and linear, so ``upsample(M)[:, :, k] == U_O @ M[:, :, k] @ U_I.T``.
+    """
+    return _interpolation_matrix_cpu(int(size_out), int(size_in)).to(device=device, dtype=dtype)
 
 
 class ModulatedConv2d(nn.Conv2d):
@@ -104,6 +124,7 @@ class ModulatedConv2d(nn.Conv2d):
         self.mod_sign: float = -1.0
         self.check_input: bool = False
         self._cache: Optional[torch.Tensor] = None
+        self._interp: Dict[Tuple[int, int, torch.device, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
         self._cache_key: Tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def _freeze(self) -> None:
@@ -135,13 +156,22 @@ class ModulatedConv2d(nn.Conv2d):
         """Drop the cached effective weight."""
         self._cache = None
 
-    def modulation(self, modulator: torch.Tensor) -> torch.Tensor:
-        """The full-resolution multiplicative factor ``1 + sign * upsample(M)`` with the bound sign."""
-        return self.modulation_for(modulator, self.mod_sign)
-
-    def modulation_for(self, modulator: torch.Tensor, sign: float) -> torch.Tensor:
-        """The full-resolution multiplicative factor ``1 + sign * upsample(M)``."""
-        up = upsample_modulator(modulator, self.weight.shape[0], self.weight.shape[1])
+    @torch.jit.unused
+    def modulation(self, modulator: torch.Tensor, sign: Optional[float] = None) -> torch.Tensor:
+        """The full-resolution multiplicative factor ``1 + sign * upsample(M)`` (default sign: the bound one)."""
+        sign = self.mod_sign if sign is None else sign
+        out_ch, in_ch = self.weight.shape[0], self.weight.shape[1]
+        o, i = modulator.shape[0], modulator.shape[1]
+        if (o, i) == (out_ch, in_ch):
+            up = modulator
+        else:
+            key = (o, i, modulator.device, modulator.dtype)
+            mats = self._interp.get(key)
+            if mats is None:
+                mats = (interpolation_matrix(out_ch, o, modulator.device, modulator.dtype),
+                        interpolation_matrix(in_ch, i, modulator.device, modulator.dtype))
+                self._interp = {key: mats}
+            up = torch.einsum('Oo,oikl,Ii->OIkl', mats[0], modulator, mats[1])
         return 1.0 + sign * up
 
     def effective_weight(self) -> torch.Tensor:
@@ -151,7 +181,8 @@ class ModulatedConv2d(nn.Conv2d):
             return self.weight
         else:
             if torch.jit.is_scripting():
-                return self.weight * self.modulation(modulator)
+                up = upsample_modulator(modulator, self.weight.shape[0], self.weight.shape[1])
+                return self.weight * (1.0 + self.mod_sign * up)
             return self._cached_effective_weight(modulator)
 
     @torch.jit.unused

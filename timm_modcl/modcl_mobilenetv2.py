@@ -21,6 +21,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import get_act_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._builder import pretrained_cfg_for_features
 from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, resolve_bn_args, round_channels
 from timm.models._features_fx import register_notrace_module
 from timm.models.efficientnet import EfficientNet, EfficientNetFeatures
@@ -69,7 +70,7 @@ class ModCLMobileNetV2(TaskMixin, EfficientNet):
         with torch.no_grad():
             for layer, conv in self._conv_layers.items():
                 m = task.modulators.get(layer)
-                sd[f'{layer}.weight'] = conv.weight if m is None else conv.weight * conv.modulation_for(m, task.sign)
+                sd[f'{layer}.weight'] = conv.weight if m is None else conv.weight * conv.modulation(m, task.sign)
                 if conv.bias is not None:
                     sd[f'{layer}.bias'] = conv.bias
             for layer, bn in self._bn_layers.items():
@@ -185,7 +186,6 @@ def _create_modcl(variant: str, pretrained: bool = False, **kwargs) -> ModCLMobi
         **kwargs,
     )
     if features_only:
-        from timm.models._features import pretrained_cfg_for_features
         model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
     return model
 

