@@ -46,3 +46,20 @@ def pretrained_model_factory(backbone_file):
 def x_small():
     g = torch.Generator().manual_seed(0)
     return torch.randn(2, 3, 64, 64, generator=g)
+
+
+@pytest.fixture
+def isolated_hf_client(monkeypatch, tmp_path):
+    """Keep huggingface_hub away from the user's token, cache and huggingface.co.
+
+    ``huggingface_hub.constants`` is read at import time, so attributes are patched, not env vars. Disabling
+    telemetry also stops the client from fetching its agent registry from huggingface.co for the user agent.
+    """
+    from huggingface_hub import constants
+    for var in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HF_OIDC_RESOURCE'):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, 'HF_TOKEN_PATH', str(tmp_path / 'hf_home' / 'token'))
+    monkeypatch.setattr(constants, 'HF_STORED_TOKENS_PATH', str(tmp_path / 'hf_home' / 'stored_tokens'))
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'default_cache'))
+    monkeypatch.setattr(constants, 'HF_HUB_DISABLE_TELEMETRY', True)
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)

@@ -36,20 +36,8 @@ REPO = "alice/model"
 
 
 @pytest.fixture(autouse=True)
-def _isolated_client(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Keep the client away from the user's token, cache and huggingface.co.
-
-    ``huggingface_hub.constants`` is read at import time, so we patch attributes, not env vars.
-    Disabling telemetry also stops the client from fetching its agent registry from huggingface.co
-    when it builds the user-agent header.
-    """
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf_home" / "stored_tokens"))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "default_cache"))
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+def _isolated_client(isolated_hf_client) -> None:
+    """Keep the client away from the user's token, cache and huggingface.co (see conftest.py)."""
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ task depends on is ever changed by another task, so old tasks keep bit-identical
     model.set_task('base')                       # the ImageNet task, exactly as the pretrained model
 """
 from collections import OrderedDict
+from pathlib import Path
 from functools import partial
 from typing import Any, Dict, List, Optional
 
@@ -26,7 +27,9 @@ from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer
 from timm.models._features_fx import register_notrace_module
 from timm.models.efficientnet import EfficientNet, EfficientNetFeatures
 
+from .adapter import AdapterMixin
 from .errors import StateDictError
+from .hub import HubMixin, pull_tasks
 from .layer import ModulatedConv2d
 from .task import TaskMixin
 
@@ -36,7 +39,7 @@ __all__ = ['ModCLMobileNetV2', 'ModCLMobileNetV2Features', 'checkpoint_filter_fn
 register_notrace_module(ModulatedConv2d)
 
 
-class ModCLMobileNetV2(TaskMixin, EfficientNet):
+class ModCLMobileNetV2(HubMixin, AdapterMixin, TaskMixin, EfficientNet):
     """timm's MobileNetV2 (``EfficientNet`` class) with a frozen backbone and per-task modulation.
 
     Takes the same arguments as ``timm.models.efficientnet.EfficientNet``. ``num_classes`` sizes the head of the
@@ -85,7 +88,7 @@ class ModCLMobileNetV2(TaskMixin, EfficientNet):
         return plain.train(self.training)
 
 
-class ModCLMobileNetV2Features(TaskMixin, EfficientNetFeatures):
+class ModCLMobileNetV2Features(HubMixin, AdapterMixin, TaskMixin, EfficientNetFeatures):
     """Feature-extraction variant (``features_only=True``): per-task modulation and BN statistics, no heads."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -169,7 +172,22 @@ def _gen_modcl_mobilenet_v2(
     return _create_modcl(variant, pretrained, **model_kwargs)
 
 
+def _load_adapters(model: ModCLMobileNetV2, adapters, **kwargs) -> None:
+    """``adapters=`` of ``timm.create_model``: an adapter folder, one adapter file, or a Hub repo id."""
+    path = Path(adapters)
+    if path.is_dir():
+        model.load_tasks(path, **kwargs)
+    elif path.is_file():
+        model.load_task(path, **kwargs)
+    else:
+        pull_tasks(model, str(adapters), **kwargs)
+
+
 def _create_modcl(variant: str, pretrained: bool = False, **kwargs) -> ModCLMobileNetV2:
+    """Build a modcl model with timm's builder; ``adapters=`` (folder, file or Hub repo id) adds saved tasks and
+    ``adapter_kwargs=`` passes options (``names``, ``revision``, ``token``, ...) to the loader."""
+    adapters = kwargs.pop('adapters', None)
+    adapter_kwargs = kwargs.pop('adapter_kwargs', None) or {}
     model_cls = ModCLMobileNetV2
     kwargs_filter = None
     features_only = kwargs.pop('features_only', False)
@@ -187,6 +205,8 @@ def _create_modcl(variant: str, pretrained: bool = False, **kwargs) -> ModCLMobi
     )
     if features_only:
         model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    if adapters is not None:
+        _load_adapters(model, adapters, **adapter_kwargs)
     return model
 
 

@@ -1,0 +1,257 @@
+"""Share task adapters through the Hugging Face Hub.
+
+A Hub repo (or a ``subfolder`` of one) holds the same layout as ``save_tasks`` writes: ``modcl_index.json`` and
+``<task>/adapter_model.safetensors`` + ``<task>/adapter_config.json``, plus a model card ``README.md``. Pushing adds
+tasks to what the repo already lists; pulling downloads only the index and the requested tasks' adapter files (no
+code, no full checkpoint) through the huggingface_hub cache, so pinned revisions and ``HF_HUB_OFFLINE=1`` work.
+"""
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+    RepositoryNotFoundError, RevisionNotFoundError,
+)
+
+from .adapter import (
+    ADAPTER_CONFIG_FILE, ADAPTER_FILE, INDEX_FILE, load_task_files, read_index, save_tasks, write_index,
+)
+from .errors import HubError, TaskNotFoundError
+from .task import BASE_TASK
+from .version import __version__
+
+__all__ = ['push_tasks', 'pull_tasks', 'task_model_card', 'HubMixin']
+
+LIBRARY_NAME = 'timm_modcl'
+
+
+def _join(subfolder: Optional[str], name: str) -> str:
+    return f'{subfolder.strip("/")}/{name}' if subfolder else name
+
+
+def _hub_error(e: Exception, repo_id: str, revision: Optional[str], what: str) -> HubError:
+    """A library error naming the problem (never the token)."""
+    rev = f' at revision {revision!r}' if revision else ''
+    if isinstance(e, GatedRepoError):
+        msg = f'{repo_id!r} is gated: accept its conditions on the Hub and pass a token'
+    elif isinstance(e, RepositoryNotFoundError):
+        msg = f'repository {repo_id!r} not found, or it is private and no valid token was given'
+    elif isinstance(e, RevisionNotFoundError):
+        msg = f'repository {repo_id!r} has no revision {revision!r}'
+    elif isinstance(e, LocalEntryNotFoundError):
+        msg = f'{what} of {repo_id!r}{rev} is not in the local cache and the Hub cannot be reached (offline?)'
+    elif isinstance(e, EntryNotFoundError):
+        msg = f'{repo_id!r}{rev} has no {what}'
+    elif isinstance(e, OfflineModeIsEnabled):
+        msg = f'cannot reach {repo_id!r}: offline mode is enabled (HF_HUB_OFFLINE)'
+    elif isinstance(e, HfHubHTTPError):
+        status = getattr(getattr(e, 'response', None), 'status_code', None)
+        if status in (401, 403):
+            msg = f'access to {repo_id!r} was refused (HTTP {status}): is the token valid and allowed to do this?'
+        else:
+            msg = f'Hub request for {repo_id!r} failed (HTTP {status})'
+    else:
+        msg = f'Hub request for {repo_id!r} failed: {type(e).__name__}'
+    err = HubError(msg)
+    err.__cause__ = None
+    return err
+
+
+def _base_model_id(model) -> Optional[str]:
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    return cfg.get('hf_hub_id') or None
+
+
+def task_model_card(model, names: List[str], repo_id: str, sizes: Dict[str, int]) -> ModelCard:
+    """A model card for a repo of task adapters, with the Hub metadata of an adapter of a timm backbone."""
+    arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture', 'modcl_mobilenetv2_100')
+    base = _base_model_id(model)
+    data = ModelCardData(
+        library_name=LIBRARY_NAME,
+        base_model=base,
+        pipeline_tag='image-classification',
+        license='apache-2.0',
+        tags=['continual-learning', 'timm', 'timm_modcl', 'image-classification', 'adapter',
+              'weight-modulation'],
+        base_model_relation='adapter' if base else None,
+    )
+    rows = []
+    for n in names:
+        info = model.tasks[n]
+        classes = ', '.join(info.class_names) if info.class_names else f'{info.num_classes} classes'
+        metrics = ', '.join(f'{k}={v}' for k, v in info.metadata.items() if k.startswith('metric')) or '-'
+        rows.append(f'| `{n}` | {info.num_classes} | {classes} | {info.variant} | {info.resolution} | '
+                    f'{info.num_added_params:,} | {sizes.get(n, 0) / 1024:.1f} KiB | {metrics} |')
+    first = names[0] if names else 'TASK'
+    body = f"""
+# {repo_id.split('/')[-1]}: timm_modcl task adapters
+
+Task adapters for continual learning on a frozen `{arch}` backbone with Adaptive Weight Modulation
+([arXiv 2311.15276](https://arxiv.org/abs/2311.15276)). Each adapter holds one task's low-resolution weight
+modulators, its BatchNorm running statistics and its classifier head; adding it to a model changes no other task.
+
+Backbone fingerprint (SHA-256 of the frozen weights): `{model.backbone_fingerprint()}`
+{'' if base else chr(10) + 'Backbone weights: loaded from a local file (no Hub id recorded).' + chr(10)}
+| task | classes | class names | variant | resolution | added values | file size | metrics |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+## How to use
+
+```python
+import timm, timm_modcl
+
+model = timm.create_model("{arch}", pretrained=True)
+model.load_tasks_from_hub("{repo_id}")        # or: timm.create_model(..., adapters="{repo_id}")
+model.set_task("{first}")
+model.eval()
+```
+
+Or from the shell: `modcl pull --repo-id {repo_id} --out adapters/`.
+"""
+    return ModelCard(f'---\n{data.to_yaml()}\n---\n{body}')
+
+
+def push_tasks(
+        model,
+        repo_id: str,
+        names: Optional[Iterable[str]] = None,
+        *,
+        private: Optional[bool] = None,
+        revision: Optional[str] = None,
+        subfolder: Optional[str] = None,
+        token: Optional[str] = None,
+        commit_message: Optional[str] = None,
+        endpoint: Optional[str] = None,
+        dtype=None,
+) -> str:
+    """Push tasks of ``model`` (default: all but ``base``) to a Hub repo in one commit, creating the repo if needed.
+
+    Tasks the repo already lists (same architecture and backbone) stay listed in the index.
+
+    Args:
+        model: A modcl model.
+        repo_id: ``namespace/name`` of the model repo.
+        names: Tasks to push.
+        private: Visibility for a repo that is created now (existing repos keep theirs).
+        revision: Branch to commit to (created from the default branch if missing).
+        subfolder: Folder inside the repo.
+        token: Hub token (default: the saved login / ``HF_TOKEN``).
+        commit_message: Commit message.
+        endpoint: Hub endpoint (default: ``HF_ENDPOINT`` or huggingface.co).
+        dtype: Storage dtype (``torch.float16`` halves the size; default float32).
+
+    Returns:
+        The commit URL.
+
+    Raises:
+        TaskNotFoundError: a named task does not exist.
+        HubError: the repo cannot be created or written (missing/invalid token, no permission, network).
+    """
+    names = [n for n in model.tasks if n != BASE_TASK] if names is None else list(names)
+    for n in names:
+        if n not in model.tasks:
+            raise TaskNotFoundError(f'unknown task {n!r}; the model has tasks: {", ".join(model.tasks)}')
+    api = HfApi(endpoint=endpoint, token=token, library_name=LIBRARY_NAME, library_version=__version__)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+    except Exception as e:  # noqa: BLE001 - every failure becomes a HubError naming the problem
+        raise _hub_error(e, repo_id, revision, 'repository') from None
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        out = save_tasks(model, folder / 'out', names=names, dtype=dtype)
+        listed = list(names)
+        try:  # keep the tasks the repo already lists
+            old_path = hf_hub_download(
+                repo_id, _join(subfolder, INDEX_FILE), revision=revision, token=token, endpoint=endpoint,
+                cache_dir=folder / '.cache', library_name=LIBRARY_NAME, library_version=__version__)
+        except EntryNotFoundError:
+            old_path = None
+        except Exception as e:  # noqa: BLE001
+            raise _hub_error(e, repo_id, revision, INDEX_FILE) from None
+        if old_path is not None:
+            old = read_index(Path(old_path).parent)
+            ours = read_index(out)
+            if (old['architecture'], old['backbone_fingerprint']) != (ours['architecture'], ours['backbone_fingerprint']):
+                raise HubError(f'{repo_id!r} holds adapters of another backbone ({old["architecture"]}, fingerprint '
+                               f'{old["backbone_fingerprint"][:12]}...); push to another repo or subfolder')
+            listed = [t for t in old['tasks'] if t not in listed] + listed
+            write_index(model, out, listed)
+        sizes = {n: (out / n / ADAPTER_FILE).stat().st_size for n in names}
+        card = task_model_card(model, [n for n in listed if n in model.tasks], repo_id, sizes)
+        (out / 'README.md').write_text(card.content)
+        files = [INDEX_FILE, 'README.md'] + [f'{n}/{f}' for n in names for f in (ADAPTER_FILE, ADAPTER_CONFIG_FILE)]
+        ops = [CommitOperationAdd(path_in_repo=_join(subfolder, f), path_or_fileobj=str(out / f)) for f in files]
+        try:
+            info = api.create_commit(
+                repo_id, ops, revision=revision,
+                commit_message=commit_message or f'Add timm_modcl task adapter(s): {", ".join(names)}')
+        except Exception as e:  # noqa: BLE001
+            raise _hub_error(e, repo_id, revision, 'commit') from None
+    return str(info.commit_url)
+
+
+def pull_tasks(
+        model,
+        repo_id: str,
+        names: Optional[Iterable[str]] = None,
+        *,
+        revision: Optional[str] = None,
+        subfolder: Optional[str] = None,
+        token: Optional[str] = None,
+        cache_dir: Optional[str] = None,
+        endpoint: Optional[str] = None,
+        local_files_only: bool = False,
+        replace: bool = False,
+        allow_fingerprint_mismatch: bool = False,
+) -> List[str]:
+    """Add tasks from a Hub repo to ``model`` (default: all it lists), all or nothing.
+
+    Downloads go through the huggingface_hub cache: a ``revision`` (branch, tag or commit) pins them, and with
+    ``local_files_only=True`` or ``HF_HUB_OFFLINE=1`` cached files are used without network.
+
+    Returns:
+        The loaded task names.
+
+    Raises:
+        HubError: repo, revision or file not found; private repo without a valid token; not cached while offline.
+        AdapterFormatError, FingerprintMismatchError, TaskExistsError: as ``timm_modcl.adapter.load_task``.
+    """
+    kw: Dict[str, Any] = dict(
+        revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint, local_files_only=local_files_only,
+        library_name=LIBRARY_NAME, library_version=__version__)
+    try:
+        index_path = hf_hub_download(repo_id, _join(subfolder, INDEX_FILE), **kw)
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error(e, repo_id, revision, f'{INDEX_FILE} (is it a timm_modcl adapter repo?)') from None
+    index = read_index(Path(index_path).parent)
+    wanted = list(index['tasks']) if names is None else list(names)
+    missing = [n for n in wanted if n not in index['tasks']]
+    if missing:
+        raise HubError(f'{repo_id!r} has no task(s) {missing}; it has {index["tasks"]}')
+    files = {}
+    for n in wanted:
+        try:
+            files[n] = hf_hub_download(repo_id, _join(subfolder, f'{n}/{ADAPTER_FILE}'), **kw)
+        except Exception as e:  # noqa: BLE001
+            raise _hub_error(e, repo_id, revision, f'adapter file of task {n!r}') from None
+    return load_task_files(model, files, replace=replace, allow_fingerprint_mismatch=allow_fingerprint_mismatch,
+                           label=repo_id)
+
+
+class HubMixin:
+    """Hub methods of modcl models (see ``push_tasks`` / ``pull_tasks``)."""
+
+    def push_tasks_to_hub(self, repo_id: str, names: Optional[Iterable[str]] = None, **kwargs) -> str:
+        """Push tasks to a Hub repo; see ``timm_modcl.hub.push_tasks``."""
+        return push_tasks(self, repo_id, names, **kwargs)
+
+    def load_tasks_from_hub(self, repo_id: str, names: Optional[Iterable[str]] = None, **kwargs) -> List[str]:
+        """Add tasks from a Hub repo; see ``timm_modcl.hub.pull_tasks``."""
+        return pull_tasks(self, repo_id, names, **kwargs)
