@@ -157,22 +157,44 @@ class ModulatedConv2d(nn.Conv2d):
         self._cache = None
 
     @torch.jit.unused
+    def upsample(self, modulator: torch.Tensor) -> torch.Tensor:
+        """``upsample_modulator`` as small matrix products ``U_O @ M @ U_I^T`` with cached interpolation matrices.
+
+        Exact (bicubic interpolation is linear and separable) and several times faster than ``F.interpolate``, whose
+        CPU backward is slow. (A 4-tap gather formulation does fewer FLOPs but its scatter backward is slower.)
+        """
+        out_ch, in_ch = self.weight.shape[0], self.weight.shape[1]
+        o, i, kh, kw = modulator.shape
+        if (o, i) == (out_ch, in_ch):
+            return modulator
+        key = (o, i, modulator.device, modulator.dtype)
+        mats = self._interp.get(key)
+        if mats is None:
+            mats = (interpolation_matrix(out_ch, o, modulator.device, modulator.dtype),
+                    interpolation_matrix(in_ch, i, modulator.device, modulator.dtype))
+            self._interp = {key: mats}
+        up_o, up_i = mats
+        m = modulator.reshape(o, i * kh * kw)
+        if o != out_ch:
+            m = up_o @ m                                                    # (O, i * kh * kw)
+        if i == in_ch:
+            return m.reshape(out_ch, in_ch, kh, kw)
+        if kh * kw == 1:
+            return (m @ up_i.t()).reshape(out_ch, in_ch, 1, 1)
+        m = m.reshape(out_ch, i, kh * kw).transpose(1, 2) @ up_i.t()        # (O, kh * kw, I)
+        return m.transpose(1, 2).reshape(out_ch, in_ch, kh, kw)
+
+    @torch.jit.unused
     def modulation(self, modulator: torch.Tensor, sign: Optional[float] = None) -> torch.Tensor:
         """The full-resolution multiplicative factor ``1 + sign * upsample(M)`` (default sign: the bound one)."""
         sign = self.mod_sign if sign is None else sign
-        out_ch, in_ch = self.weight.shape[0], self.weight.shape[1]
-        o, i = modulator.shape[0], modulator.shape[1]
-        if (o, i) == (out_ch, in_ch):
-            up = modulator
-        else:
-            key = (o, i, modulator.device, modulator.dtype)
-            mats = self._interp.get(key)
-            if mats is None:
-                mats = (interpolation_matrix(out_ch, o, modulator.device, modulator.dtype),
-                        interpolation_matrix(in_ch, i, modulator.device, modulator.dtype))
-                self._interp = {key: mats}
-            up = torch.einsum('Oo,oikl,Ii->OIkl', mats[0], modulator, mats[1])
-        return 1.0 + sign * up
+        return 1.0 + sign * self.upsample(modulator)
+
+    @torch.jit.unused
+    def modulated_weight(self, modulator: torch.Tensor, sign: Optional[float] = None) -> torch.Tensor:
+        """``W * (1 + sign * upsample(M))`` computed as one fused ``addcmul``."""
+        sign = self.mod_sign if sign is None else sign
+        return torch.addcmul(self.weight, self.weight, self.upsample(modulator), value=sign)
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the convolution uses for the active task."""
@@ -189,13 +211,13 @@ class ModulatedConv2d(nn.Conv2d):
     def _cached_effective_weight(self, modulator: torch.Tensor) -> torch.Tensor:
         cacheable = not self.training and not (torch.is_grad_enabled() and modulator.requires_grad)
         if not cacheable or torch.compiler.is_compiling():
-            return self.weight * self.modulation(modulator)
+            return self.modulated_weight(modulator)
         key = (id(modulator), modulator._version, id(self.weight), self.weight._version)
         cache = self._cache
         if cache is None or key != self._cache_key:
             # a plain tensor even under inference_mode, so later no-grad calls can reuse it
             with torch.inference_mode(False), torch.no_grad():
-                cache = self.weight * self.modulation(modulator)
+                cache = self.modulated_weight(modulator)
             self._cache = cache
             self._cache_key = key
         return cache

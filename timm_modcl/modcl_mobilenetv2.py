@@ -73,7 +73,7 @@ class ModCLMobileNetV2(HubMixin, AdapterMixin, TaskMixin, EfficientNet):
         with torch.no_grad():
             for layer, conv in self._conv_layers.items():
                 m = task.modulators.get(layer)
-                sd[f'{layer}.weight'] = conv.weight if m is None else conv.weight * conv.modulation(m, task.sign)
+                sd[f'{layer}.weight'] = conv.weight if m is None else conv.modulated_weight(m, task.sign)
                 if conv.bias is not None:
                     sd[f'{layer}.bias'] = conv.bias
             for layer, bn in self._bn_layers.items():

@@ -1,0 +1,205 @@
+"""Speed and scale of timm_modcl, as ratios measured side by side in one process.
+
+    python benchmarks/speed.py            # full (a few minutes on 2 CPU cores)
+    python benchmarks/speed.py --quick    # smoke run
+
+Measures (medians over repeated runs after warm-up):
+  * eval forward of a modulated task / plain timm ``mobilenetv2_100`` (batch 1 and 32)   target <= 1.02
+  * train step of modcl / full fine-tuning / PEFT LoRA on the convolutions             target modcl <= 1.10 x full
+  * ``set_task`` latency, eval forward with 100 tasks registered / with 1 task           target <= 1.02
+  * adapter save and load time, pull time from a local Hub-compatible server
+Writes ``benchmarks/results/speed.json``.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+
+import timm
+import timm_modcl  # noqa: F401
+
+RESULTS = Path(__file__).resolve().parent / 'results'
+
+
+def median_time(fn: Callable[[], None], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def interleaved(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> Dict[str, float]:
+    """Median time of each function, alternating between them so that machine noise hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, list] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_eval(size: int, batch: int, repeats: int) -> Dict[str, float]:
+    torch.manual_seed(0)
+    plain = timm.create_model('mobilenetv2_100').eval()
+    model = timm.create_model('modcl_mobilenetv2_100').eval()
+    model.load_state_dict(plain.state_dict())
+    model.add_task('t', 1000, (4, 4))
+    model.classifier.load_state_dict(plain.classifier.state_dict())
+    x = torch.randn(batch, 3, size, size)
+
+    def run(m):
+        def f():
+            with torch.inference_mode():
+                m(x)
+        return f
+    t = interleaved({'plain': run(plain), 'modcl': run(model)}, repeats)
+    return {'plain_s': t['plain'], 'modcl_s': t['modcl'], 'ratio': t['modcl'] / t['plain']}
+
+
+def bench_train(size: int, batch: int, repeats: int) -> Dict[str, float]:
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+
+    full = timm.create_model('mobilenetv2_100', num_classes=10).train()
+    modcl = timm.create_model('modcl_mobilenetv2_100')
+    modcl.add_task('t', 10, (4, 4))
+    modcl.train()
+    base = timm.create_model('mobilenetv2_100', num_classes=10)
+    targets = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1]
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=4, target_modules=targets, modules_to_save=['classifier']))
+    lora.train()
+
+    def step(m):
+        opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+
+        def f():
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return f
+    t = interleaved({'full': step(full), 'modcl': step(modcl), 'lora': step(lora)}, repeats)
+    return {
+        'full_s': t['full'], 'modcl_s': t['modcl'], 'lora_s': t['lora'],
+        'modcl_over_full': t['modcl'] / t['full'], 'lora_over_full': t['lora'] / t['full'],
+        'trainable': {
+            'full': sum(p.numel() for p in full.parameters()),
+            'modcl': sum(p.numel() for p in modcl.parameters()),
+            'lora': sum(p.numel() for p in lora.parameters() if p.requires_grad),
+        },
+    }
+
+
+def bench_scale(size: int, batch: int, repeats: int, n_tasks: int) -> Dict[str, float]:
+    torch.manual_seed(0)
+    one = timm.create_model('modcl_mobilenetv2_100').eval()
+    one.add_task('t0', 10)
+    many = timm.create_model('modcl_mobilenetv2_100').eval()
+    many.load_state_dict(one.state_dict())
+    for i in range(1, n_tasks):
+        many.add_task(f't{i}', 10, activate=False)
+    x = torch.randn(batch, 3, size, size)
+
+    def run(m):
+        def f():
+            with torch.inference_mode():
+                m(x)
+        return f
+    t = interleaved({'one': run(one), 'many': run(many)}, repeats)
+    names = list(many.tasks)
+    i = [0]
+
+    def switch():
+        i[0] = (i[0] + 1) % len(names)
+        many.set_task(names[i[0]])
+    set_task_s = median_time(switch, repeats=200)
+    switch_and_forward = median_time(lambda: (switch(), run(many)()), repeats=max(3, repeats // 2))
+    return {'one_task_s': t['one'], 'many_tasks_s': t['many'], 'ratio': t['many'] / t['one'],
+            'n_tasks': n_tasks, 'set_task_s': set_task_s, 'switch_then_forward_s': switch_and_forward}
+
+
+def bench_io(repeats: int) -> Dict[str, float]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tests'))
+    from hub_server import FakeHub
+    from huggingface_hub import constants
+    constants.HF_HUB_DISABLE_TELEMETRY = True
+    torch.manual_seed(0)
+    model = timm.create_model('modcl_mobilenetv2_100')
+    model.add_task('t', 10, (4, 4))
+    out: Dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / 't.safetensors'
+        out['save_s'] = median_time(lambda: model.save_task('t', path), repeats)
+        out['file_bytes'] = path.stat().st_size
+
+        def load():
+            model.load_task(path, name='t2', replace=True)
+        out['load_s'] = median_time(load, repeats)
+        with FakeHub(tokens={'hf_bench': 'bench'}) as hub:
+            model.push_tasks_to_hub('bench/t', ['t'], token='hf_bench', endpoint=hub.url)
+            k = [0]
+
+            def pull():  # a fresh cache each time: a real download
+                k[0] += 1
+                model.load_tasks_from_hub('bench/t', endpoint=hub.url, cache_dir=Path(d) / f'c{k[0]}', replace=True)
+            out['pull_s'] = median_time(pull, repeats)
+            out['push_s'] = median_time(
+                lambda: model.push_tasks_to_hub('bench/t', ['t'], token='hf_bench', endpoint=hub.url), max(2, repeats // 2))
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--quick', action='store_true', help='few repeats, small inputs (smoke run)')
+    ap.add_argument('--out', default=str(RESULTS / 'speed.json'))
+    args = ap.parse_args(argv)
+    q = args.quick
+    results = {
+        'machine': {'platform': platform.platform(), 'processor': platform.processor(), 'cpus': os.cpu_count(),
+                    'torch_threads': torch.get_num_threads(), 'torch': torch.__version__, 'timm': timm.__version__},
+        'quick': q,
+    }
+    t0 = time.perf_counter()
+    results['eval_bs1'] = bench_eval(size=224, batch=1, repeats=5 if q else 30)
+    print(f"eval  bs1  224px: modcl/plain = {results['eval_bs1']['ratio']:.3f}", flush=True)
+    results['eval_bs32'] = bench_eval(size=64 if q else 224, batch=32 if not q else 8, repeats=3 if q else 10)
+    print(f"eval  bs32 {64 if q else 224}px: modcl/plain = {results['eval_bs32']['ratio']:.3f}", flush=True)
+    results['train'] = bench_train(size=64 if q else 96, batch=8 if q else 32, repeats=3 if q else 10)
+    tr = results['train']
+    print(f"train step: modcl/full = {tr['modcl_over_full']:.3f}, lora/full = {tr['lora_over_full']:.3f}", flush=True)
+    results['scale'] = bench_scale(size=224, batch=1, repeats=5 if q else 30, n_tasks=10 if q else 100)
+    sc = results['scale']
+    print(f"eval with {sc['n_tasks']} tasks / 1 task = {sc['ratio']:.3f}; set_task {sc['set_task_s'] * 1e6:.0f} us",
+          flush=True)
+    results['io'] = bench_io(repeats=3 if q else 10)
+    io = results['io']
+    print(f"adapter save {io['save_s'] * 1e3:.1f} ms, load {io['load_s'] * 1e3:.1f} ms, "
+          f"Hub pull {io['pull_s'] * 1e3:.1f} ms, push {io['push_s'] * 1e3:.1f} ms ({io['file_bytes']:,} bytes)")
+    results['wall_s'] = time.perf_counter() - t0
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + '\n')
+    print(f'wrote {args.out} in {results["wall_s"]:.0f} s')
+    return results
+
+
+if __name__ == '__main__':
+    main()
