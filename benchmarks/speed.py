@@ -171,7 +171,11 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--quick', action='store_true', help='few repeats, small inputs (smoke run)')
     ap.add_argument('--out', default=str(RESULTS / 'speed.json'))
+    ap.add_argument('--threads', type=int, default=1,
+                    help='torch threads (1: steadiest ratios when other processes share the cores; 0: default)')
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     q = args.quick
     results = {
         'machine': {'platform': platform.platform(), 'processor': platform.processor(), 'cpus': os.cpu_count(),
