@@ -53,13 +53,16 @@ class ModCL(_Method):
     forgetting_free = True
 
     def __init__(self, factory, device, weights: Path = None, resolution=(4, 4), variant='paper',
-                 modcl_lr: float = 0.01, **kw):
+                 modcl_lr: float = 0.01, recalibrate_bn: bool = True, **kw):
         super().__init__(factory, device, **kw)
         self.net = modcl_backbone(weights).to(device)
         self.resolution, self.variant, self.modcl_lr = resolution, variant, modcl_lr
+        self.recalibrate_bn = recalibrate_bn
+        self.train_x = None
 
     def begin_task(self, t, n_classes, x, y):
         self.net.add_task(f'task{t}', n_classes, self.resolution, variant=self.variant)
+        self.train_x = x
         return [{'params': list(self.net.parameters()), 'lr': self.modcl_lr}], (x, y)
 
     def train_mode(self, t):
@@ -69,6 +72,17 @@ class ModCL(_Method):
         return self.net(x)
 
     def end_task(self, t):
+        if self.recalibrate_bn:  # as timm_modcl.train_task does by default: BN statistics of the final weights
+            bns = [m for m in self.net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+            for bn in bns:
+                bn.reset_running_stats()
+                bn.momentum = None
+            self.net.train()
+            with torch.no_grad():
+                for s in range(0, len(self.train_x), 64):
+                    self.net(self.train_x[s:s + 64].to(self.device))
+            for bn in bns:
+                bn.momentum = 0.1
         info = self.net.tasks[f'task{t}']
         self.storage.append({'head': info.num_head_params, 'backbone_params': info.num_modulator_params,
                              'bn_stats': info.num_bn_stats})
