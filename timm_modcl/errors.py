@@ -13,6 +13,7 @@ __all__ = [
     'AdapterFormatError',
     'FingerprintMismatchError',
     'HubError',
+    'DataError',
 ]
 
 
@@ -65,3 +66,7 @@ class FingerprintMismatchError(AdapterError):
 
 class HubError(ModCLError):
     """Pushing to or pulling from the Hugging Face Hub failed."""
+
+
+class DataError(ModCLError, ValueError):
+    """A dataset cannot be used: missing or empty folder, class folders without images, bad labels."""

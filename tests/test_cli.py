@@ -1,0 +1,263 @@
+"""The ``modcl`` command line, in-process through ``main([...])`` (and once as ``python -m timm_modcl``)."""
+import contextlib
+import io
+import json
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import timm
+import timm_modcl.cli as cli
+from timm_modcl.adapter import load_tasks, read_index
+from timm_modcl.cli import main
+
+SIZE = 32
+TRAIN = ['--epochs', '1', '--input-size', str(SIZE), '--batch-size', '4', '--no-progress']
+
+
+def _run(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _image(path, colour, mode='RGB', seed=0):
+    rng = np.random.default_rng(seed)
+    a = (np.array(colour)[None, None, :] + rng.integers(-30, 30, (SIZE, SIZE, 3))).clip(0, 255).astype(np.uint8)
+    img = Image.fromarray(a, 'RGB')
+    if mode != 'RGB':
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    """``root/pets`` (2 classes x 6 images, a grayscale one and a corrupt file) and ``root/shapes`` (3 x 4)."""
+    root = tmp_path_factory.mktemp('data')
+    for k, (c, colour) in enumerate((('cat', (220, 40, 40)), ('dog', (40, 40, 220)))):
+        for i in range(6):
+            _image(root / 'pets' / c / f'{i}.png', colour, seed=10 * k + i)
+    _image(root / 'pets' / 'cat' / 'gray.png', (220, 40, 40), mode='L')
+    (root / 'pets' / 'dog' / 'broken.jpg').write_bytes(b'\xff\xd8\xff not really a jpeg')
+    for k, (c, colour) in enumerate((('circle', (0, 200, 0)), ('square', (200, 200, 0)), ('star', (0, 0, 0)))):
+        for i in range(4):
+            _image(root / 'shapes' / c / f'{i}.jpg', colour, seed=100 + 10 * k + i)
+    return root
+
+
+def _logits(out, task):
+    """Logits of a task loaded from an adapter folder onto the seeded random backbone (``--no-pretrained``)."""
+    index = read_index(out)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cli.RANDOM_INIT_SEED)
+        model = timm.create_model(index['architecture'])
+    assert model.backbone_fingerprint() == index['backbone_fingerprint']
+    load_tasks(model, out, names=[task])
+    x = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad(), model.use_task(task):
+        return model(x)
+
+
+@pytest.fixture(scope='module')
+def trained(data, tmp_path_factory):
+    """Train ``pets``, then ``shapes`` into the same folder (the second call finds the backbone by itself)."""
+    out = tmp_path_factory.mktemp('adapters') / 'ad'
+    first = _run(['train', '--data', data / 'pets', '--task', 'pets', '--out', out, '--no-pretrained', *TRAIN])
+    index1 = read_index(out)
+    logits1 = _logits(out, 'pets')
+    second = _run(['train', '--data', data / 'shapes', '--task', 'shapes', '--out', out, *TRAIN])
+    return SimpleNamespace(out=out, first=first, second=second, index1=index1, logits1=logits1)
+
+
+def _assert_one_line_error(rc, err, *fragments):
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('modcl: error: '), err
+    assert 'Traceback' not in err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------- train
+def test_train_twice_adds_a_task_and_keeps_the_first_unchanged(trained):
+    rc, out, err = trained.first
+    assert rc == 0, err
+    assert 'pets: 2 classes' in out and '1 unreadable file(s) skipped' in out and 'random-init' in out
+    assert 'validation accuracy' in out
+    assert 'skipped 1 unreadable image file(s)' in err and 'broken.jpg' in err  # a warning, not an error
+    assert trained.index1['tasks'] == ['pets']
+
+    rc, out, err = trained.second
+    assert rc == 0, err
+    assert '1 existing task(s)' in out
+    index = read_index(trained.out)
+    assert index['tasks'] == ['pets', 'shapes']
+    assert index['backbone_fingerprint'] == trained.index1['backbone_fingerprint']
+    assert torch.equal(_logits(trained.out, 'pets'), trained.logits1)
+    history = json.loads((trained.out / 'shapes' / 'train_history.json').read_text())
+    assert history['task'] == 'shapes' and len(history['train_loss']) == 1
+
+
+def test_train_existing_task_needs_replace(trained, data):
+    args = ['train', '--data', data / 'pets', '--task', 'pets', '--out', trained.out, *TRAIN]
+    rc, _, err = _run(args)
+    _assert_one_line_error(rc, err, "'pets' already exists", '--replace')
+    before = _logits(trained.out, 'shapes')
+    rc, out, err = _run(args + ['--replace', '--seed', '1'])
+    assert rc == 0, err
+    assert read_index(trained.out)['tasks'] == ['pets', 'shapes']
+    assert torch.equal(_logits(trained.out, 'shapes'), before)
+
+
+# ---------------------------------------------------------------------------------------------------- inspect
+def test_eval_one_task_all_tasks_and_json(trained, data, tmp_path):
+    rc, out, err = _run(['eval', '--out', trained.out, '--data', data / 'shapes', '--task', 'shapes',
+                         '--split', 'all'])
+    assert rc == 0, err
+    header, row = out.strip().splitlines()
+    assert header.split() == ['task', 'classes', 'images', 'accuracy']
+    assert row.split()[:3] == ['shapes', '3', '12'] and row.endswith('%')
+
+    rc, out, err = _run(['eval', '--out', trained.out, '--data', data, '--json', tmp_path / 'r.json'])
+    assert rc == 0, err
+    assert [line.split()[0] for line in out.strip().splitlines()[1:]] == ['pets', 'shapes']
+    results = json.loads((tmp_path / 'r.json').read_text())['results']
+    assert [r['task'] for r in results] == ['pets', 'shapes'] and all(0 <= r['accuracy'] <= 1 for r in results)
+
+
+def test_info_and_tasks(trained):
+    rc, out, err = _run(['info', '--out', trained.out])
+    assert rc == 0, err
+    index = read_index(trained.out)
+    assert index['backbone_fingerprint'] in out and 'modcl_mobilenetv2_100' in out
+    assert 'tasks:        2' in out and '2 classes: cat, dog' in out and '3 classes: circle, square, star' in out
+    assert 'resolution 4x4' in out and 'KiB' in out and 'input size: 32px' in out
+
+    rc, out, err = _run(['tasks', '--out', trained.out])
+    assert rc == 0, err
+    assert out.split('\n')[0].split()[:4] == ['pets', '2', 'classes:', 'cat,']
+    assert len(out.strip().splitlines()) == 2
+
+
+def test_predict_topk(trained, data):
+    image = data / 'shapes' / 'star' / '0.jpg'
+    rc, out, err = _run(['predict', image, '--out', trained.out, '--task', 'shapes', '--topk', '2'])
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0] == '0.jpg (shapes):' and len(lines) == 3
+    assert lines[1].split()[0] == '1.' and lines[1].split()[1] in ('circle', 'square', 'star')
+    assert lines[1].endswith('%')
+    rc, _, err = _run(['predict', image, '--out', trained.out])  # two tasks: which one?
+    _assert_one_line_error(rc, err, '--task')
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+def test_user_errors_are_one_line(trained, data, tmp_path):
+    (tmp_path / 'empty' / 'a').mkdir(parents=True)
+    _image(tmp_path / 'empty' / 'a' / '0.png', (0, 0, 0))
+    (tmp_path / 'empty' / 'b').mkdir()
+    (tmp_path / 'bad.png').write_bytes(b'nope')
+    new = ['--out', tmp_path / 'new', '--no-pretrained', *TRAIN]
+    cases = [
+        (['train', '--data', tmp_path / 'missing', '--task', 't', *new], ['does not exist', 'missing']),
+        (['train', '--data', tmp_path / 'empty', '--task', 't', *new], ["['b']", 'no readable images']),
+        (['train', '--data', data / 'pets', '--task', 't', '--model', 'resnet50', *new], ['not a modcl model']),
+        (['train', '--data', data / 'pets', '--task', 't', '--model', 'modcl_mobilenet_v2_100', *new],
+         ["did you mean 'modcl_mobilenetv2_100'"]),
+        (['train', '--data', data / 'pets', '--task', 'a/b', *new], ['task name']),
+        (['train', '--data', data / 'pets', '--task', 't', '--weights', tmp_path / 'nope.pth', '--out',
+          tmp_path / 'new', *TRAIN], ['weights file does not exist']),
+        (['eval', '--out', tmp_path / 'nothing', '--data', data], ['does not exist']),
+        (['eval', '--out', trained.out, '--data', data, '--task', 'birds'], ["no task 'birds'", 'pets, shapes']),
+        (['info', '--out', data], ['not a folder of timm_modcl adapters']),
+        (['predict', tmp_path / 'bad.png', '--out', trained.out, '--task', 'pets'], ['cannot read image']),
+        (['predict', tmp_path / 'none.png', '--out', trained.out, '--task', 'pets'], ['image does not exist']),
+    ]
+    for argv, fragments in cases:
+        rc, _, err = _run(argv)
+        _assert_one_line_error(rc, err, *fragments)
+    assert not (tmp_path / 'new').exists()
+
+    rc, _, err = _run(['eval', '--out', tmp_path / 'nothing', '--data', data, '--verbose'])
+    assert rc == 2 and 'Traceback' in err and err.strip().splitlines()[-1].startswith('modcl: error:')
+    rc, _, err = _run(['train', '--data', data / 'pets'])  # argparse: missing arguments
+    assert rc == 2 and 'required' in err
+    assert _run([])[0] == 2
+    assert _run(['--help'])[0] == 0
+
+
+def test_python_m_help_subprocess():
+    r = subprocess.run([sys.executable, '-m', 'timm_modcl', '--help'], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for cmd in ('train', 'eval', 'info', 'tasks', 'predict', 'push', 'pull', 'demo'):
+        assert cmd in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------------- hub
+@pytest.fixture
+def hub(isolated_hf_client):
+    from hub_server import FakeHub
+    with FakeHub(tokens={'hf_alice_token': 'alice'}) as server:
+        yield server
+
+
+def test_push_and_pull(trained, hub, tmp_path):
+    rc, out, err = _run(['push', '--out', trained.out, '--repo-id', 'alice/pets', '--token', 'hf_alice_token',
+                         '--endpoint', hub.url])
+    assert rc == 0, err
+    assert 'pushed 2 task(s) (pets, shapes) to alice/pets' in out
+
+    dest = tmp_path / 'pulled'
+    rc, out, err = _run(['pull', '--repo-id', 'alice/pets', '--out', dest, '--endpoint', hub.url, '--task', 'pets'])
+    assert rc == 0, err
+    assert 'pulled 1 task(s) (pets)' in out
+    assert read_index(dest)['tasks'] == ['pets']
+    assert torch.equal(_logits(dest, 'pets'), _logits(trained.out, 'pets'))
+
+    rc, _, err = _run(['pull', '--repo-id', 'alice/pets', '--out', dest, '--endpoint', hub.url])
+    _assert_one_line_error(rc, err, "'pets' already exists", '--replace')
+    rc, out, err = _run(['pull', '--repo-id', 'alice/pets', '--out', dest, '--endpoint', hub.url, '--replace'])
+    assert rc == 0, err
+    assert read_index(dest)['tasks'] == ['pets', 'shapes']
+
+    rc, _, err = _run(['pull', '--repo-id', 'alice/missing', '--out', tmp_path / 'x', '--endpoint', hub.url,
+                       '--no-pretrained'])
+    _assert_one_line_error(rc, err, 'alice/missing')
+    rc, _, err = _run(['push', '--out', trained.out, '--repo-id', 'alice/pets', '--token', 'hf_wrong',
+                       '--endpoint', hub.url])
+    _assert_one_line_error(rc, err)
+    assert 'hf_wrong' not in err
+
+
+# ---------------------------------------------------------------------------------------------------- demo
+def test_demo_quick_offline_falls_back_and_forgets_nothing(tmp_path, monkeypatch):
+    monkeypatch.delenv('MODCL_WEIGHTS', raising=False)
+    monkeypatch.setattr(cli, '_cached_weights', lambda name: None)
+    monkeypatch.setattr(cli, '_reachable', lambda name, timeout=3.0: 'cannot reach huggingface.co (test)')
+    t0 = time.perf_counter()
+    rc, out, err = _run(['demo', '--quick', '--out', tmp_path / 'demo', '--no-progress'])
+    assert rc == 0, err
+    assert time.perf_counter() - t0 < 60
+    assert ('could not download pretrained weights (cannot reach huggingface.co (test)); '
+            'falling back to random initialisation') in out
+    assert 'forgetting: 0.0 (per task: digits-0-1 0.0)' in out
+    assert 'bit-identical at the end to right after it was learned: yes' in out
+    assert 'wall time:' in out
+    matrix = json.loads((tmp_path / 'demo' / 'accuracy_matrix.json').read_text())
+    assert matrix['tasks'] == ['digits-0-1', 'digits-2-3'] and matrix['mean_forgetting'] == 0.0
+    assert matrix['matrix'][1][0] == matrix['matrix'][0][0]
+    assert read_index(tmp_path / 'demo')['tasks'] == ['digits-0-1', 'digits-2-3']
+
+
+def test_demo_weights_file_missing_is_an_error(tmp_path):
+    rc, _, err = _run(['demo', '--quick', '--weights', tmp_path / 'nope.pt', '--out', tmp_path / 'd'])
+    _assert_one_line_error(rc, err, 'weights file does not exist')

@@ -1,0 +1,937 @@
+"""The ``modcl`` command line: learn tasks on image folders, evaluate, inspect, predict, share through the Hub.
+
+    modcl demo                                            # 5 digit tasks, accuracy matrix, zero forgetting
+    modcl train --data flowers/ --task flowers --out adapters/
+    modcl train --data birds/ --task birds --out adapters/   # adds a second task
+    modcl eval --out adapters/ --data flowers/ --task flowers
+    modcl info --out adapters/
+    modcl predict rose.jpg --out adapters/ --task flowers
+    modcl push --out adapters/ --repo-id me/my-adapters
+    modcl pull --repo-id me/my-adapters --out adapters/
+
+Errors in what was asked (missing folders, bad images, unknown model or task, ...) end with one line
+``modcl: error: ...`` and exit code 2; ``--verbose`` shows the traceback.
+"""
+import argparse
+import difflib
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .errors import FingerprintMismatchError, ModCLError, TaskExistsError
+
+__all__ = ['main', 'build_parser']
+
+PROG = 'modcl'
+DEFAULT_MODEL = 'modcl_mobilenetv2_100'
+#: Seed of the random backbone of ``--no-pretrained``: the same seed gives the same backbone (and fingerprint), so
+#: adapters trained on a random backbone can be evaluated and extended later.
+RANDOM_INIT_SEED = 0
+DEMO_OUT = 'modcl_demo'
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class UsageError(ModCLError, ValueError):
+    """A command-line argument cannot be used."""
+
+
+class WeightsUnavailableError(ModCLError, RuntimeError):
+    """Pretrained backbone weights could not be downloaded or read."""
+
+
+def _say(*args, **kwargs) -> None:
+    print(*args, **kwargs, flush=True)
+
+
+def _err(msg: str) -> None:
+    print(f'{PROG}: {msg}', file=sys.stderr, flush=True)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip() or type(e).__name__
+    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)) and e.filename:
+        msg = f'{e.strerror or type(e).__name__}: {e.filename}'
+    return ' '.join(msg.split())
+
+
+# ---------------------------------------------------------------------------------------------------- threads
+def _idle_cpus() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover
+        load = 0.0
+    return max(1, min(cpus, int(cpus - load + 0.5)))
+
+
+def _configure_threads(requested: Optional[int]) -> Optional[int]:
+    """Set torch's CPU threads; returns the previous count to restore, or ``None`` if unchanged.
+
+    ``--threads N`` wins. Otherwise, unless ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` say how many, use the CPU
+    cores that are idle (from the load average), at most torch's default: OpenMP threads that compete with other
+    busy processes for the same cores slow small convolutions down many times over.
+    """
+    import torch
+    previous = torch.get_num_threads()
+    if requested is None:
+        if os.environ.get('OMP_NUM_THREADS') or os.environ.get('MKL_NUM_THREADS'):
+            return None
+        requested = min(previous, _idle_cpus())
+    if requested == previous:
+        return None
+    torch.set_num_threads(requested)
+    return previous
+
+
+# ---------------------------------------------------------------------------------------------------- backbone
+def _check_model_name(name: str) -> Tuple[str, Optional[str]]:
+    """``(architecture, tag or None)`` of a modcl model name, or a UsageError suggesting the known names."""
+    import timm
+    import timm_modcl  # noqa: F401  (registers the models)
+    from timm.models import split_model_name_tag
+    arch, tag = split_model_name_tag(name)
+    known = timm.list_models('modcl_*')
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=1)
+        hint = f'did you mean {close[0]!r}? ' if close else ''
+        what = 'is a timm model but not a modcl model' if timm.is_model(arch) else 'is not a known model'
+        raise UsageError(f'{name!r} {what}; {hint}choose one of: {", ".join(known)}')
+    if tag and name not in timm.list_pretrained(f'{arch}.*'):
+        raise UsageError(f'{name!r}: {arch} has no pretrained tag {tag!r}; known: '
+                         f'{", ".join(timm.list_pretrained(f"{arch}.*"))}')
+    return arch, tag or None
+
+
+def _create(name: str, file: Optional[str] = None, pretrained: bool = False):
+    import timm
+    import torch
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)  # random parts (and --no-pretrained backbones) are reproducible
+        if file is not None:
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
+        return timm.create_model(name, pretrained=pretrained)
+
+
+def _from_file(name: str, file: str):
+    path = Path(file).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(2, 'weights file does not exist', str(path))
+    if path.is_dir():
+        raise UsageError(f'weights file {str(path)!r} is a folder; pass the checkpoint file')
+    try:
+        return _create(name, file=str(path))
+    except ModCLError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader error of a foreign checkpoint
+        raise WeightsUnavailableError(f'could not load weights file {str(path)!r}: {_one_line(e)}') from e
+
+
+def _cached_weights(name: str) -> Optional[str]:
+    """A pretrained checkpoint of ``name`` already in the Hugging Face or torch hub cache, if any."""
+    from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            for fname in ('model.safetensors', 'pytorch_model.bin'):
+                hit = try_to_load_from_cache(cfg.hf_hub_id.split('@')[0], fname)
+                if isinstance(hit, str) and os.path.isfile(hit):
+                    return hit
+        except Exception:  # noqa: BLE001 - cache lookup is best effort
+            return None
+    if cfg.url:
+        import torch.hub
+        hit = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(cfg.url))
+        if os.path.isfile(hit):
+            return hit
+    return None
+
+
+def _reachable(name: str, timeout: float = 3.0) -> Optional[str]:
+    """``None`` if the host serving ``name``'s pretrained weights answers, else why not (a quick check, so an
+    offline machine fails in seconds instead of after the download client's retries)."""
+    import socket
+    from urllib.parse import urlparse
+    from timm.models import get_pretrained_cfg
+    from ._settings import hub_offline
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        return f'{name} has no pretrained weights to download'
+    if cfg.hf_hub_id:
+        if hub_offline():
+            return 'HF_HUB_OFFLINE is set'
+        from huggingface_hub import constants
+        url = constants.ENDPOINT
+    else:
+        url = cfg.url
+    u = urlparse(url)
+    host, port = u.hostname, u.port or (443 if u.scheme == 'https' else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f'cannot reach {host}: {e.strerror or e}'
+    return None
+
+
+def _from_hub(name: str):
+    cached = _cached_weights(name)
+    if cached is not None:
+        try:
+            return _create(name, file=cached)
+        except Exception:  # noqa: BLE001 - a broken cache entry: try a download
+            pass
+    why = _reachable(name)
+    if why is not None:
+        raise WeightsUnavailableError(why)
+    try:
+        return _create(name, pretrained=True)
+    except Exception as e:  # noqa: BLE001
+        raise WeightsUnavailableError(_one_line(e)) from e
+
+
+def _describe_source(kind: str, name: str, file: Optional[str] = None) -> str:
+    if kind == 'file':
+        return f'file:{Path(file).name}'
+    if kind == 'random':
+        return f'random-init(seed={RANDOM_INIT_SEED})'
+    return f'hub:{name}'
+
+
+def _backbone(
+        name: str,
+        args: argparse.Namespace,
+        fingerprint: Optional[str] = None,
+        *,
+        fallback_random: bool = False,
+        what: str = 'the adapters',
+):
+    """Build the modcl model ``name`` with the backbone weights the arguments ask for.
+
+    ``--weights FILE``: that checkpoint. ``--no-pretrained``: the seeded random backbone. ``--pretrained``: the
+    pretrained weights of timm (downloaded, or from the cache). Neither: with a known ``fingerprint`` (adapters
+    exist), the first of ``MODCL_WEIGHTS``, the random backbone and the pretrained weights that matches it; without,
+    ``MODCL_WEIGHTS`` or the pretrained weights, and with ``fallback_random`` the random backbone when they cannot
+    be had. Returns ``(model, source description)``.
+    """
+    from ._settings import weights_file
+    weights = getattr(args, 'weights', None)
+    pretrained = getattr(args, 'pretrained', None)
+    if weights is not None:
+        candidates = [('file', weights)]
+    elif pretrained is False:
+        candidates = [('random', None)]
+    elif pretrained is True:
+        candidates = [('hub', None)]
+    else:
+        env = weights_file()
+        if fingerprint is not None:
+            candidates = ([('file', env)] if env else []) + [('random', None), ('hub', None)]
+        else:
+            candidates = [('file', env)] if env else [('hub', None)]
+    explicit = weights is not None or pretrained is not None
+    tried: List[str] = []
+    for kind, file in candidates:
+        source = _describe_source(kind, name, file)
+        try:
+            if kind == 'file':
+                model = _from_file(name, file)
+            elif kind == 'random':
+                model = _create(name)
+            else:
+                model = _from_hub(name)
+        except WeightsUnavailableError as e:
+            if explicit or fingerprint is None:
+                if fallback_random and kind == 'hub':
+                    _say(f'could not download pretrained weights ({e}); falling back to random initialisation')
+                    return _create(name), _describe_source('random', name)
+                raise WeightsUnavailableError(
+                    f'could not get pretrained weights for {name} ({e}); pass --weights FILE (a local checkpoint, '
+                    f'or set MODCL_WEIGHTS) or --no-pretrained') from None
+            tried.append(f'{source} ({e})')
+            continue
+        if fingerprint is None or model.backbone_fingerprint() == fingerprint:
+            return model, source
+        tried.append(source)
+        if explicit:
+            break
+    raise FingerprintMismatchError(
+        f'{what} were trained on other backbone weights (fingerprint {fingerprint[:12]}...) than '
+        f'{" / ".join(tried)}; pass --weights FILE with the checkpoint they were trained on'
+        + ('' if explicit else ' (or --pretrained / --no-pretrained)'))
+
+
+def _read_index_if_any(out: Path) -> Optional[Dict[str, Any]]:
+    from .adapter import INDEX_FILE, read_index
+    if out.exists() and not out.is_dir():
+        raise UsageError(f'--out {str(out)!r} is a file, not a folder')
+    if (out / INDEX_FILE).is_file():
+        return read_index(out)
+    return None
+
+
+def _require_index(out: Path) -> Dict[str, Any]:
+    if not out.exists():
+        raise UsageError(f'adapter folder {str(out)!r} does not exist (train a task first: modcl train ... --out '
+                         f'{out})')
+    index = _read_index_if_any(out)
+    if index is None:
+        raise UsageError(f'{str(out)!r} is not a folder of timm_modcl adapters (it has no modcl_index.json)')
+    return index
+
+
+def _load_adapters(args: argparse.Namespace, out: Path, names: Optional[Sequence[str]] = None):
+    """Model with the backbone the adapters in ``out`` were trained on and (some of) their tasks."""
+    from .adapter import load_tasks
+    index = _require_index(out)
+    if names is not None:
+        missing = [n for n in names if n not in index['tasks']]
+        if missing:
+            raise UsageError(f'{str(out)!r} has no task {missing[0]!r}; it has: {", ".join(index["tasks"]) or "none"}')
+    arch = index['architecture']
+    _check_model_name(arch)
+    model, source = _backbone(arch, args, index['backbone_fingerprint'], what=f'the adapters in {str(out)!r}')
+    load_tasks(model, out, names=names)
+    return model, index, source
+
+
+def _task_input_size(model, task: str) -> Optional[int]:
+    v = model.tasks[task].metadata.get('input_size')
+    try:
+        return int(v) if v else None
+    except ValueError:
+        return None
+
+
+def _progress(args) -> bool:
+    return not getattr(args, 'no_progress', False) and sys.stderr.isatty()
+
+
+def _pct(v: Optional[float]) -> str:
+    return '-' if v is None else f'{100 * v:.1f}%'
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from .adapter import load_tasks, save_tasks
+    from .data import image_folder_datasets
+    from .task import validate_task_name
+    from .train import evaluate, train_task
+
+    out = Path(args.out)
+    validate_task_name(args.task)
+    index = _read_index_if_any(out)
+    if index is not None and args.task in index['tasks'] and not args.replace:
+        raise TaskExistsError(f'task {args.task!r} already exists in {str(out)!r}; pass --replace to train it again '
+                              f'(or choose another --task name)')
+    if index is not None:
+        arch = index['architecture']
+        if args.model is not None and _check_model_name(args.model)[0] != arch:
+            raise UsageError(f'{str(out)!r} holds adapters of {arch}, not {args.model}; use another --out folder')
+        name = args.model or arch
+    else:
+        name = args.model or DEFAULT_MODEL
+    arch, _ = _check_model_name(name)
+    if not Path(args.data).exists():  # fail before building the model
+        raise FileNotFoundError(2, 'data folder does not exist', str(args.data))
+
+    t0 = time.perf_counter()
+    model, source = _backbone(name, args, None if index is None else index['backbone_fingerprint'],
+                              what=f'the adapters in {str(out)!r}')
+    previous = [t for t in (index or {}).get('tasks', []) if t != args.task]
+    if previous:
+        load_tasks(model, out, names=previous)
+    train_ds, val_ds, classes = image_folder_datasets(
+        args.data, model, input_size=args.input_size, val_fraction=args.val_fraction, seed=args.seed,
+        augment=not args.no_augment)
+    if len(classes) < 2:
+        raise UsageError(f'{args.data!r} has a single class folder ({classes[0]!r}); a task needs at least 2 classes')
+    size = (args.input_size or model.pretrained_cfg.get('input_size', (3, 224, 224))[-1])
+    skipped = len(train_ds.skipped_files) + (len(val_ds.skipped_files) if val_ds is not None else 0)
+    _say(f'{args.task}: {len(classes)} classes, {len(train_ds)} training / {len(val_ds) if val_ds else 0} '
+         f'validation images at {size}px' + (f' ({skipped} unreadable file(s) skipped)' if skipped else '')
+         + f'; {arch}, backbone {source}' + (f', {len(previous)} existing task(s)' if previous else ''))
+    model.add_task(
+        args.task, len(classes), tuple(args.resolution), variant=args.variant, class_names=classes,
+        metadata={'input_size': str(size), 'backbone': source, 'data': Path(args.data).name,
+                  'epochs': str(args.epochs)},
+        replace=True)
+    history = train_task(
+        model, args.task, train_ds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        head_lr=args.head_lr, weight_decay=args.weight_decay, device=args.device, seed=args.seed,
+        num_workers=args.workers, progress=_progress(args))
+    acc = evaluate(model, val_ds, args.task, batch_size=args.batch_size, num_workers=args.workers) if val_ds else None
+    meta = model._task(args.task).metadata
+    meta['train_images'] = str(len(train_ds))
+    if acc is not None:
+        meta['metric_val_acc'] = f'{acc:.4f}'
+        meta['val_images'] = str(len(val_ds))
+    model.to('cpu')
+    save_tasks(model, out, names=[args.task])
+    history.to_json(out / args.task / 'train_history.json')
+    n_tasks = len(previous) + 1
+    _say(f'{args.task}: ' + (f'validation accuracy {_pct(acc)} ({len(val_ds)} images)' if acc is not None
+                             else 'no validation images')
+         + (f'; final training loss {history.train_loss[-1]:.4f}' if history.epochs else '')
+         + f'; saved {n_tasks} task(s) to {out} in {time.perf_counter() - t0:.1f} s')
+    return 0
+
+
+def _eval_targets(args, model, index) -> List[Tuple[str, Path]]:
+    data = Path(args.data)
+    if not data.exists():
+        raise FileNotFoundError(2, 'data folder does not exist', str(data))
+    if args.task:
+        # a folder with one subfolder per task works with --task too (unless the task has a class of that name)
+        if (data / args.task).is_dir() and args.task not in (model.tasks[args.task].class_names or ()):
+            return [(args.task, data / args.task)]
+        return [(args.task, data)]
+    per_task = [(t, data / t) for t in index['tasks'] if (data / t).is_dir()]
+    if per_task:
+        return per_task
+    if len(index['tasks']) == 1:
+        return [(index['tasks'][0], data)]
+    raise UsageError(f'{str(args.out)!r} has {len(index["tasks"])} tasks: pass --task NAME, or a --data folder with '
+                     f'one subfolder per task ({", ".join(index["tasks"][:3])}, ...)')
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import eval_transform, image_folder_datasets
+    from .train import evaluate
+
+    out = Path(args.out)
+    index = _require_index(out)
+    if args.task and args.task not in index['tasks']:
+        raise UsageError(f'{str(out)!r} has no task {args.task!r}; it has: {", ".join(index["tasks"]) or "none"}')
+    model, index, source = _load_adapters(args, out, [args.task] if args.task else None)
+    targets = _eval_targets(args, model, index)
+    rows = []
+    for task, folder in targets:
+        info = model.tasks[task]
+        size = _task_input_size(model, task)
+        if args.split == 'all':
+            ds, _, _ = image_folder_datasets(folder, model, input_size=size, class_names=info.class_names,
+                                             val_fraction=0.0)
+            ds.transform = eval_transform(model, size)
+        else:
+            _, ds, _ = image_folder_datasets(folder, model, input_size=size, class_names=info.class_names,
+                                             val_fraction=args.val_fraction, seed=args.seed)
+            if ds is None:
+                raise UsageError(f'{str(folder)!r} has no validation images; pass --split all to evaluate on every '
+                                 f'image')
+        if info.class_names is None and len(ds.class_names) != info.num_classes:
+            raise UsageError(f'task {task!r} has {info.num_classes} classes, {str(folder)!r} has '
+                             f'{len(ds.class_names)} class folders')
+        acc = evaluate(model, ds, task, batch_size=args.batch_size, device=args.device, num_workers=args.workers)
+        rows.append((task, info.num_classes, len(ds), acc))
+    w = max(4, *(len(r[0]) for r in rows))
+    _say(f'{"task".ljust(w)}  classes  images  accuracy')
+    for task, k, n, acc in rows:
+        _say(f'{task.ljust(w)}  {k:7d}  {n:6d}  {_pct(acc):>8}')
+    if args.json:
+        payload = {'adapters': str(out), 'split': args.split, 'backbone': source,
+                   'results': [{'task': t, 'classes': k, 'images': n, 'accuracy': a} for t, k, n, a in rows]}
+        from .adapter import atomic_write_bytes
+        atomic_write_bytes(args.json, (json.dumps(payload, indent=2) + '\n').encode())
+    return 0
+
+
+def _adapter_summaries(out: Path, index: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Per task, what its adapter file says (read without building a model)."""
+    from .adapter import ADAPTER_FILE, read_adapter
+    rows = []
+    for t in index['tasks']:
+        f = out / t / ADAPTER_FILE
+        meta, tensors = read_adapter(f)
+        task = json.loads(meta.get('task', '{}'))
+        rows.append({
+            'name': t,
+            'num_classes': task.get('num_classes'),
+            'class_names': task.get('class_names'),
+            'variant': task.get('variant'),
+            'resolution': task.get('resolution'),
+            'metadata': task.get('metadata') or {},
+            'num_modulator_values': sum(v.numel() for k, v in tensors.items() if k.startswith('modulator.')),
+            'num_added_values': sum(v.numel() for k, v in tensors.items() if not k.endswith('num_batches_tracked')),
+            'dtype': meta.get('dtype'),
+            'file_bytes': f.stat().st_size,
+            'backbone_fingerprint': meta.get('backbone_fingerprint'),
+        })
+    return rows
+
+
+def _classes_str(names: Optional[Sequence[str]], k: Optional[int], limit: int = 6) -> str:
+    if not names:
+        return f'{k} classes'
+    shown = ', '.join(names[:limit]) + (', ...' if len(names) > limit else '')
+    return f'{len(names)} classes: {shown}'
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    index = _require_index(out)
+    rows = _adapter_summaries(out, index)
+    if not rows:
+        _say(f'{out}: no tasks')
+    w = max([4] + [len(r['name']) for r in rows])
+    for r in rows:
+        _say(f'{r["name"].ljust(w)}  {_classes_str(r["class_names"], r["num_classes"])}')
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    index = _require_index(out)
+    rows = _adapter_summaries(out, index)
+    total = sum(r['file_bytes'] for r in rows)
+    sources = sorted({r['metadata'].get('backbone') or '' for r in rows})
+    if not rows or '' in sources or any(x.startswith('hub:') for x in sources):  # timm's pretrained weights
+        sources = [x for x in sources if x] + [f'pretrained tag {index.get("pretrained_tag") or "?"}']
+    _say(f'adapters:     {out}')
+    _say(f'architecture: {index["architecture"]}')
+    _say(f'backbone:     {", ".join(dict.fromkeys(sources))}')
+    _say(f'fingerprint:  {index["backbone_fingerprint"]}')
+    _say(f'tasks:        {len(rows)} ({total / 1024:.1f} KiB in all)')
+    for r in rows:
+        meta = r['metadata']
+        _say(f'\n  {r["name"]}')
+        _say(f'    classes:    {_classes_str(r["class_names"], r["num_classes"], limit=10)}')
+        res = r['resolution']
+        _say(f'    modulation: {r["variant"]}, resolution {res[0]}x{res[1]}' if res else '    modulation: none')
+        _say(f'    size:       {r["num_added_values"]:,} values ({r["num_modulator_values"]:,} in modulators), '
+             f'{r["file_bytes"] / 1024:.1f} KiB ({r["dtype"]})')
+        if meta.get('input_size'):
+            _say(f'    input size: {meta["input_size"]}px')
+        if meta.get('metric_val_acc'):
+            _say(f'    validation accuracy: {_pct(float(meta["metric_val_acc"]))}')
+        if meta.get('backbone'):
+            _say(f'    backbone:   {meta["backbone"]}')
+        if r['backbone_fingerprint'] != index['backbone_fingerprint']:
+            _say('    WARNING: trained on another backbone than the index names')
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    from .data import eval_transform
+    from .train import predict
+
+    out = Path(args.out)
+    index = _require_index(out)
+    task = args.task
+    if task is None:
+        if len(index['tasks']) != 1:
+            raise UsageError(f'{str(out)!r} has {len(index["tasks"])} tasks; pass --task NAME '
+                             f'({", ".join(index["tasks"][:5])})')
+        task = index['tasks'][0]
+    image = Path(args.image)
+    if not image.is_file():
+        raise FileNotFoundError(2, 'image does not exist', str(image))
+    try:
+        with Image.open(image) as im:
+            img = im.convert('RGB')
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UsageError(f'cannot read image {str(image)!r}: {_one_line(e)}') from None
+    if args.topk < 1:
+        raise UsageError('--topk must be at least 1')
+    model, _, _ = _load_adapters(args, out, [task])
+    x = eval_transform(model, _task_input_size(model, task))(img)
+    top = predict(model, x, task, topk=args.topk, device=args.device)[0]
+    _say(f'{image.name} ({task}):')
+    w = max(len(str(name if name is not None else c)) for c, name, _ in top)
+    for rank, (c, name, p) in enumerate(top, 1):
+        _say(f'  {rank}. {str(name if name is not None else c).ljust(w)}  {100 * p:6.2f}%')
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_tasks
+    out = Path(args.out)
+    model, index, _ = _load_adapters(args, out, args.task)
+    names = args.task or list(index['tasks'])
+    if not names:
+        raise UsageError(f'{str(out)!r} has no tasks to push')
+    url = push_tasks(model, args.repo_id, names, private=args.private, revision=args.revision,
+                     subfolder=args.subfolder, token=args.token, commit_message=args.commit_message,
+                     endpoint=args.endpoint)
+    _say(f'pushed {len(names)} task(s) ({", ".join(names)}) to {args.repo_id}: {url}')
+    return 0
+
+
+def _remote_index(args) -> Optional[Dict[str, Any]]:
+    """The repo's index (architecture, fingerprint), or ``None`` (``pull_tasks`` then reports the problem)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        from .adapter import INDEX_FILE, read_index
+        from .version import __version__
+        name = f'{args.subfolder.strip("/")}/{INDEX_FILE}' if args.subfolder else INDEX_FILE
+        path = hf_hub_download(args.repo_id, name, revision=args.revision, token=args.token,
+                               endpoint=args.endpoint, library_name='timm_modcl', library_version=__version__)
+        return read_index(Path(path).parent)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .adapter import load_tasks, save_tasks
+    from .hub import pull_tasks
+    out = Path(args.out)
+    local = _read_index_if_any(out)
+    remote = _remote_index(args)
+    ref = local or remote
+    if args.model is not None:
+        name = args.model
+    elif ref is not None:
+        name = ref['architecture']
+    else:
+        name = DEFAULT_MODEL
+    arch, _ = _check_model_name(name)
+    if local is not None and remote is not None and (
+            (local['architecture'], local['backbone_fingerprint'])
+            != (remote['architecture'], remote['backbone_fingerprint'])):
+        raise UsageError(f'{args.repo_id!r} holds adapters of another backbone than {str(out)!r}; pull into another '
+                         f'--out folder')
+    model, source = _backbone(name, args, None if ref is None else ref['backbone_fingerprint'],
+                              what=f'the adapters of {args.repo_id!r}')
+    existing = list(local['tasks']) if local else []
+    if existing:
+        load_tasks(model, out)
+    clash = [t for t in (args.task or (remote or {}).get('tasks', [])) if t in existing]
+    if clash and not args.replace:
+        raise TaskExistsError(f'task {clash[0]!r} already exists in {str(out)!r}; pass --replace to overwrite it')
+    pulled = pull_tasks(model, args.repo_id, args.task, revision=args.revision, subfolder=args.subfolder,
+                        token=args.token, endpoint=args.endpoint, replace=args.replace)
+    save_tasks(model, out, names=pulled)
+    _say(f'pulled {len(pulled)} task(s) ({", ".join(pulled)}) from {args.repo_id} into {out}')
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from .adapter import save_tasks
+    from .data import digits_tasks
+    from .metrics import AccuracyMatrix
+    from .train import evaluate, train_task
+
+    t_start = time.perf_counter()
+    quick = args.quick
+    num_tasks = args.tasks or (2 if quick else 5)
+    size = args.input_size or (32 if quick else 48)
+    epochs = args.epochs if args.epochs is not None else (1 if quick else 5)
+    name = args.model
+    arch, _ = _check_model_name(name)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f'--out {str(out)!r} is a file, not a folder')
+
+    _say(f'modcl demo: learning {num_tasks} tasks of handwritten digits (scikit-learn) one after another with '
+         f'{arch} at {size}px, {epochs} epoch(s) per task, {torch.get_num_threads()} CPU thread(s)')
+    model, source = _backbone(name, args, fallback_random=True)
+    _say(f'backbone: {source}' + ('  (without pretrained weights the accuracies are lower; zero forgetting holds '
+                                  'all the same)' if source.startswith('random') else ''))
+    device = torch.device(args.device) if args.device else torch.device('cpu')
+    model.to(device)
+    if quick:  # the first two-class tasks, few images
+        tasks = digits_tasks(5, size, seed=args.seed, max_train_per_class=24)[:num_tasks]
+    else:
+        tasks = digits_tasks(num_tasks, size, seed=args.seed)
+    if quick:  # a small test set as well
+        from torch.utils.data import Subset
+        tasks = [t._replace(test=Subset(t.test, list(range(0, len(t.test), 4)))) for t in tasks]
+
+    matrix = AccuracyMatrix([t.name for t in tasks])
+    reference: Dict[str, torch.Tensor] = {}
+
+    def logits(task, ds):
+        model.eval()
+        with torch.inference_mode(), model.use_task(task):
+            return torch.cat([model(x.to(device)) for x, _ in torch.utils.data.DataLoader(ds, batch_size=128)])
+
+    for i, t in enumerate(tasks):
+        t0 = time.perf_counter()
+        model.add_task(t.name, len(t.class_names), class_names=t.class_names,
+                       metadata={'input_size': str(size), 'backbone': source, 'data': 'sklearn-digits'})
+        train_task(model, t.name, t.train, epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                   device=device, progress=_progress(args))
+        row = [evaluate(model, tasks[j].test, tasks[j].name, device=device) for j in range(i + 1)]
+        matrix.add_row(row)
+        reference[t.name] = logits(t.name, t.test)
+        model._task(t.name).metadata['metric_test_acc'] = f'{row[-1]:.4f}'
+        _say(f'[{i + 1}/{len(tasks)}] {t.name}: {len(t.train)} training images, {time.perf_counter() - t0:.1f} s; '
+             f'accuracy on tasks so far: ' + ' '.join(f'{100 * a:.1f}' for a in row))
+
+    unchanged = all(torch.equal(logits(t.name, t.test), reference[t.name]) for t in tasks)
+    _say('')
+    _say('accuracy (%) on each task (columns) after learning each task (rows):')
+    _say(matrix.format_table())
+    per_task = ', '.join(f'{k} {v!r}' for k, v in matrix.forgetting.items())
+    _say(f'forgetting: {matrix.mean_forgetting!r} (' + (f'per task: {per_task})' if per_task else 'a single task)'))
+    _say(f'outputs of every task bit-identical at the end to right after it was learned: {"yes" if unchanged else "NO"}')
+    save_tasks(model, out)
+    matrix.to_json(out / 'accuracy_matrix.json')
+    size_kib = sum(f.stat().st_size for f in out.rglob('*.safetensors')) / 1024
+    _say(f'saved {len(tasks)} task adapters ({size_kib:.0f} KiB) and accuracy_matrix.json to {out}; '
+         f'try: modcl info --out {out}')
+    _say(f'wall time: {time.perf_counter() - t_start:.1f} s')
+    if matrix.max_forgetting != 0.0 or not unchanged:
+        _err('error: forgetting is not zero - this is a bug, please report it')
+        return EXIT_FAILURE
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+def _add_backbone_args(p: argparse.ArgumentParser, train: bool = False) -> None:
+    p.add_argument('--weights', metavar='FILE',
+                   help='local backbone checkpoint (default: $MODCL_WEIGHTS, else timm\'s pretrained weights)')
+    p.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=None,
+                   help='use timm\'s pretrained weights (downloaded once) / a seeded random backbone'
+                        + ('' if train else '; default: whichever the adapters were trained on'))
+
+
+def _add_common(p: argparse.ArgumentParser, threads: bool = True) -> None:
+    p.add_argument('--verbose', '-v', action='store_true', default=argparse.SUPPRESS,
+                   help='show tracebacks of errors')
+    if threads:
+        p.add_argument('--threads', type=_positive_int, default=None, metavar='N',
+                       help='CPU threads (default: $OMP_NUM_THREADS, else the idle CPU cores)')
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {s!r}') from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {s!r}')
+    return v
+
+
+def _non_negative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a non-negative integer, got {s!r}') from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f'expected a non-negative integer, got {s!r}')
+    return v
+
+
+def _fraction(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a number in [0, 1), got {s!r}') from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f'expected a number in [0, 1), got {s!r}')
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a positive number, got {s!r}') from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f'expected a positive number, got {s!r}')
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .layer import MODULATION_VARIANTS
+    from .task import DEFAULT_VARIANT
+    from .version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description='Continual learning with zero forgetting on a frozen timm backbone (Adaptive Weight '
+                    'Modulation): every task gets its own small adapter, and learning a new task never changes '
+                    'an old one.',
+        epilog='Start with "modcl demo". Run "modcl COMMAND --help" for the options of a command.')
+    parser.add_argument('--version', action='version', version=f'%(prog)s (timm_modcl) {__version__}')
+    parser.add_argument('--verbose', '-v', action='store_true', help='show tracebacks of errors')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+
+    p = sub.add_parser('train', help='learn a task from an image folder and add it to an adapter folder',
+                       description='Learn a new task from an image folder (one subfolder per class, or train/ and '
+                                   'val/ with class subfolders) and save it with the tasks already in --out.')
+    p.add_argument('--data', required=True, metavar='DIR', help='image folder of the task')
+    p.add_argument('--task', required=True, metavar='NAME', help='name of the new task')
+    p.add_argument('--out', required=True, metavar='DIR', help='adapter folder (created, or extended)')
+    p.add_argument('--model', metavar='NAME', default=None,
+                   help=f'modcl model (default: the one of the adapters in --out, else {DEFAULT_MODEL})')
+    p.add_argument('--resolution', type=_positive_int, nargs=2, default=[4, 4], metavar=('M1', 'M2'),
+                   help='modulation resolution (default: 4 4)')
+    p.add_argument('--variant', choices=sorted(MODULATION_VARIANTS), default=DEFAULT_VARIANT,
+                   help=f'modulation variant (default: {DEFAULT_VARIANT})')
+    p.add_argument('--epochs', type=_non_negative_int, default=30, help='epochs (default: 30, as the paper)')
+    p.add_argument('--batch-size', type=_positive_int, default=32, help='batch size (default: 32)')
+    p.add_argument('--lr', type=_positive_float, default=0.01, help='learning rate (Adam; default: 0.01)')
+    p.add_argument('--head-lr', type=_positive_float, default=None, help='learning rate of the head (default: --lr)')
+    p.add_argument('--weight-decay', type=float, default=0.0, help='weight decay (default: 0)')
+    p.add_argument('--input-size', type=_positive_int, default=None, metavar='PX',
+                   help='input size in pixels (default: the model\'s, 224)')
+    p.add_argument('--val-fraction', type=_fraction, default=0.2,
+                   help='share of each class held out for validation without a val/ folder (default: 0.2)')
+    p.add_argument('--no-augment', action='store_true', help='no training augmentation')
+    p.add_argument('--replace', action='store_true', help='retrain a task that already exists in --out')
+    p.add_argument('--seed', type=int, default=0, help='seed (default: 0)')
+    p.add_argument('--device', default=None, help='device, e.g. cuda (default: cpu)')
+    p.add_argument('--workers', type=_non_negative_int, default=0, help='data loading workers (default: 0)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    _add_backbone_args(p, train=True)
+    _add_common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser('eval', help='accuracy of tasks on image folders',
+                       description='Accuracy of one task (--task) on --data, or of every task that has a '
+                                   'subfolder of that name in --data.')
+    p.add_argument('--out', required=True, metavar='DIR', help='adapter folder')
+    p.add_argument('--data', required=True, metavar='DIR', help='image folder')
+    p.add_argument('--task', metavar='NAME', help='task to evaluate (default: all tasks with data)')
+    p.add_argument('--split', choices=['val', 'all'], default='val',
+                   help='"val": the validation split (val/ folder, or the held-out share as in training); '
+                        '"all": every image (default: val)')
+    p.add_argument('--val-fraction', type=_fraction, default=0.2, help='as for train (default: 0.2)')
+    p.add_argument('--seed', type=int, default=0, help='as for train (default: 0)')
+    p.add_argument('--batch-size', type=_positive_int, default=64)
+    p.add_argument('--device', default=None)
+    p.add_argument('--workers', type=_non_negative_int, default=0)
+    p.add_argument('--json', metavar='FILE', help='also write the results as JSON')
+    _add_backbone_args(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_eval)
+
+    for cmd, helptext, fn in (('tasks', 'list the tasks of an adapter folder', cmd_tasks),
+                              ('info', 'describe an adapter folder: backbone, tasks, classes, sizes', cmd_info)):
+        p = sub.add_parser(cmd, help=helptext, description=helptext[0].upper() + helptext[1:] + '.')
+        p.add_argument('--out', required=True, metavar='DIR', help='adapter folder')
+        _add_common(p, threads=False)
+        p.set_defaults(func=fn)
+
+    p = sub.add_parser('predict', help='classify an image with a task',
+                       description='Top-k classes of one image under one task.')
+    p.add_argument('image', metavar='IMAGE')
+    p.add_argument('--out', required=True, metavar='DIR', help='adapter folder')
+    p.add_argument('--task', metavar='NAME', help='task (default: the only one)')
+    p.add_argument('--topk', type=int, default=5, help='number of classes shown (default: 5)')
+    p.add_argument('--device', default=None)
+    _add_backbone_args(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser('push', help='push tasks to a Hugging Face Hub repo',
+                       description='Push the task adapters of --out to a Hub model repo (created if needed).')
+    p.add_argument('--out', required=True, metavar='DIR', help='adapter folder')
+    p.add_argument('--repo-id', required=True, metavar='ID', help='namespace/name of the repo')
+    p.add_argument('--task', action='append', metavar='NAME', help='task to push (repeatable; default: all)')
+    p.add_argument('--private', action='store_true', default=None, help='create the repo as private')
+    p.add_argument('--revision', help='branch to push to')
+    p.add_argument('--subfolder', help='folder inside the repo')
+    p.add_argument('--token', help='Hub token (default: saved login or $HF_TOKEN)')
+    p.add_argument('--commit-message')
+    p.add_argument('--endpoint', help='Hub endpoint (default: $HF_ENDPOINT or huggingface.co)')
+    _add_backbone_args(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser('pull', help='pull tasks from a Hugging Face Hub repo into an adapter folder',
+                       description='Download task adapters from a Hub repo and add them to --out.')
+    p.add_argument('--repo-id', required=True, metavar='ID')
+    p.add_argument('--out', required=True, metavar='DIR', help='adapter folder (created, or extended)')
+    p.add_argument('--task', action='append', metavar='NAME', help='task to pull (repeatable; default: all)')
+    p.add_argument('--revision', help='branch, tag or commit')
+    p.add_argument('--subfolder', help='folder inside the repo')
+    p.add_argument('--token')
+    p.add_argument('--endpoint')
+    p.add_argument('--replace', action='store_true', help='overwrite tasks that exist in --out')
+    p.add_argument('--model', metavar='NAME', default=None, help='modcl model (default: the repo\'s)')
+    _add_backbone_args(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser('demo', help='learn a sequence of digit tasks and show that nothing is forgotten',
+                       description='Learns tasks of scikit-learn\'s handwritten digits one after another, prints '
+                                   'the accuracy matrix and the forgetting (exactly 0), and saves the adapters.')
+    p.add_argument('--out', default=DEMO_OUT, metavar='DIR', help=f'adapter folder (default: ./{DEMO_OUT})')
+    p.add_argument('--model', default=DEFAULT_MODEL, metavar='NAME', help=f'(default: {DEFAULT_MODEL})')
+    p.add_argument('--epochs', type=_non_negative_int, default=None, help='epochs per task (default: 5; quick: 1)')
+    p.add_argument('--tasks', type=_positive_int, default=None,
+                   help='number of tasks, 1-10: the digits 0-9 split into that many groups (default: 5 tasks of 2 '
+                        'digits; quick: the first 2 of them)')
+    p.add_argument('--input-size', type=_positive_int, default=None, metavar='PX',
+                   help='image size (default: 48; quick: 32)')
+    p.add_argument('--batch-size', type=_positive_int, default=32)
+    p.add_argument('--lr', type=_positive_float, default=0.01)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--device', default=None)
+    p.add_argument('--quick', action='store_true', help='a tiny run (a few seconds): 2 tasks, few images, 1 epoch')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    _add_backbone_args(p, train=True)
+    _add_common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    _err(f'warning: {" ".join(str(message).split())}')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``modcl`` command line; returns the exit code (0: success, 2: error in what was asked, 1: failure)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+    except SystemExit as e:  # --help, --version, usage errors (argparse printed the message)
+        return int(e.code) if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    if not getattr(args, 'command', None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    verbose = getattr(args, 'verbose', False)
+    restore_threads = None
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            restore_threads = _configure_threads(getattr(args, 'threads', None))
+            return int(args.func(args) or 0)
+        except KeyboardInterrupt:
+            _err('interrupted')
+            return 130
+        except BrokenPipeError:  # e.g. `modcl info ... | head`: the reader is gone, nothing left to say
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            except (OSError, ValueError, AttributeError):
+                pass
+            return EXIT_FAILURE
+        except (ModCLError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                ValueError) as e:
+            if verbose:
+                traceback.print_exc()
+            _err(f'error: {_one_line(e)}')
+            return EXIT_USAGE
+        except Exception as e:  # noqa: BLE001 - a bug or an environment problem: one line unless --verbose
+            if verbose:
+                traceback.print_exc()
+            _err(f'error: {type(e).__name__}: {_one_line(e)} (run with --verbose for the traceback)')
+            return EXIT_FAILURE
+        finally:
+            if restore_threads is not None:
+                import torch
+                torch.set_num_threads(restore_threads)
+
+
+if __name__ == '__main__':  # pragma: no cover
+    sys.exit(main())
