@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import load as st_load, save as st_save, save_file
 
 import timm
+import timm_modcl
 from timm_modcl import (
     AdapterError, AdapterFormatError, FingerprintMismatchError, InvalidTaskNameError, ModCLError, TaskExistsError,
 )
@@ -58,7 +59,7 @@ def test_adapter_metadata_and_contents(saved):
     assert meta['backbone_fingerprint'] == model.backbone_fingerprint()
     task = json.loads(meta['task'])
     assert task['name'] == 'alpha' and task['class_names'] == ['a', 'b', 'c'] and task['resolution'] == [4, 4]
-    assert task['variant'] == 'paper' and meta['timm_modcl_version']
+    assert task['variant'] == timm_modcl.DEFAULT_VARIANT and meta['timm_modcl_version']
     assert set(k.split('.')[0] for k in tensors) == {'modulator', 'bn', 'head'}
     assert sum(v.numel() for k, v in tensors.items() if k.startswith('modulator.')) == \
         model.tasks['alpha'].num_modulator_params

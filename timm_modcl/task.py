@@ -26,7 +26,7 @@ __all__ = ['BASE_TASK', 'DEFAULT_VARIANT', 'TaskInfo', 'TaskState', 'TaskMixin',
 #: Name of the task that comes with the backbone checkpoint (its head, unmodulated, its BN statistics).
 BASE_TASK = 'base'
 #: Modulation variant used when ``add_task`` is not told otherwise (chosen by the benchmarks, see README).
-DEFAULT_VARIANT = 'paper'
+DEFAULT_VARIANT = 'identity'
 #: Version of the ``state_dict`` layout written by ``TaskMixin.state_dict``.
 STATE_DICT_FORMAT = 1
 
