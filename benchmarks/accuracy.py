@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _fetch  # noqa: E402
 import baselines  # noqa: E402
-from baselines import _Method, _n, run_method  # noqa: E402
+from baselines import _Method, run_method  # noqa: E402
 
 import timm  # noqa: E402
 import timm_modcl  # noqa: E402,F401

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
-from safetensors.torch import load as st_load, save as st_save, save_file
+from safetensors.torch import save as st_save, save_file
 
 import timm
 import timm_modcl

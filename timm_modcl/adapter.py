@@ -14,7 +14,6 @@ Reading never unpickles anything; every write goes to a temporary file that is r
 import json
 import os
 import struct
-import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -25,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ._io import atomic_write_bytes
 from .errors import AdapterError, AdapterFormatError, FingerprintMismatchError, TaskExistsError
 from .task import BASE_TASK, TaskInfo, TaskState, validate_task_name
 from .version import __version__
@@ -47,29 +47,6 @@ _PathLike = Union[str, os.PathLike]
 
 
 # ---------------------------------------------------------------------------------------------------- file helpers
-def atomic_write_bytes(path: _PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename.
-
-    An interrupted write leaves the previous file (if any) intact and no partial file behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=False) + '\n').encode()
 

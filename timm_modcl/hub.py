@@ -5,7 +5,6 @@ A Hub repo (or a ``subfolder`` of one) holds the same layout as ``save_tasks`` w
 tasks to what the repo already lists; pulling downloads only the index and the requested tasks' adapter files (no
 code, no full checkpoint) through the huggingface_hub cache, so pinned revisions and ``HF_HUB_OFFLINE=1`` work.
 """
-import json
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional

@@ -12,13 +12,15 @@ learned so far (``j <= i``); entries for tasks not learned yet (``j > i``) are o
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+from ._io import atomic_write_json
 
 __all__ = ['AccuracyMatrix']
 
 Row = Union[Sequence[Optional[float]], Mapping[str, float]]
+
 
 
 def _check_acc(v: Any, where: str) -> float:
@@ -158,22 +160,8 @@ class AccuracyMatrix:
         return cls(d['tasks'], d.get('matrix') or [])
 
     def to_json(self, path: Union[str, os.PathLike]) -> Path:
-        """Write ``to_dict()`` as JSON, atomically (a temporary file in the same folder, then ``os.replace``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=str(path.parent))
-        try:
-            with os.fdopen(fd, 'w', encoding='utf-8') as f:
-                json.dump(self.to_dict(), f, indent=2)
-                f.write('\n')
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return path
+        """Write ``to_dict()`` as JSON, atomically (a temporary file in the same folder, then a rename)."""
+        return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path: Union[str, os.PathLike]) -> 'AccuracyMatrix':

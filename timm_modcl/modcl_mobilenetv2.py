@@ -15,12 +15,11 @@ task depends on is ever changed by another task, so old tasks keep bit-identical
 from collections import OrderedDict
 from pathlib import Path
 from functools import partial
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import get_act_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import pretrained_cfg_for_features
 from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, resolve_bn_args, round_channels

@@ -8,10 +8,8 @@ Only the trained task's modulators and head are optimised, and only its BatchNor
 (BN layers run in train mode, as in the paper, which is how each task gets its own statistics). Every other task
 keeps bit-identical outputs.
 """
-import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ._io import atomic_write_json
 from .errors import DataError, TaskError
 from .metrics import AccuracyMatrix
 from .task import BASE_TASK
@@ -64,21 +63,8 @@ class TrainHistory:
         return cls(**d)
 
     def to_json(self, path: Union[str, os.PathLike]) -> Path:
-        """Write ``to_dict()`` as JSON, atomically (temporary file, then ``os.replace``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=str(path.parent))
-        try:
-            with os.fdopen(fd, 'w', encoding='utf-8') as f:
-                json.dump(self.to_dict(), f, indent=2)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return path
+        """Write ``to_dict()`` as JSON, atomically (a temporary file in the same folder, then a rename)."""
+        return atomic_write_json(path, self.to_dict())
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -1,0 +1,36 @@
+"""Atomic file writes: a temporary file in the target folder, fsync, then a rename over the target."""
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+_PathLike = Union[str, os.PathLike]
+
+
+def atomic_write_bytes(path: _PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename.
+
+    An interrupted write leaves the previous file (if any) intact and no partial file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_json(path: _PathLike, obj: Any) -> Path:
+    """``atomic_write_bytes`` of ``obj`` as indented JSON with a trailing newline."""
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2) + '\n').encode('utf-8'))
