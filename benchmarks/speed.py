@@ -55,6 +55,13 @@ def interleaved(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int = 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _eval_fn(model, x) -> Callable[[], None]:
+    def f():
+        with torch.inference_mode():
+            model(x)
+    return f
+
+
 def bench_eval(size: int, batch: int, repeats: int) -> Dict[str, float]:
     torch.manual_seed(0)
     plain = timm.create_model('mobilenetv2_100').eval()
@@ -64,12 +71,7 @@ def bench_eval(size: int, batch: int, repeats: int) -> Dict[str, float]:
     model.classifier.load_state_dict(plain.classifier.state_dict())
     x = torch.randn(batch, 3, size, size)
 
-    def run(m):
-        def f():
-            with torch.inference_mode():
-                m(x)
-        return f
-    t = interleaved({'plain': run(plain), 'modcl': run(model)}, repeats)
+    t = interleaved({'plain': _eval_fn(plain, x), 'modcl': _eval_fn(model, x)}, repeats)
     return {'plain_s': t['plain'], 'modcl_s': t['modcl'], 'ratio': t['modcl'] / t['plain']}
 
 
@@ -119,12 +121,7 @@ def bench_scale(size: int, batch: int, repeats: int, n_tasks: int) -> Dict[str, 
         many.add_task(f't{i}', 10, activate=False)
     x = torch.randn(batch, 3, size, size)
 
-    def run(m):
-        def f():
-            with torch.inference_mode():
-                m(x)
-        return f
-    t = interleaved({'one': run(one), 'many': run(many)}, repeats)
+    t = interleaved({'one': _eval_fn(one, x), 'many': _eval_fn(many, x)}, repeats)
     names = list(many.tasks)
     i = [0]
 
@@ -132,7 +129,7 @@ def bench_scale(size: int, batch: int, repeats: int, n_tasks: int) -> Dict[str, 
         i[0] = (i[0] + 1) % len(names)
         many.set_task(names[i[0]])
     set_task_s = median_time(switch, repeats=200)
-    switch_and_forward = median_time(lambda: (switch(), run(many)()), repeats=max(3, repeats // 2))
+    switch_and_forward = median_time(lambda: (switch(), _eval_fn(many, x)()), repeats=max(3, repeats // 2))
     return {'one_task_s': t['one'], 'many_tasks_s': t['many'], 'ratio': t['many'] / t['one'],
             'n_tasks': n_tasks, 'set_task_s': set_task_s, 'switch_then_forward_s': switch_and_forward}
 

@@ -709,34 +709,22 @@ def _add_common(p: argparse.ArgumentParser, threads: bool = True) -> None:
                        help='CPU threads (default: $OMP_NUM_THREADS, else the idle CPU cores)')
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {s!r}') from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {s!r}')
-    return v
+def _number_type(cast, ok, expected: str):
+    """An argparse ``type=`` that casts with ``cast`` and accepts values for which ``ok(value)`` holds."""
+    def parse(s: str):
+        try:
+            v = cast(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected {expected}, got {s!r}') from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f'expected {expected}, got {s!r}')
+        return v
+    return parse
 
 
-def _non_negative_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a non-negative integer, got {s!r}') from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f'expected a non-negative integer, got {s!r}')
-    return v
-
-
-def _fraction(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a number in [0, 1), got {s!r}') from None
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f'expected a number in [0, 1), got {s!r}')
-    return v
+_positive_int = _number_type(int, lambda v: v >= 1, 'a positive integer')
+_non_negative_int = _number_type(int, lambda v: v >= 0, 'a non-negative integer')
+_fraction = _number_type(float, lambda v: 0.0 <= v < 1.0, 'a number in [0, 1)')
 
 
 def _positive_float(s: str) -> float:
