@@ -298,8 +298,6 @@ class TaskMixin:
             raise TaskExistsError(f'{BASE_TASK!r} is reserved for the task that comes with the backbone')
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise TaskError(f'num_classes must be an integer >= 1, got {num_classes!r}')
-        if not self._has_head and num_classes is not None:
-            pass  # feature extractors keep the class count as metadata only
         variant = DEFAULT_VARIANT if variant is None else variant
         if variant not in MODULATION_VARIANTS:
             raise TaskError(f'unknown modulation variant {variant!r}; choose one of {sorted(MODULATION_VARIANTS)}')
@@ -638,11 +636,17 @@ class TaskMixin:
             if missing or unexpected:
                 raise StateDictError(
                     f'state dict keys do not match: missing {missing[:5]}, unexpected {unexpected[:5]}')
-        return super().load_state_dict(state_dict, strict=strict)
+        self._validated_plan = plan  # used by _load_from_state_dict instead of building the tasks again
+        try:
+            return super().load_state_dict(state_dict, strict=strict)
+        finally:
+            self._validated_plan = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        plan = self._plan_load(state_dict, prefix)
+        plan = self.__dict__.get('_validated_plan') if not prefix else None
+        if plan is None:  # loaded as part of a parent module: validate here
+            plan = self._plan_load(state_dict, prefix)
         meta = state_dict.get(prefix + _META_KEY)
         for k in [k for k in state_dict if k == prefix + _META_KEY or k.startswith(prefix + _TASKS_PREFIX)]:
             del state_dict[k]
@@ -685,11 +689,11 @@ def _layer_resolution(
         return resolution
     if callable(layer_resolution):
         res = layer_resolution(layer, weight_shape)
+    elif layer in layer_resolution:  # an exact name wins over patterns
+        res = layer_resolution[layer]
     else:
-        matches = [p for p in layer_resolution if p == layer or fnmatch.fnmatchcase(layer, p)]
+        matches = [p for p in layer_resolution if fnmatch.fnmatchcase(layer, p)]
         if not matches:
             return resolution
-        res = layer_resolution[matches[0] if layer in matches else matches[-1]]
-        if layer in layer_resolution:
-            res = layer_resolution[layer]
+        res = layer_resolution[matches[-1]]  # the last matching pattern wins
     return None if res is None else validate_resolution(res, f'resolution of layer {layer!r}')
