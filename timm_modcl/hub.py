@@ -18,7 +18,7 @@ from huggingface_hub.errors import (
 from .adapter import (
     ADAPTER_CONFIG_FILE, ADAPTER_FILE, INDEX_FILE, load_task_files, read_index, save_tasks, write_index,
 )
-from .errors import HubError, TaskNotFoundError
+from .errors import HubError
 from .task import BASE_TASK
 from .version import __version__
 
@@ -78,8 +78,9 @@ def task_model_card(model, names: List[str], repo_id: str, sizes: Dict[str, int]
         base_model_relation='adapter' if base else None,
     )
     rows = []
+    infos = model.tasks
     for n in names:
-        info = model.tasks[n]
+        info = infos[n]
         classes = ', '.join(info.class_names) if info.class_names else f'{info.num_classes} classes'
         metrics = ', '.join(f'{k}={v}' for k, v in info.metadata.items() if k.startswith('metric')) or '-'
         rows.append(f'| `{n}` | {info.num_classes} | {classes} | {info.variant} | {info.resolution} | '
@@ -152,8 +153,7 @@ def push_tasks(
     """
     names = [n for n in model.tasks if n != BASE_TASK] if names is None else list(names)
     for n in names:
-        if n not in model.tasks:
-            raise TaskNotFoundError(f'unknown task {n!r}; the model has tasks: {", ".join(model.tasks)}')
+        model._task(n)  # TaskNotFoundError before anything is sent
     api = HfApi(endpoint=endpoint, token=token, library_name=LIBRARY_NAME, library_version=__version__)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')

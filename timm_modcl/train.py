@@ -222,12 +222,11 @@ def train_task(
     from timm.scheduler import MultiStepLRScheduler
     from tqdm.auto import tqdm
 
-    if task not in model.tasks:
-        model.set_task(task)  # raises TaskNotFoundError naming the model's tasks
+    state = model._task(task)  # TaskNotFoundError naming the model's tasks
     if task == BASE_TASK:
         raise TaskError(f'the {BASE_TASK!r} task is the frozen pretrained model and is not trained; add a task with '
                         f'model.add_task(name, num_classes) and train that')
-    num_classes = int(model.tasks[task].num_classes)
+    num_classes = int(state.num_classes)
     if num_classes < 1 or not hasattr(model, 'classifier'):
         raise TaskError(f'task {task!r} has no classifier head to train')
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
