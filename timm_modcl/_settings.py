@@ -3,6 +3,9 @@
 ``MODCL_WEIGHTS``: path of a local backbone checkpoint used by ``modcl demo`` (and the CLI) instead of downloading
 pretrained weights. The Hub's own variables (``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``, ``HF_HOME``, ...) are
 read by ``huggingface_hub`` itself.
+
+``MODCL_WEIGHT_CACHE_BYTES``: memory limit of a model's cache of effective weights (see ``WeightCache``);
+default 256 MiB.
 """
 import os
 from typing import Optional
@@ -17,3 +20,22 @@ def hub_offline() -> bool:
     """Whether huggingface_hub runs offline (``HF_HUB_OFFLINE``, as huggingface_hub read it at import)."""
     from huggingface_hub import constants
     return bool(constants.HF_HUB_OFFLINE)
+
+
+#: Default memory limit of a model's effective-weight cache: a few tasks of a mid-size model on a CPU machine.
+DEFAULT_WEIGHT_CACHE_BYTES = 256 * 1024 * 1024
+
+
+def weight_cache_bytes() -> int:
+    """Memory limit of the effective-weight cache (``MODCL_WEIGHT_CACHE_BYTES``, default 256 MiB)."""
+    value = os.environ.get('MODCL_WEIGHT_CACHE_BYTES')
+    if not value:
+        return DEFAULT_WEIGHT_CACHE_BYTES
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        from .errors import ModCLError
+        raise ModCLError(f'MODCL_WEIGHT_CACHE_BYTES must be a non-negative integer, got {value!r}')
+    return n

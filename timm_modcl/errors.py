@@ -14,6 +14,8 @@ __all__ = [
     'FingerprintMismatchError',
     'HubError',
     'DataError',
+    'UnsupportedModelError',
+    'DistributedError',
 ]
 
 
@@ -70,3 +72,12 @@ class HubError(ModCLError):
 
 class DataError(ModCLError, ValueError):
     """A dataset cannot be used: missing or empty folder, class folders without images, bad labels."""
+
+
+class UnsupportedModelError(ModCLError, TypeError):
+    """A model cannot be made task-aware as it is: a module type the core does not know holds a parameter (which
+    would otherwise stay shared and trainable), or its classifier is not a single Linear layer."""
+
+
+class DistributedError(ModCLError, RuntimeError):
+    """Distributed training was asked for but cannot run as configured (no process group, CPU SyncBatchNorm, ...)."""

@@ -1,0 +1,1045 @@
+"""The task lifecycle of a modulated timm model (``ModCLMixin``), for any backbone.
+
+``timm_modcl.modulate(model)`` mixes ``ModCLMixin`` into a timm model's class. The mixin finds the layers once
+(``layers.modulate_layer`` on every conv/linear and norm layer, the head from timm's ``pretrained_cfg['classifier']``),
+freezes everything else that holds a parameter (a module type it does not know raises ``UnsupportedModelError``
+instead of staying shared and trainable), and keeps the tasks. Binding a task wires its tensors into the layers, so
+``model.parameters()`` is exactly what an optimizer should train for the active task and nothing of another task
+can be touched.
+
+A fresh model's ``base`` task is the checkpoint as a task: its head, its norm statistics, zero ``identity``
+modulators and its own copy of the LayerNorm/GroupNorm affine, so it computes exactly the pretrained model, and is
+trainable like any task (as timm's model tests expect). New tasks start from the base task's norm statistics and the
+pretrained affine.
+"""
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import re
+from collections import OrderedDict
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ._settings import weight_cache_bytes
+from .config import DEFAULT_CONFIG, LayerResolution, TaskConfig
+from .errors import (
+    ResolutionError, StateDictError, TaskError, TaskExistsError, TaskNotFoundError, UnsupportedModelError,
+)
+from .layers import (
+    ModulatedWeight, TaskNorm, WeightCache, check_input, is_norm_layer, is_weight_layer, modulate_layer,
+    modulator_shape, unmodulate_layer,
+)
+from .task import BASE_TASK, BN_STATS, TaskInfo, TaskState, validate_metadata, validate_task_name
+
+__all__ = [
+    'ModCLMixin', 'MAX_CLASSES', 'STATE_DICT_FORMAT', 'register_frozen_parameters', 'frozen_parameter_names',
+]
+
+#: Version of the ``state_dict`` layout (tensors only: natural keys for the active task, ``modcl.tasks.<name>.*`` for
+#: the others, ``modcl.meta`` a uint8 tensor holding the JSON task list).
+STATE_DICT_FORMAT = 2
+#: Largest head a task may have (a clear error instead of an allocation failure).
+MAX_CLASSES = 1_000_000
+_META_KEY = 'modcl.meta'
+_TASKS_PREFIX = 'modcl.tasks.'
+_MAX_META_BYTES = 64 * 1024 * 1024
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_STATS_NAME = re.compile(r'[a-z][a-z0-9_]{0,63}')
+
+#: Fused projections modulated per chunk (leaf name -> number of chunks): q, k and v are never blended.
+CHUNKED_LAYERS: Dict[str, int] = {'qkv': 3, 'kv': 2}
+
+# Parameters that stay frozen and shared, by the (qualified) class owning them directly.
+_FROZEN_PARAMETERS: Dict[str, Tuple[str, ...]] = {
+    'timm.models.vision_transformer.VisionTransformer': ('cls_token', 'reg_token', 'pos_embed', 'dist_token'),
+    'timm.layers.layer_scale.LayerScale': ('gamma',),
+    'timm.layers.layer_scale.LayerScale2d': ('gamma',),
+    'timm.models.convnext.ConvNeXtBlock': ('gamma',),
+}
+
+
+def register_frozen_parameters(cls, names: Sequence[str]) -> None:
+    """Declare that parameters ``names`` owned directly by modules of class ``cls`` (a class or its qualified name)
+    stay frozen and shared by all tasks (like ViT's position embedding), so ``modulate`` accepts such modules."""
+    key = cls if isinstance(cls, str) else f'{cls.__module__}.{cls.__qualname__}'
+    _FROZEN_PARAMETERS[key] = tuple(_FROZEN_PARAMETERS.get(key, ())) + tuple(names)
+
+
+def frozen_parameter_names(module: nn.Module) -> Tuple[str, ...]:
+    """Names of the parameters of ``module`` known to stay frozen and shared (see ``register_frozen_parameters``)."""
+    out: Tuple[str, ...] = ()
+    for c in type(module).__mro__:
+        out += _FROZEN_PARAMETERS.get(f'{c.__module__}.{c.__qualname__}', ())
+    return out
+
+
+def _fx_tracing() -> bool:
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
+class _FrozenTensor(nn.Module):
+    """Serves one of the model's root-level frozen tensors (a non-persistent reference) as a torch.fx leaf call."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer('tensor', tensor, persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        return self.tensor
+
+
+def _register_fx_leaf() -> None:
+    from timm.models._features_fx import register_notrace_module
+    register_notrace_module(_FrozenTensor)
+
+
+_register_fx_leaf()
+
+
+def _check_head(head: nn.Module, path: str) -> None:
+    """A task head is a single layer with a ``weight`` (and ``bias``) whose first dimension is the class count."""
+    if isinstance(head, nn.Identity):
+        return
+    names = set(head._parameters)
+    if list(head.children()) or not names or not names <= {'weight', 'bias'} or head._parameters.get('weight') is None:
+        raise UnsupportedModelError(
+            f'the classifier {path!r} is a {type(head).__name__}; timm_modcl gives each task its own head and supports '
+            f'single-layer classifiers (Linear, 1x1 conv) or Identity: pass head= to modulate() to pick another')
+
+
+def _like(head: nn.Module, num_classes: int, path: str) -> nn.Module:
+    """A new ``num_classes`` Linear / 1x1-conv head shaped like ``head`` (for models without ``reset_classifier``)."""
+    w = head._parameters.get('weight') if isinstance(head, (nn.Linear, nn.Conv2d)) else None
+    if w is None:
+        raise UnsupportedModelError(
+            f'cannot make a new head: the model has no reset_classifier() and its classifier {path!r} is a '
+            f'{type(head).__name__}, not a Linear or Conv2d layer')
+    kw = dict(bias=head.bias is not None, device=w.device, dtype=w.dtype)
+    if isinstance(head, nn.Linear):
+        return nn.Linear(head.in_features, num_classes, **kw)
+    return nn.Conv2d(head.in_channels, num_classes, head.kernel_size, **kw)
+
+
+class _State:
+    """Everything the mixin keeps about a model, in one attribute (``model._modcl``)."""
+
+    def __init__(self, base: type, head: Optional[str], freeze: Tuple[str, ...], cache: WeightCache) -> None:
+        self.base = base
+        self.head = head
+        self.freeze = freeze
+        self.cache = cache
+        self.tasks: 'OrderedDict[str, TaskState]' = OrderedDict()
+        self.active = BASE_TASK
+        self.weight_layers: 'OrderedDict[str, nn.Module]' = OrderedDict()
+        self.norm_layers: 'OrderedDict[str, nn.Module]' = OrderedDict()
+        self.extra_frozen: List[Tuple[str, str]] = []
+        self.head_template: Optional[Dict[str, Tuple[int, ...]]] = None
+        self.fingerprint: Optional[Tuple[tuple, str]] = None
+
+
+def _json_tensor(obj: Any) -> torch.Tensor:
+    return torch.frombuffer(bytearray(json.dumps(obj, sort_keys=True).encode()), dtype=torch.uint8).clone()
+
+
+def _read_json_tensor(t: Any) -> Any:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.ndim != 1 or t.numel() > _MAX_META_BYTES:
+        raise StateDictError(f'{_META_KEY!r} must be a 1-D uint8 tensor of JSON text')
+    try:
+        return json.loads(bytes(t.cpu().numpy().tobytes()).decode('utf-8'))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise StateDictError(f'{_META_KEY!r} is not valid JSON: {e}') from None
+
+
+def _affine_norm(module: nn.Module) -> bool:
+    """Norm layers whose affine is always per task: those without running statistics (LayerNorm, GroupNorm, ...)."""
+    return not isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def _tracks_stats(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+
+
+class ModCLMixin:
+    """Task lifecycle of a timm model made task-aware by ``timm_modcl.modulate`` (see the module docstring)."""
+
+    _modcl: _State
+
+    # ------------------------------------------------------------------ setup
+    def _modcl_setup(self, head: Optional[str], base: type, freeze: Sequence[str] = (),
+                     cache_bytes: Optional[int] = None) -> None:
+        """Find and freeze the layers, then create the ``base`` task. Raises before changing anything."""
+        cache = WeightCache(weight_cache_bytes() if cache_bytes is None else cache_bytes)
+        self._modcl = _State(base, head, tuple(freeze), cache)
+        if head is not None:
+            _check_head(self.get_submodule(head), head)
+        self._modcl_scan()
+        base_task = self._modcl_base_task()
+        self._modcl.tasks[BASE_TASK] = base_task
+        self._bind(BASE_TASK)
+
+    def _modcl_plan_scan(self) -> Tuple[List[Tuple[str, nn.Module]], List[Tuple[str, nn.Module, str]]]:
+        """Classify every module (nothing changes): layers to modulate, and parameters to freeze. Raises
+        ``UnsupportedModelError`` naming every parameter that would otherwise stay shared and trainable."""
+        import fnmatch
+        st = self._modcl
+        head = st.head
+        layers, freeze, problems = [], [], []
+        for name, module in self.named_modules():
+            if head is not None and (name == head or name.startswith(head + '.')):
+                continue
+            if is_weight_layer(module) or is_norm_layer(module):
+                layers.append((name, module))
+                continue
+            known = frozen_parameter_names(module)
+            for pname, p in module._parameters.items():
+                if p is None:
+                    continue
+                full = f'{name}.{pname}' if name else pname
+                if pname in known or any(fnmatch.fnmatchcase(full, pat) for pat in st.freeze):
+                    freeze.append((name, module, pname))
+                else:
+                    owner = st.base if module is self else type(module)
+                    problems.append((full, owner.__name__))
+        if problems:
+            listed = ', '.join(f'{full} ({owner})' for full, owner in problems[:8])
+            raise UnsupportedModelError(
+                f'{len(problems)} parameter(s) belong to module types timm_modcl does not know, so they would stay '
+                f'shared and trainable across tasks: {listed}{" ..." if len(problems) > 8 else ""}. To keep them '
+                f'frozen and shared, pass their names or fnmatch patterns to modulate(), e.g. '
+                f'freeze={[full for full, _ in problems[:3]]!r}, or declare the module type once with '
+                f'timm_modcl.register_frozen_parameters(cls, names)')
+        return layers, freeze
+
+    def _modcl_scan(self) -> None:
+        """(Re)discover the layers after construction or a structural change (reset_classifier, pruning, resizing)."""
+        st = self._modcl
+        layers, freeze = self._modcl_plan_scan()
+        for name, module, pname in freeze:
+            p = module._parameters.pop(pname)
+            module._buffers[pname] = p.detach().requires_grad_(False)
+            if (name, pname) not in st.extra_frozen:
+                st.extra_frozen.append((name, pname))
+        weight_layers, norm_layers = OrderedDict(), OrderedDict()
+        for name, module in layers:
+            kind = modulate_layer(module)
+            if kind == 'weight':
+                chunks = CHUNKED_LAYERS.get(name.rsplit('.', 1)[-1], 1)
+                module.modcl_chunks = chunks if module._buffers['weight'].shape[0] % chunks == 0 else 1
+                module.modcl_cache = st.cache
+                weight_layers[name] = module
+            else:
+                norm_layers[name] = module
+        st.weight_layers, st.norm_layers = weight_layers, norm_layers
+        st.extra_frozen = [(n, p) for n, p in st.extra_frozen if self._has_buffer(n, p)]
+        if weight_layers:
+            first = next(iter(weight_layers.values()))
+            if check_input not in first._forward_pre_hooks.values():
+                first.register_forward_pre_hook(check_input)
+        st.fingerprint = None
+        st.head_template = None
+        root_frozen = [k for n, k in st.extra_frozen if not n]
+        if root_frozen:
+            holders = nn.ModuleDict({k: _FrozenTensor(self._buffers[k]) for k in root_frozen})
+            self._modules['_modcl_frozen'] = holders.train(self.training)
+        if st.tasks:
+            self._bind(st.active)
+
+    def __getattr__(self, name: str):
+        # torch.fx does not proxy buffers, so a frozen tensor the model's own code reads (ViT's cls token) would be
+        # traced as a constant, which fails for e.g. `cls_token.expand(x.shape[0], -1, -1)`: serve it through a
+        # leaf module call while tracing
+        if _fx_tracing():
+            holders = self.__dict__['_modules'].get('_modcl_frozen')
+            if holders is not None and name in holders:
+                return holders[name]()
+        return super().__getattr__(name)
+
+    def _has_buffer(self, module_name: str, name: str) -> bool:
+        try:
+            return name in self.get_submodule(module_name)._buffers
+        except AttributeError:
+            return False
+
+    def _modcl_base_task(self) -> TaskState:
+        st = self._modcl
+        config = TaskConfig(resolution=DEFAULT_CONFIG.resolution, variant='identity',
+                            layer_resolution=DEFAULT_CONFIG.layer_resolution)
+        ref = self._ref_tensor()
+        modulators = OrderedDict(
+            (layer, nn.Parameter(torch.zeros(shape, device=ref.device, dtype=ref.dtype)))
+            for layer, shape in self._modulator_shapes(config).items())
+        norm_stats = OrderedDict(
+            (n, {k: m._buffers[k] for k in BN_STATS}) for n, m in st.norm_layers.items() if _tracks_stats(m))
+        head = self._get_head() if st.head is not None else nn.Identity()
+        return TaskState(BASE_TASK, int(getattr(self, 'num_classes', 0) or 0) if st.head else 0, head, config,
+                         modulators=modulators, norm_stats=norm_stats, norm_affine=self._fresh_affine(config))
+
+    def _ref_tensor(self) -> torch.Tensor:
+        st = self._modcl
+        for m in st.weight_layers.values():
+            return m._buffers['weight']
+        for t in self.buffers():
+            if t.is_floating_point():
+                return t
+        return torch.empty(0)
+
+    def _get_head(self) -> nn.Module:
+        return self.get_submodule(self._modcl.head)
+
+    def _set_head(self, module: nn.Module) -> None:
+        parent, _, leaf = self._modcl.head.rpartition('.')
+        setattr(self.get_submodule(parent) if parent else self, leaf, module)
+
+    @property
+    def _has_head(self) -> bool:
+        return self._modcl.head is not None
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def active_task(self) -> str:
+        """Name of the task the model currently computes."""
+        return self._modcl.active
+
+    @property
+    def tasks(self) -> 'OrderedDict[str, TaskInfo]':
+        """All tasks in the order they were added, with their configuration, metadata and sizes."""
+        return OrderedDict((n, t.info()) for n, t in self._modcl.tasks.items())
+
+    @property
+    def modulated_layers(self) -> List[str]:
+        """Names of the weight layers (convs, linears) that tasks can modulate."""
+        return list(self._modcl.weight_layers)
+
+    @property
+    def norm_layers(self) -> List[str]:
+        """Names of the normalisation layers with per-task state."""
+        return list(self._modcl.norm_layers)
+
+    @property
+    def weight_cache(self) -> WeightCache:
+        """The model's cache of effective weights (``set_weight_cache_limit`` bounds its memory)."""
+        return self._modcl.cache
+
+    def set_weight_cache_limit(self, max_bytes: int) -> None:
+        """Bound the memory of cached effective weights (least recently used tasks go first; the active task's
+        weights are always kept).
+
+        Raises:
+            TaskError: for a negative or non-integer limit.
+        """
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise TaskError(f'the cache limit must be a non-negative number of bytes, got {max_bytes!r}')
+        self._modcl.cache.set_limit(max_bytes)
+
+    def _task(self, name: str) -> TaskState:
+        try:
+            return self._modcl.tasks[name]
+        except (KeyError, TypeError):
+            raise TaskNotFoundError(
+                f'unknown task {name!r}; the model has tasks: {", ".join(map(repr, self._modcl.tasks))}') from None
+
+    def task_parameters(self, name: Optional[str] = None) -> List[nn.Parameter]:
+        """Trainable tensors of a task (default: the active one). For the active task, equal to ``parameters()``."""
+        return self._task(self._modcl.active if name is None else name).parameters()
+
+    def _modulator_shapes(self, config: TaskConfig) -> 'OrderedDict[str, Tuple[int, ...]]':
+        shapes: 'OrderedDict[str, Tuple[int, ...]]' = OrderedDict()
+        for layer, module in self._modcl.weight_layers.items():
+            res = config.layer(layer)
+            if res is None:
+                continue
+            shape = modulator_shape(tuple(module._buffers['weight'].shape), res, module.modcl_chunks)
+            if shape is not None:
+                shapes[layer] = shape
+        return shapes
+
+    def modulator_shapes(self, resolution=(4, 4), layer_resolution: Optional[LayerResolution] = None,
+                         ) -> 'OrderedDict[str, Tuple[int, ...]]':
+        """Modulator shape of each weight layer at a resolution (unmodulated layers left out).
+
+        Raises:
+            ResolutionError: if a resolution is not a pair of positive integers.
+        """
+        config = TaskConfig(resolution=resolution).with_layers(layer_resolution, self._weight_shapes())
+        return self._modulator_shapes(config)
+
+    def _weight_shapes(self) -> 'OrderedDict[str, Tuple[int, ...]]':
+        return OrderedDict((n, tuple(m._buffers['weight'].shape)) for n, m in self._modcl.weight_layers.items())
+
+    # ------------------------------------------------------------------ lifecycle
+    def add_task(
+            self,
+            name: str,
+            num_classes: int,
+            resolution: Any = 'default',
+            *,
+            variant: Optional[str] = None,
+            layer_resolution: Optional[LayerResolution] = None,
+            bn_affine: Optional[bool] = None,
+            config: Optional[TaskConfig] = None,
+            class_names: Optional[Sequence[str]] = None,
+            metadata: Optional[Mapping[str, Any]] = None,
+            activate: bool = True,
+            replace: bool = False,
+    ) -> TaskInfo:
+        """Add a task with fresh modulators, norm statistics copied from the base task, and a new head.
+
+        Args:
+            name: Task name (see ``validate_task_name``).
+            num_classes: Number of classes of the task's head (1 to ``MAX_CLASSES``).
+            resolution: Modulation resolution ``(m1, m2)`` of every weight layer (an int ``m`` means ``(m, m)``;
+                ``None``: no modulators, only norm state and head). Default: ``DEFAULT_CONFIG``'s.
+            variant: ``"identity"`` (``W * (1 + M)``, ``M = 0``: starts exactly at the pretrained weights) or
+                ``"paper"`` (``W * (1 - M)``, kaiming-normal M).
+            layer_resolution: Per-layer override, a mapping ``{layer name or fnmatch pattern: (m1, m2) or None}``
+                or a callable ``(layer_name, weight_shape) -> (m1, m2) | None``; ``None`` leaves a layer unmodulated.
+                A callable is evaluated now and stored as the mapping it produced.
+            bn_affine: Give the task its own BatchNorm affine (gamma, beta).
+            config: A whole ``TaskConfig`` to start from (the arguments above override its fields).
+            class_names: Optional class names, one per class.
+            metadata: Optional free-form metadata; numbers and booleans are stored as strings.
+            activate: Make the new task the active one (default).
+            replace: Replace an existing task of that name instead of raising.
+
+        Returns:
+            The new task's ``TaskInfo``.
+
+        Raises:
+            InvalidTaskNameError, TaskExistsError, ResolutionError, TaskError: on bad arguments; the model is
+            unchanged then.
+        """
+        st = self._modcl
+        validate_task_name(name)
+        if name == BASE_TASK:
+            raise TaskExistsError(f'{BASE_TASK!r} is reserved for the task that comes with the backbone')
+        if name in st.tasks and not replace:
+            raise TaskExistsError(f'task {name!r} already exists (pass replace=True to replace it)')
+        low = 1 if self._has_head else 0
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not low <= num_classes <= MAX_CLASSES:
+            raise TaskError(f'num_classes must be an integer from {low} to {MAX_CLASSES:,}, got {num_classes!r}')
+        if num_classes and not self._has_head:
+            raise TaskError('this model has no classifier head (a feature extractor): add its tasks with '
+                            'num_classes=0')
+        if class_names is not None:
+            if isinstance(class_names, str):
+                raise TaskError('class_names must be a sequence of names, not one string')
+            class_names = [str(c) for c in class_names]
+            if len(class_names) != num_classes:
+                raise TaskError(f'got {len(class_names)} class names for {num_classes} classes')
+        metadata = validate_metadata(metadata)
+        if config is not None and not isinstance(config, TaskConfig):
+            raise TaskError(f'config must be a TaskConfig, got {type(config).__name__}')
+        config = self._make_config(config, resolution, variant, layer_resolution, bn_affine)
+
+        ref = self._ref_tensor()
+        shapes = self._modulator_shapes(config)
+        modulators: Dict[str, nn.Parameter] = OrderedDict()
+        try:
+            for layer, shape in shapes.items():
+                m = torch.empty(shape, device=ref.device, dtype=ref.dtype)
+                if config.variant == 'paper':
+                    nn.init.kaiming_normal_(m)
+                else:
+                    nn.init.zeros_(m)
+                modulators[layer] = nn.Parameter(m)
+            head = self._new_head(num_classes)
+        except RuntimeError as e:  # allocation failure: say what was asked
+            raise TaskError(f'could not allocate task {name!r} ({num_classes:,} classes): {e}') from None
+        norm_stats = OrderedDict(
+            (n, {k: v.detach().clone() for k, v in s.items()}) for n, s in st.tasks[BASE_TASK].norm_stats.items())
+        for s in norm_stats.values():
+            s['num_batches_tracked'].zero_()
+        task = TaskState(name, num_classes, head, config, modulators=modulators, norm_stats=norm_stats,
+                         norm_affine=self._fresh_affine(config), class_names=class_names, metadata=metadata)
+        self._insert_task(task, activate=activate)
+        return task.info()
+
+    def _make_config(self, config, resolution, variant, layer_resolution, bn_affine) -> TaskConfig:
+        from dataclasses import replace as dc_replace
+        config = config or DEFAULT_CONFIG
+        changes: Dict[str, Any] = {}
+        if not (isinstance(resolution, str) and resolution == 'default'):
+            changes['resolution'] = resolution
+        if variant is not None:
+            changes['variant'] = variant
+        if bn_affine is not None:
+            changes['bn_affine'] = bn_affine
+        if changes:
+            if 'resolution' in changes and 'layer_resolution' not in changes and config is DEFAULT_CONFIG:
+                changes['layer_resolution'] = ()  # an explicit resolution replaces the default per-layer profile
+            config = dc_replace(config, **changes)
+        config = config.with_layers(layer_resolution, self._weight_shapes())
+        if isinstance(layer_resolution, Mapping):
+            names = list(self._modcl.weight_layers)
+            import fnmatch
+            unused = [p for p in layer_resolution if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+            if unused:
+                raise ResolutionError(f'layer_resolution names no layer of this model: {unused[:5]} (see '
+                                      f'model.modulated_layers)')
+        if config.resolution is not None and not self._modulator_shapes(config) and self._modcl.weight_layers:
+            raise ResolutionError(
+                f'resolution {config.resolution} leaves every layer unmodulated (each modulator dimension would be 0); '
+                f'use a smaller resolution, or resolution=None for a task without modulators')
+        return config
+
+    def _fresh_affine(self, config: TaskConfig) -> 'OrderedDict[str, Dict[str, nn.Parameter]]':
+        """Per-task affine copied from the frozen pretrained one, for the norm layers that have one per task."""
+        out: 'OrderedDict[str, Dict[str, nn.Parameter]]' = OrderedDict()
+        for n, m in self._modcl.norm_layers.items():
+            if not (_affine_norm(m) or config.bn_affine):
+                continue
+            affine = {k: nn.Parameter(m._buffers[k].detach().clone()) for k in ('weight', 'bias')
+                      if m._buffers.get(k) is not None}
+            if affine:
+                out[n] = affine
+        return out
+
+    def _new_head(self, num_classes: int) -> nn.Module:
+        """A freshly initialised head for ``num_classes`` made by the timm model's own ``reset_classifier``."""
+        st = self._modcl
+        if st.head is None or num_classes == 0:
+            return nn.Identity()
+        old, old_num = self._get_head(), getattr(self, 'num_classes', None)
+        if not callable(getattr(st.base, 'reset_classifier', None)):  # not a timm model: a head like the base task's
+            return _like(st.tasks[BASE_TASK].head if st.tasks else old, num_classes, st.head)
+        try:
+            st.base.reset_classifier(self, num_classes)
+            head = self._get_head()
+        finally:
+            self._set_head(old)
+            if old_num is not None:
+                self.num_classes = old_num
+        _check_head(head, st.head)
+        return head
+
+    def _head_shapes(self, num_classes: int) -> Dict[str, Tuple[int, ...]]:
+        """Shapes of the tensors of a ``num_classes`` head (as the model's own ``reset_classifier`` makes it)."""
+        st = self._modcl
+        if st.head_template is None:
+            with torch.random.fork_rng(devices=[]):  # no side effect on the global random state
+                template = self._new_head(1)
+            st.head_template = {k: tuple(v.shape[1:]) for k, v in template.state_dict().items()}
+        return {k: (num_classes,) + s for k, s in st.head_template.items()}
+
+    def _insert_task(self, task: TaskState, activate: bool) -> None:
+        """Add (or replace) a fully built task; the only place tasks enter the model."""
+        st = self._modcl
+        replacing_active = task.name == st.active
+        st.cache.drop(task.name)
+        st.tasks[task.name] = task
+        if activate or replacing_active:
+            self._bind(task.name)
+
+    def set_task(self, name: str) -> None:
+        """Make ``name`` the active task.
+
+        Raises:
+            TaskNotFoundError: if there is no such task (the active task is unchanged).
+        """
+        self._task(name)
+        self._bind(name)
+
+    @contextlib.contextmanager
+    def use_task(self, name: str) -> Iterator[None]:
+        """Context manager that runs the model on ``name`` and restores the previously active task afterwards."""
+        previous = self._modcl.active
+        self.set_task(name)
+        try:
+            yield
+        finally:
+            self._bind(previous)
+
+    def remove_task(self, name: str) -> None:
+        """Delete a task and everything it owns.
+
+        Raises:
+            TaskNotFoundError: if there is no such task.
+            TaskError: for the base task (it holds the backbone's statistics new tasks start from) and for the
+                active task (switch to another task first).
+        """
+        self._task(name)
+        if name == BASE_TASK:
+            raise TaskError(f'the {BASE_TASK!r} task holds the backbone statistics new tasks start from; '
+                            f'it cannot be removed')
+        if name == self._modcl.active:
+            raise TaskError(f'task {name!r} is active; set another task before removing it')
+        del self._modcl.tasks[name]
+        self._modcl.cache.drop(name)
+
+    def rename_task(self, name: str, new_name: str) -> None:
+        """Rename a task.
+
+        Raises:
+            TaskNotFoundError, InvalidTaskNameError, TaskExistsError, TaskError: on bad names.
+        """
+        st = self._modcl
+        task = self._task(name)
+        validate_task_name(new_name)
+        if BASE_TASK in (name, new_name):
+            raise TaskError(f'the {BASE_TASK!r} task cannot be renamed')
+        if new_name in st.tasks:
+            raise TaskExistsError(f'task {new_name!r} already exists')
+        st.tasks = OrderedDict((new_name if n == name else n, t) for n, t in st.tasks.items())
+        task.name = new_name
+        st.cache.rename(name, new_name)
+        if st.active == name:
+            st.active = new_name
+
+    def _bind(self, name: str) -> None:
+        """Wire a task's tensors into the layers (modulators, norm statistics and affine, head)."""
+        st = self._modcl
+        task = st.tasks[name]
+        sign = task.sign
+        for layer, module in st.weight_layers.items():
+            module._parameters['modulator'] = task.modulators.get(layer)
+            module.modcl_sign = sign
+        for layer, module in st.norm_layers.items():
+            stats = task.norm_stats.get(layer)
+            if stats is not None:
+                module._buffers.update(stats)
+            affine = task.norm_affine.get(layer)
+            module._parameters['task_weight'] = None if affine is None else affine.get('weight')
+            module._parameters['task_bias'] = None if affine is None else affine.get('bias')
+        if st.head is not None:
+            self._set_head(task.head)
+            self.num_classes = task.num_classes
+        st.cache.activate(name)
+        st.active = name
+
+    # ------------------------------------------------------------------ timm methods that change the structure
+    def _modcl_reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, *args, **kwargs) -> None:
+        """timm's head reset, applied to the active task's head."""
+        st = self._modcl
+        if global_pool is None:  # keep the class's own default (timm keeps the current pooling)
+            st.base.reset_classifier(self, num_classes, *args, **kwargs)
+        else:
+            st.base.reset_classifier(self, num_classes, global_pool, *args, **kwargs)
+        task = st.tasks[st.active]
+        if st.head is not None:
+            head = self._get_head()
+            _check_head(head, st.head)
+            task.head = head
+            task.num_classes = int(num_classes)
+            if task.class_names is not None and len(task.class_names) != num_classes:
+                task.class_names = None
+        self._modcl_scan()
+
+    def _modcl_set_input_size(self, *args, **kwargs):
+        out = self._modcl.base.set_input_size(self, *args, **kwargs)
+        self._modcl_scan()  # a resized position embedding is a new Parameter: freeze it again
+        return out
+
+    def _modcl_prune_intermediate_layers(self, *args, **kwargs):
+        out = self._modcl.base.prune_intermediate_layers(self, *args, **kwargs)
+        st = self._modcl
+        if st.head is not None and (not self._has_module(st.head) or isinstance(self._get_head(), nn.Identity)):
+            st.head = None  # the head was pruned: the model is a feature extractor now, for every task
+            for task in st.tasks.values():
+                task.head, task.num_classes = nn.Identity(), 0
+        self._modcl_scan()
+        return out
+
+    def _modcl_no_weight_decay(self):
+        """timm's no-weight-decay names, restricted to what is still a parameter (frozen tensors are buffers)."""
+        names = {n for n, _ in self.named_parameters()}
+        import fnmatch
+        return {p for p in self._modcl.base.no_weight_decay(self) if any(fnmatch.fnmatch(n, p) for n in names)}
+
+    def _has_module(self, path: str) -> bool:
+        try:
+            self.get_submodule(path)
+            return True
+        except AttributeError:
+            return False
+
+    # ------------------------------------------------------------------ fingerprint
+    def backbone_fingerprint(self) -> str:
+        """SHA-256 over the frozen backbone tensors (weights and biases of the weight layers, pretrained norm affine,
+        other frozen parameters), in a fixed order.
+
+        Two models have the same fingerprint exactly when task adapters trained on one apply unchanged to the other.
+        """
+        st = self._modcl
+        frozen = self._frozen_tensors()
+        key = tuple((id(t), t._version) for t in frozen.values())
+        if st.fingerprint is not None and st.fingerprint[0] == key:
+            return st.fingerprint[1]
+        h = hashlib.sha256()
+        for name, t in frozen.items():
+            t = t.detach().to('cpu', torch.float32).contiguous()
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.numpy().tobytes())
+        st.fingerprint = (key, h.hexdigest())
+        return st.fingerprint[1]
+
+    def _frozen_tensors(self) -> 'OrderedDict[str, torch.Tensor]':
+        st = self._modcl
+        out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+        for layers in (st.weight_layers, st.norm_layers):
+            for layer, module in layers.items():
+                for k in module._modcl_frozen:
+                    t = module._buffers.get(k)
+                    if t is not None:
+                        out[f'{layer}.{k}'] = t
+        for module_name, k in st.extra_frozen:
+            out[f'{module_name}.{k}' if module_name else k] = self.get_submodule(module_name)._buffers[k]
+        return out
+
+    # ------------------------------------------------------------------ building tasks from tensors
+    def _expected_task_tensors(self, config: TaskConfig, num_classes: int) -> 'OrderedDict[str, Tuple[int, ...]]':
+        """Flat names and shapes of the tensors a task of this config must have (statistics excluded)."""
+        st = self._modcl
+        out: 'OrderedDict[str, Tuple[int, ...]]' = OrderedDict()
+        for layer, shape in self._modulator_shapes(config).items():
+            out[f'modulator.{layer}'] = shape
+        for layer, m in st.norm_layers.items():
+            if _tracks_stats(m):
+                for k in BN_STATS:
+                    out[f'bn.{layer}.{k}'] = tuple(m._buffers[k].shape)
+        for layer, m in st.norm_layers.items():
+            if _affine_norm(m) or config.bn_affine:
+                for k in ('weight', 'bias'):
+                    if m._buffers.get(k) is not None:
+                        out[f'norm.{layer}.{k}'] = tuple(m._buffers[k].shape)
+        if st.head is not None and num_classes > 0:
+            for k, shape in self._head_shapes(num_classes).items():
+                out[f'head.{k}'] = shape
+        return out
+
+    def _task_from_tensors(self, meta: Mapping[str, Any], tensors: Mapping[str, Any], error=StateDictError
+                           ) -> TaskState:
+        """Build (but do not insert) a task from its metadata and flat tensors, validating everything first.
+
+        Every field and every tensor's dtype, shape and values are checked before anything is allocated; the tensors
+        are then copied to the model's device and dtype. Nothing of the model changes. Raises ``error`` naming the
+        problem.
+        """
+        if not isinstance(meta, Mapping):
+            raise error('task metadata must be a mapping')
+        name = meta.get('name')
+        try:
+            validate_task_name(name)
+        except TaskError as e:
+            raise error(str(e)) from None
+        num_classes = meta.get('num_classes')
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 0 <= num_classes <= MAX_CLASSES:
+            raise error(f'task {name!r}: num_classes must be an integer from 0 to {MAX_CLASSES:,}, got {num_classes!r}')
+        if num_classes > 0 and not self._has_head:
+            raise error(f'task {name!r} has {num_classes} classes but this model has no classifier head')
+        try:
+            config = TaskConfig.from_dict(meta.get('config'))
+        except TaskError as e:
+            raise error(f'task {name!r}: {e}') from None
+        class_names = meta.get('class_names')
+        if class_names is not None and (
+                not isinstance(class_names, (list, tuple)) or len(class_names) != num_classes
+                or not all(isinstance(c, str) for c in class_names)):
+            raise error(f'task {name!r}: class_names must be {num_classes} strings')
+        metadata = validate_metadata(meta.get('metadata'), error=error)
+
+        expected = self._expected_task_tensors(config, num_classes)
+        stats_keys = [k for k in tensors if k.startswith('stats.')]
+        missing = [k for k in expected if k not in tensors]
+        unexpected = [k for k in tensors if k not in expected and k not in stats_keys]
+        if missing:
+            raise error(f'task {name!r}: missing tensor(s) {missing[:5]} (its config {config.to_dict()} needs them)')
+        if unexpected:
+            raise error(f'task {name!r}: unexpected tensor(s) {sorted(unexpected)[:5]}')
+        for k in stats_keys:
+            if not _STATS_NAME.fullmatch(k[len('stats.'):]):
+                raise error(f'task {name!r}: bad statistics name {k!r}')
+        for k in list(expected) + stats_keys:
+            t = tensors[k]
+            if not isinstance(t, torch.Tensor):
+                raise error(f'task {name!r}: {k!r} is not a tensor')
+            if k in expected and tuple(t.shape) != tuple(expected[k]):
+                raise error(f'task {name!r}: {k!r} has shape {tuple(t.shape)}, expected {tuple(expected[k])}')
+            if k.endswith('.num_batches_tracked'):
+                if t.dtype not in (torch.int64, torch.int32):
+                    raise error(f'task {name!r}: {k!r} must be an integer tensor, got {t.dtype}')
+                continue
+            if t.dtype not in _FLOAT_DTYPES:
+                raise error(f'task {name!r}: {k!r} must be float16, bfloat16, float32 or float64, got {t.dtype}')
+            if not torch.isfinite(t).all():
+                raise error(f'task {name!r}: {k!r} contains NaN or Inf values')
+            if k.endswith('.running_var') and (t < 0).any():
+                raise error(f'task {name!r}: {k!r} has negative values')
+
+        ref = self._ref_tensor()
+
+        def take(k: str) -> torch.Tensor:
+            t = tensors[k].detach()
+            if k.endswith('.num_batches_tracked'):
+                return t.to(device=ref.device, dtype=torch.long).clone()
+            return t.to(device=ref.device, dtype=ref.dtype).clone()
+
+        modulators = OrderedDict((k[len('modulator.'):], nn.Parameter(take(k))) for k in expected
+                                 if k.startswith('modulator.'))
+        with torch.no_grad():
+            for layer, m in modulators.items():
+                if not torch.isfinite(self._modcl.weight_layers[layer].modulated_weight(m, config.sign)).all():
+                    raise error(f'task {name!r}: modulator.{layer} makes the layer\'s weights overflow '
+                                f'{ref.dtype} (values up to {float(m.abs().max()):.3g})')
+        norm_stats: Dict[str, Dict[str, torch.Tensor]] = OrderedDict()
+        norm_affine: Dict[str, Dict[str, nn.Parameter]] = OrderedDict()
+        for k in expected:
+            kind, _, rest = k.partition('.')
+            if kind == 'bn':
+                layer, _, stat = rest.rpartition('.')
+                norm_stats.setdefault(layer, {})[stat] = take(k)
+            elif kind == 'norm':
+                layer, _, which = rest.rpartition('.')
+                norm_affine.setdefault(layer, {})[which] = nn.Parameter(take(k))
+        stats = OrderedDict((k[len('stats.'):], take(k)) for k in stats_keys)
+        head: nn.Module = nn.Identity()
+        if any(k.startswith('head.') for k in expected):
+            with torch.random.fork_rng(devices=[]):  # initialised, then overwritten: leave the global RNG alone
+                head = self._new_head(num_classes)
+            with torch.no_grad():
+                for k, v in head.state_dict(keep_vars=True).items():
+                    v.copy_(take(f'head.{k}'))
+        return TaskState(name, num_classes, head, config, modulators=modulators, norm_stats=norm_stats,
+                         norm_affine=norm_affine, stats=stats, class_names=class_names, metadata=metadata)
+
+    # ------------------------------------------------------------------ state dict
+    def _natural_task_keys(self, task_meta: Mapping[str, Any], config: TaskConfig, prefix: str = ''
+                           ) -> 'OrderedDict[str, str]':
+        """Module-tree keys under which a task's tensors appear when it is active, mapped to its flat names."""
+        st = self._modcl
+        out: 'OrderedDict[str, str]' = OrderedDict()
+        for flat in self._expected_task_tensors(config, int(task_meta.get('num_classes') or 0)):
+            kind, _, rest = flat.partition('.')
+            if kind == 'modulator':
+                out[f'{prefix}{rest}.modulator'] = flat
+            elif kind == 'bn':
+                out[f'{prefix}{rest}'] = flat
+            elif kind == 'norm':
+                layer, _, which = rest.rpartition('.')
+                out[f'{prefix}{layer}.task_{which}'] = flat
+            elif kind == 'head':
+                out[f'{prefix}{st.head}.{rest}'] = flat
+        return out
+
+    def state_dict(self, *args, destination=None, prefix: str = '', keep_vars: bool = False):
+        """The module tree's state dict (frozen backbone and the active task under the usual timm keys), every other
+        task under ``modcl.tasks.<name>.``, and ``modcl.meta`` (a uint8 tensor of JSON describing the tasks).
+
+        Tensors only, and no tensor appears twice, so ``safetensors.torch.save_model`` works. ``load_state_dict``
+        recreates the tasks from it."""
+        st = self._modcl
+        sd = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for tname, task in st.tasks.items():
+            tensors = task.tensors() if tname != st.active else OrderedDict(
+                (f'stats.{k}', v) for k, v in task.stats.items())
+            for k, v in tensors.items():
+                sd[f'{prefix}{_TASKS_PREFIX}{tname}.{k}'] = v if keep_vars else v.detach()
+        sd[prefix + _META_KEY] = _json_tensor({
+            'format': STATE_DICT_FORMAT,
+            'active': st.active,
+            'tasks': [t.meta() for t in st.tasks.values()],
+        })
+        return sd
+
+    def _plan_load(self, state_dict: Mapping[str, Any], prefix: str = ''
+                   ) -> Optional[Tuple['OrderedDict[str, TaskState]', str, 'OrderedDict[str, str]']]:
+        """Validate the task section of a state dict and build its tasks, changing nothing.
+
+        Returns ``None`` for a plain timm state dict (no task section), else ``(tasks, active name, natural keys of
+        the active task)``.
+        """
+        if prefix + _META_KEY not in state_dict:
+            if any(k.startswith(prefix + _TASKS_PREFIX) for k in state_dict):
+                raise StateDictError(f'state dict has task tensors but no {_META_KEY!r} entry')
+            return None
+        meta = _read_json_tensor(state_dict[prefix + _META_KEY])
+        if not isinstance(meta, Mapping) or meta.get('format') != STATE_DICT_FORMAT:
+            raise StateDictError(f'unsupported {_META_KEY!r} entry (expected format {STATE_DICT_FORMAT})')
+        metas = meta.get('tasks')
+        if not isinstance(metas, list) or not metas or not all(isinstance(m, Mapping) for m in metas):
+            raise StateDictError(f'{_META_KEY!r} lists no tasks')
+        names = [m.get('name') for m in metas]
+        if names[0] != BASE_TASK or len(set(map(str, names))) != len(names):
+            raise StateDictError(f'state dict tasks {names!r} must start with {BASE_TASK!r} and be unique')
+        active = meta.get('active')
+        if active not in names:
+            raise StateDictError(f'active task {active!r} is not among the state dict tasks')
+        grouped: Dict[str, Dict[str, Any]] = {n: {} for n in names}
+        head = prefix + _TASKS_PREFIX
+        for k, v in state_dict.items():
+            if k.startswith(head):
+                tname, _, rest = k[len(head):].partition('.')
+                if tname not in grouped:
+                    raise StateDictError(f'state dict has tensors of task {tname!r}, which {_META_KEY!r} does not list')
+                if tname == active and not rest.startswith('stats.'):
+                    raise StateDictError(f'the active task {tname!r} must be stored under the natural keys, found {k!r}')
+                grouped[tname][rest] = v
+        active_meta = metas[names.index(active)]
+        try:
+            active_config = TaskConfig.from_dict(active_meta.get('config'))
+        except TaskError as e:
+            raise StateDictError(f'task {active!r}: {e}') from None
+        natural = self._natural_task_keys(active_meta, active_config, prefix)
+        for key, flat in natural.items():
+            if key in state_dict:
+                grouped[active][flat] = state_dict[key]
+        plan: 'OrderedDict[str, TaskState]' = OrderedDict()
+        for m in metas:
+            plan[m['name']] = self._task_from_tensors(m, grouped[m['name']])
+        return plan, active, natural
+
+    def _own_natural_task_keys(self) -> set:
+        st = self._modcl
+        task = st.tasks[st.active]
+        return set(self._natural_task_keys(task.meta(), task.config))
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load a state dict written by ``state_dict()`` (replacing all tasks by the saved ones and activating the
+        saved active task), or a plain timm state dict of the same architecture (loaded into the frozen backbone and
+        the active task's norm statistics, affine and head; the active task's modulators are kept).
+
+        Everything is validated first: on error nothing changes.
+
+        Raises:
+            StateDictError: if the state dict does not fit (other width or architecture, bad task section, missing
+                or unexpected keys when ``strict``).
+        """
+        if assign:
+            raise StateDictError('load_state_dict(assign=True) is not supported by modcl models')
+        if not isinstance(state_dict, Mapping):
+            raise StateDictError(f'expected a mapping of names to tensors, got {type(state_dict).__name__}')
+        own = super().state_dict(keep_vars=True)
+        own_task_keys = self._own_natural_task_keys()
+        frozen_keys = set(own) - own_task_keys
+        # the backbone first: the clearest message for another width
+        self._check_shapes(state_dict, {k: own[k] for k in frozen_keys})
+        plan = self._plan_load(state_dict)
+        given = {k for k in state_dict if not k.startswith('modcl.')}
+        if plan is not None:
+            expected = frozen_keys | set(plan[2])
+        else:
+            allowed_missing = {k for k in own_task_keys if k.endswith(('.modulator', '.task_weight', '.task_bias'))}
+            self._check_shapes(state_dict, own)
+            expected = set(own) - allowed_missing
+            given -= allowed_missing
+        missing, unexpected = sorted(expected - given), sorted(given - expected)
+        if strict and (missing or unexpected):
+            raise StateDictError(f'state dict keys do not match: missing {missing[:5]}, unexpected {unexpected[:5]}')
+        self._validated_plan = plan
+        try:
+            super().load_state_dict(state_dict, strict=False)
+        finally:
+            self._validated_plan = None
+        if plan is None:  # a plain model's affine is the task's affine: give it to the active task
+            st = self._modcl
+            with torch.no_grad():
+                for layer, affine in st.tasks[st.active].norm_affine.items():
+                    for k, p in affine.items():
+                        if f'{layer}.{k}' in state_dict and f'{layer}.task_{k}' not in state_dict:
+                            p.copy_(st.norm_layers[layer]._buffers[k])
+        from torch.nn.modules.module import _IncompatibleKeys
+        return _IncompatibleKeys(missing, unexpected)
+
+    def _check_shapes(self, state_dict: Mapping[str, Any], own: Mapping[str, torch.Tensor]) -> None:
+        mismatched = []
+        for k, v in state_dict.items():
+            if k in own and own[k] is not None:
+                if not isinstance(v, torch.Tensor):
+                    raise StateDictError(f'{k!r} is not a tensor')
+                if tuple(v.shape) != tuple(own[k].shape):
+                    mismatched.append(f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}')
+        if mismatched:
+            raise StateDictError(
+                f'state dict does not fit this model ({len(mismatched)} shape mismatches, e.g. a different width): '
+                + '; '.join(mismatched[:3]))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        plan = self.__dict__.get('_validated_plan') if not prefix else None
+        if plan is None:  # loaded as part of a parent module: validate here
+            plan = self._plan_load(state_dict, prefix)
+        for k in [k for k in state_dict if k.startswith(prefix + 'modcl.')]:
+            del state_dict[k]
+        if plan is not None:
+            tasks, active, _ = plan
+            st = self._modcl
+            st.tasks = tasks
+            st.cache.clear()
+            self._bind(active)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    # ------------------------------------------------------------------ export
+    def export_task(self, name: Optional[str] = None) -> nn.Module:
+        """A plain timm model (the original class, no timm_modcl needed) computing one task (default: the active one).
+
+        The task's modulation is folded into ordinary weights, its norm statistics and affine become the norm
+        layers' own, and its head becomes the classifier; every tensor is a trainable parameter again. Outputs are
+        equal to the task's (up to float rounding); the copy is independent of this model.
+
+        Raises:
+            TaskNotFoundError: if there is no such task.
+        """
+        st = self._modcl
+        task = self._task(st.active if name is None else name)
+        with self.use_task(task.name):
+            memo = {id(st): None, id(st.cache): None}
+            plain = copy.deepcopy(self, memo)
+        for module in plain.modules():
+            unmodulate_layer(module)
+        for module_name, k in st.extra_frozen:
+            module = plain.get_submodule(module_name)
+            module._parameters[k] = nn.Parameter(module._buffers.pop(k))
+        del plain.__dict__['_modcl']
+        plain._modules.pop('_modcl_frozen', None)
+        plain.__class__ = st.base
+        cfg = getattr(plain, 'pretrained_cfg', None)
+        if isinstance(cfg, dict):
+            arch = str(cfg.get('architecture', ''))
+            plain.pretrained_cfg = dict(cfg, architecture=arch[len('modcl_'):] if arch.startswith('modcl_') else arch,
+                                        modcl_task=task.name)
+            if hasattr(plain, 'default_cfg'):
+                plain.default_cfg = plain.pretrained_cfg
+        return plain
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script(model)`` scripts the active task as a plain timm model (``export_task``)."""
+        return self.export_task()
+
+    # ------------------------------------------------------------------ device / dtype moves
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if not recurse:
+            return self
+        st = self._modcl
+        active = st.tasks[st.active]
+        # pull back the active task's tensors, which the module tree may have replaced by converted copies
+        for layer, module in st.weight_layers.items():
+            if layer in active.modulators:
+                active.modulators[layer] = module._parameters['modulator']
+        for layer, module in st.norm_layers.items():
+            if layer in active.norm_stats:
+                for k in BN_STATS:
+                    active.norm_stats[layer][k] = module._buffers[k]
+            if layer in active.norm_affine:
+                affine = active.norm_affine[layer]
+                for k in list(affine):
+                    affine[k] = module._parameters[f'task_{k}']
+        if st.head is not None:
+            active.head = self._get_head()
+        for k in active.stats:
+            active.stats[k] = fn(active.stats[k])
+        for task in st.tasks.values():
+            if task is not active:
+                task.apply_(fn)
+        holders = self._modules.get('_modcl_frozen')
+        if holders is not None:
+            for k, holder in holders.items():
+                holder._buffers['tensor'] = self._buffers[k]
+        st.cache.clear()
+        st.fingerprint = None
+        return self

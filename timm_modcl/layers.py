@@ -1,0 +1,477 @@
+"""The layer kinds of Adaptive Weight Modulation (arXiv 2311.15276), for any timm model.
+
+A frozen weight ``W`` of shape ``(O, I, *kernel)`` (every ``nn.Conv1d/2d/3d`` and ``nn.Linear``, and their subclasses
+that read ``self.weight`` such as timm's ``Conv2dSame`` or ``StdConv2d``) is multiplied element-wise by a task-specific
+modulator learnt at a low channel resolution ``(o, i, *kernel)`` and bicubically interpolated over the two channel
+dimensions up to ``(O, I)``::
+
+    W_task = W * (1 + sign * upsample(M))
+
+``sign = -1`` with a kaiming-normal ``M`` is the author's formulation ``W * (1 - M)`` (variant ``"paper"``);
+``sign = +1`` with ``M = 0`` starts exactly at the pretrained weights (variant ``"identity"``). A fused projection
+(ViT's ``qkv``) is modulated per chunk, so q, k and v are never blended by the interpolation.
+
+Layers are modulated *in place*: their class is swapped for a subclass that adds a ``weight`` property (the frozen
+tensor stays a buffer under the same state-dict key), so every forward of the original class, and every reference timm
+keeps to the module, keeps working. Normalisation layers get the same treatment for their affine (per-task
+``task_weight``/``task_bias`` parameters in front of the frozen ones) and have their running statistics re-bound per
+task by the model.
+
+In eval mode without autograd the effective weight is cached in the model's ``WeightCache`` and reused until the
+modulator or the weight changes (tensor version counters), so inference costs what the plain layer costs.
+"""
+import functools
+import math
+from collections import OrderedDict
+from typing import Dict, Optional, Tuple, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import InputError, ResolutionError
+
+__all__ = [
+    'MODULATION_VARIANTS',
+    'ModulatedWeight',
+    'TaskNorm',
+    'WeightCache',
+    'modulator_shape',
+    'upsample_modulator',
+    'interpolation_matrix',
+    'validate_resolution',
+    'is_weight_layer',
+    'is_norm_layer',
+    'modulate_layer',
+    'unmodulate_layer',
+]
+
+#: Modulation variants and the sign they apply to the upsampled modulator.
+MODULATION_VARIANTS: Dict[str, float] = {'paper': -1.0, 'identity': 1.0}
+
+
+def validate_resolution(resolution, what: str = 'resolution') -> Tuple[int, int]:
+    """Check a modulation resolution ``(m1, m2)`` and return it as a tuple of two positive ints.
+
+    Raises:
+        ResolutionError: if it is not a pair of positive integers (an int ``m`` means ``(m, m)``).
+    """
+    if isinstance(resolution, int) and not isinstance(resolution, bool):
+        resolution = (resolution, resolution)
+    try:
+        m1, m2 = resolution
+    except (TypeError, ValueError):
+        raise ResolutionError(f'{what} must be a pair of positive integers (m1, m2), got {resolution!r}') from None
+    for m in (m1, m2):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ResolutionError(f'{what} must be a pair of positive integers (m1, m2), got {resolution!r}')
+    return int(m1), int(m2)
+
+
+def modulator_shape(
+        weight_shape: Tuple[int, ...], resolution: Tuple[int, int], chunks: int = 1,
+) -> Optional[Tuple[int, ...]]:
+    """Shape of the modulator of a weight ``(O, I, *kernel)`` at resolution ``(m1, m2)``.
+
+    ``(O // m1, I // m2, *kernel)``; when ``O < m1`` the input dimension takes the whole reduction
+    ``(O, I // (m1 * m2))``; when ``I < m2`` (depthwise convs, a stem) the output dimension takes it,
+    ``(O // (m1 * m2), I)``. With ``chunks > 1`` (a fused projection) the rule applies to each of the ``chunks``
+    equal parts of ``O`` and the parts are stacked. Returns ``None`` when a channel dimension would be zero (the layer
+    is left unmodulated).
+    """
+    out_ch, in_ch = int(weight_shape[0]) // chunks, int(weight_shape[1])
+    m1, m2 = resolution
+    if out_ch < m1:
+        o, i = out_ch, in_ch // (m1 * m2)
+    elif in_ch < m2:
+        o, i = out_ch // (m1 * m2), in_ch
+    else:
+        o, i = out_ch // m1, in_ch // m2
+    if o == 0 or i == 0:
+        return None
+    return (chunks * o, i) + tuple(int(k) for k in weight_shape[2:])
+
+
+def upsample_modulator(modulator: torch.Tensor, out_channels: int, in_channels: int, chunks: int = 1) -> torch.Tensor:
+    """Bicubically interpolate a modulator ``(o, i, *kernel)`` over its channel dims to ``(O, I, *kernel)``.
+
+    The reference implementation with ``F.interpolate``; layers use the equivalent, faster matrix form
+    ``U_O @ M @ U_I^T`` (``interpolation_matrix``).
+    """
+    o, i = modulator.shape[0] // chunks, modulator.shape[1]
+    kernel = tuple(modulator.shape[2:])
+    k = math.prod(kernel)
+    parts = []
+    for c in range(chunks):
+        m = modulator[c * o:(c + 1) * o].reshape(o, i, k).permute(2, 0, 1).unsqueeze(1)  # (k, 1, o, i)
+        if (o, i) != (out_channels // chunks, in_channels):
+            m = F.interpolate(m, size=(out_channels // chunks, in_channels), mode='bicubic', align_corners=False)
+        parts.append(m.squeeze(1).permute(1, 2, 0))
+    return torch.cat(parts, 0).reshape((out_channels, in_channels) + kernel)
+
+
+@functools.lru_cache(maxsize=512)
+def _interpolation_matrix_cpu(size_out: int, size_in: int, chunks: int) -> torch.Tensor:
+    # explicit device: model creation may run under a `with torch.device('meta')` context
+    eye = torch.eye(size_in, dtype=torch.float64, device='cpu').reshape(1, 1, size_in, size_in)
+    mat = F.interpolate(eye, size=(size_out, size_in), mode='bicubic', align_corners=False)[0, 0]
+    return torch.block_diag(*([mat] * chunks)) if chunks > 1 else mat
+
+
+def interpolation_matrix(size_out: int, size_in: int, device=None, dtype=None, chunks: int = 1) -> torch.Tensor:
+    """The ``(chunks * size_out, chunks * size_in)`` matrix of 1-D bicubic interpolation as done by ``F.interpolate``
+    (block-diagonal over ``chunks``).
+
+    Bicubic interpolation is separable and linear, so ``upsample(M)[:, :, k] == U_O @ M[:, :, k] @ U_I.T``.
+    """
+    return _interpolation_matrix_cpu(int(size_out), int(size_in), int(chunks)).to(device=device, dtype=dtype)
+
+
+def _is_tracing() -> bool:
+    return torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
+class WeightCache:
+    """Effective weights of several tasks, least recently used first out, under a memory limit in bytes.
+
+    Entries are grouped per task; the active task is never evicted (it is what the model computes now), so a model
+    always runs at the plain model's eval cost, and switching between a few hot tasks recomputes nothing while they
+    fit. Every entry is keyed on the identity and version counter of the modulator and of the frozen weight, so a
+    stale weight is never served after an optimizer step, an in-place edit or a load.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self.active: Optional[str] = None
+        self._tasks: 'OrderedDict[str, Dict[int, Tuple[tuple, torch.Tensor, int]]]' = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def activate(self, task: str) -> None:
+        self.active = task
+        self._tasks.setdefault(task, {})
+        self._tasks.move_to_end(task)
+        self._evict()
+
+    def get(self, layer: int, key: tuple) -> Optional[torch.Tensor]:
+        slot = self._tasks.get(self.active)
+        entry = None if slot is None else slot.get(layer)
+        if entry is not None and entry[0] == key:
+            self.hits += 1
+            return entry[1]
+        self.misses += 1
+        return None
+
+    def put(self, layer: int, key: tuple, weight: torch.Tensor, nbytes: int) -> None:
+        slot = self._tasks.setdefault(self.active, {})
+        old = slot.pop(layer, None)
+        if old is not None:
+            self.bytes -= old[2]
+        slot[layer] = (key, weight, nbytes)
+        self.bytes += nbytes
+        self._evict()
+
+    def _evict(self) -> None:
+        while self.bytes > self.max_bytes and len(self._tasks) > 1:
+            oldest = next(iter(self._tasks))
+            if oldest == self.active:  # the active task is the most recent after activate(): nothing else left
+                break
+            self.drop(oldest)
+
+    def drop(self, task: str) -> None:
+        """Forget the cached weights of one task (removed, replaced or reloaded)."""
+        slot = self._tasks.pop(task, None)
+        if slot:
+            self.bytes -= sum(e[2] for e in slot.values())
+        if task == self.active:
+            self._tasks[task] = {}
+
+    def rename(self, old: str, new: str) -> None:
+        if old in self._tasks:
+            self._tasks = OrderedDict((new if k == old else k, v) for k, v in self._tasks.items())
+        if self.active == old:
+            self.active = new
+
+    def clear(self) -> None:
+        for task in list(self._tasks):
+            self.drop(task)
+
+    def set_limit(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self._evict()
+
+    def cached_tasks(self) -> Tuple[str, ...]:
+        """Tasks with cached weights, least recently used first."""
+        return tuple(t for t, slot in self._tasks.items() if slot)
+
+
+class ModulatedWeight:
+    """Mixed into the class of a weight layer (``nn.Conv*d``, ``nn.Linear`` or a subclass) by ``modulate_layer``.
+
+    ``weight`` becomes a read-only property: the frozen tensor (a buffer, under the layer's usual state-dict key)
+    modulated by the active task's ``modulator`` parameter, or the frozen tensor itself when the task leaves the layer
+    unmodulated. The model re-binds ``modulator``, ``modcl_sign`` and ``modcl_cache`` when the task changes.
+    """
+
+    _modcl_base: Type[nn.Module]
+    modcl_chunks: int
+    modcl_sign: float
+    modcl_cache: Optional[WeightCache]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        frozen = self._buffers['weight']
+        modulator = self._parameters['modulator']
+        if modulator is None:
+            return frozen
+        return self._modcl_effective(frozen, modulator)
+
+    def upsample(self, modulator: torch.Tensor) -> torch.Tensor:
+        """``upsample_modulator`` as two small matrix products with cached interpolation matrices.
+
+        Exact (bicubic interpolation is linear and separable) and several times faster than ``F.interpolate``, whose
+        CPU backward is slow.
+        """
+        frozen = self._buffers['weight']
+        out_ch, in_ch = frozen.shape[0], frozen.shape[1]
+        o, i = modulator.shape[0], modulator.shape[1]
+        if (o, i) == (out_ch, in_ch):
+            return modulator
+        chunks = self.modcl_chunks
+        key = (o, i, modulator.device, modulator.dtype)
+        mats = self._modcl_interp.get(key)
+        if mats is None:
+            mats = (interpolation_matrix(out_ch // chunks, o // chunks, modulator.device, modulator.dtype, chunks),
+                    interpolation_matrix(in_ch, i, modulator.device, modulator.dtype))
+            self._modcl_interp = {key: mats}
+        up_o, up_i = mats
+        kernel = tuple(modulator.shape[2:])
+        k = math.prod(kernel)
+        m = modulator.reshape(o, i * k)
+        if o != out_ch:
+            m = up_o @ m                                             # (O, i * k)
+        if i == in_ch:
+            return m.reshape((out_ch, in_ch) + kernel)
+        if k == 1:
+            return (m @ up_i.t()).reshape((out_ch, in_ch) + kernel)
+        m = m.reshape(out_ch, i, k).transpose(1, 2) @ up_i.t()       # (O, k, I)
+        return m.transpose(1, 2).reshape((out_ch, in_ch) + kernel)
+
+    def modulation(self, modulator: torch.Tensor, sign: Optional[float] = None) -> torch.Tensor:
+        """The full-resolution multiplicative factor ``1 + sign * upsample(M)`` (default sign: the bound one)."""
+        sign = self.modcl_sign if sign is None else sign
+        return 1.0 + sign * self.upsample(modulator)
+
+    def modulated_weight(self, modulator: torch.Tensor, sign: Optional[float] = None) -> torch.Tensor:
+        """``W * (1 + sign * upsample(M))`` computed as one fused ``addcmul``."""
+        sign = self.modcl_sign if sign is None else sign
+        frozen = self._buffers['weight']
+        return torch.addcmul(frozen, frozen, self.upsample(modulator), value=sign)
+
+    def _modcl_effective(self, frozen: torch.Tensor, modulator: torch.Tensor) -> torch.Tensor:
+        cache = self.modcl_cache
+        if (cache is None or self.training or (torch.is_grad_enabled() and modulator.requires_grad)
+                or torch.compiler.is_compiling() or _is_tracing()):
+            return self.modulated_weight(modulator)
+        key = (id(modulator), modulator._version, modulator.data_ptr(), id(frozen), frozen._version,
+               frozen.data_ptr(), self.modcl_sign)
+        weight = cache.get(id(self), key)
+        if weight is None:
+            # a plain tensor even under inference_mode, so later no-grad calls can reuse it
+            with torch.inference_mode(False), torch.no_grad():
+                if not modulator.any():  # an untouched identity task: exactly the frozen weight, nothing to store
+                    weight, nbytes = frozen, 0
+                else:
+                    weight = self.modulated_weight(modulator)
+                    nbytes = weight.numel() * weight.element_size()
+            cache.put(id(self), key, weight, nbytes)
+        return weight
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """TorchScript gets a plain copy of the layer with the active task's weight folded in."""
+        return unmodulate_layer(self, copy=True)
+
+    def __reduce_ex__(self, protocol):
+        return _new_layer, (ModulatedWeight, self._modcl_base), self.__dict__
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        modulator = self._parameters.get('modulator')
+        if modulator is not None:
+            s += f', modulator={tuple(modulator.shape)}, sign={self.modcl_sign:+.0f}'
+        return s
+
+
+class TaskNorm:
+    """Mixed into the class of a normalisation layer by ``modulate_layer``.
+
+    ``weight`` / ``bias`` become properties: the active task's own affine (``task_weight`` / ``task_bias``
+    parameters) when it has one for this layer, else the frozen pretrained affine (buffers under the usual keys).
+    BatchNorm running statistics are plain buffers that the model re-binds per task.
+    """
+
+    _modcl_base: Type[nn.Module]
+
+    @property
+    def weight(self) -> Optional[torch.Tensor]:
+        own = self._parameters['task_weight']
+        return self._buffers['weight'] if own is None else own
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        own = self._parameters['task_bias']
+        return self._buffers['bias'] if own is None else own
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        return unmodulate_layer(self, copy=True)
+
+    def __reduce_ex__(self, protocol):
+        return _new_layer, (TaskNorm, self._modcl_base), self.__dict__
+
+
+_CLASSES: Dict[Tuple[type, type], type] = {}
+
+
+def _layer_class(mixin: type, base: type) -> type:
+    """The (cached) subclass of ``base`` with ``mixin`` in front, registered as a torch.fx leaf."""
+    cls = _CLASSES.get((mixin, base))
+    if cls is None:
+        from timm.models._features_fx import register_notrace_module
+        prefix = 'Modulated' if mixin is ModulatedWeight else 'Task'
+        cls = type(f'{prefix}{base.__name__}', (mixin, base), {'__module__': __name__, '_modcl_base': base})
+        register_notrace_module(cls)  # its caching is Python-side logic: a leaf for feature extraction
+        _CLASSES[(mixin, base)] = cls
+    return cls
+
+
+def _new_layer(mixin: type, base: type) -> nn.Module:
+    """Unpickling helper: an empty instance of the modulated subclass of ``base``."""
+    return object.__new__(_layer_class(mixin, base))
+
+
+def is_weight_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer whose weight ``(O, I, *kernel)`` can be modulated (convs and linears)."""
+    if isinstance(module, (ModulatedWeight, TaskNorm)):
+        return isinstance(module, ModulatedWeight)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return not module.transposed and isinstance(module._parameters.get('weight'), torch.Tensor)
+    return isinstance(module, nn.Linear) and isinstance(module._parameters.get('weight'), torch.Tensor)
+
+
+#: Normalisation layers whose affine becomes per-task (timm's own are subclasses of these, or listed by name).
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+_NORM_NAMES = {'timm.layers.norm.RmsNorm', 'timm.layers.norm.RmsNorm2d', 'timm.layers.norm.SimpleNorm',
+               'timm.layers.norm.SimpleNorm2d', 'timm.layers.fast_norm.RmsNorm'}
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation layer with per-task state (BatchNorm, LayerNorm, GroupNorm, RmsNorm)."""
+    if isinstance(module, TaskNorm):
+        return True
+    if isinstance(module, _NORM_TYPES):
+        return True
+    return any(f'{c.__module__}.{c.__qualname__}' in _NORM_NAMES for c in type(module).__mro__)
+
+
+def _freeze(module: nn.Module) -> Tuple[str, ...]:
+    """Turn every parameter of ``module`` into a frozen buffer under the same name; returns their names."""
+    names = tuple(module._parameters)
+    for name in names:
+        p = module._parameters.pop(name)
+        module._buffers[name] = None if p is None else p.detach().requires_grad_(False)
+    return names
+
+
+def modulate_layer(module: nn.Module) -> str:
+    """Swap a weight or norm layer's class in place for its task-aware subclass and freeze its parameters.
+
+    Returns ``'weight'`` or ``'norm'``. Already modulated layers are left as they are.
+
+    Raises:
+        TypeError: if the module is neither kind.
+    """
+    if isinstance(module, ModulatedWeight):
+        return 'weight'
+    if isinstance(module, TaskNorm):
+        return 'norm'
+    base = type(module)
+    if is_weight_layer(module):
+        module._modcl_frozen = _freeze(module)            # weight, bias (and a gain): frozen buffers
+        module.__class__ = _layer_class(ModulatedWeight, base)
+        module._parameters['modulator'] = None
+        module.modcl_chunks = 1
+        module.modcl_sign = 1.0
+        module.modcl_cache = None
+        module._modcl_interp = {}
+        return 'weight'
+    if is_norm_layer(module):
+        frozen = _freeze(module)
+        for name in ('weight', 'bias'):                   # a norm without affine still answers .weight (None)
+            module._buffers.setdefault(name, None)
+        module._modcl_frozen = frozen
+        module.__class__ = _layer_class(TaskNorm, base)
+        module._parameters['task_weight'] = None
+        module._parameters['task_bias'] = None
+        return 'norm'
+    raise TypeError(f'{base.__name__} is neither a weight layer (conv, linear) nor a normalisation layer')
+
+
+_LAYER_ATTRS = ('modcl_chunks', 'modcl_sign', 'modcl_cache', '_modcl_interp', '_modcl_frozen')
+
+
+def unmodulate_layer(module: nn.Module, copy: bool = False) -> nn.Module:
+    """Turn a modulated layer back into its plain class with the active task folded in (trainable parameters).
+
+    The effective weight (or the task's affine) and the other frozen tensors become parameters again, and the
+    running statistics bound now stay as buffers. With ``copy=True`` the original is left untouched and a new
+    module (sharing nothing but child modules) is returned.
+    """
+    if not isinstance(module, (ModulatedWeight, TaskNorm)):
+        return module
+    current = {'weight': module.weight, 'bias': module.bias} if isinstance(module, TaskNorm) else {
+        'weight': module.weight}
+    frozen_names = module._modcl_frozen
+    params = OrderedDict()
+    for name in frozen_names:
+        t = current.get(name, module._buffers.get(name))
+        params[name] = None if t is None else nn.Parameter(t.detach().clone())
+    buffers = OrderedDict()
+    for n, b in module._buffers.items():
+        if n not in frozen_names and n not in ('weight', 'bias'):
+            buffers[n] = b.detach().clone() if copy and b is not None else b
+    if copy:
+        out = object.__new__(module._modcl_base)
+        out.__dict__ = {k: (type(v)(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
+    else:
+        out = module
+    for attr in _LAYER_ATTRS:
+        out.__dict__.pop(attr, None)
+    out.__class__ = module._modcl_base
+    out._parameters = params
+    out._buffers = buffers
+    out._non_persistent_buffers_set = {n for n in out._non_persistent_buffers_set if n in buffers}
+    for hooks in (out._forward_pre_hooks,):
+        for k in [k for k, h in hooks.items() if h is check_input]:
+            del hooks[k]
+    return out
+
+
+def check_input(module: nn.Module, args) -> None:
+    """Forward pre-hook of a model's first weight layer: a clear ``InputError`` for a wrong channel count or dtype."""
+    if _is_tracing() or torch.compiler.is_compiling() or torch.jit.is_scripting():
+        return
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor):
+        return
+    frozen = module._buffers['weight']
+    in_ch = frozen.shape[1] * getattr(module, 'groups', 1)
+    expected = (f'(N, {in_ch}, H, W)' if isinstance(module, nn.Conv2d) else f'(..., {in_ch})')
+    if isinstance(module, nn.Conv2d) and (x.ndim != 4 or x.shape[1] != in_ch):
+        raise InputError(f'expected an image batch of shape {expected}, got {tuple(x.shape)}')
+    if not x.is_floating_point():
+        raise InputError(f'expected a floating-point image batch ({frozen.dtype}), got {x.dtype}; convert it with '
+                         f'x.float() (and normalise it as the model expects)')
+    if x.dtype != frozen.dtype and not torch.is_autocast_enabled(x.device.type) and frozen.device.type != 'meta':
+        raise InputError(f'the model computes in {frozen.dtype} but the input is {x.dtype}; convert the input '
+                         f'(x.to({frozen.dtype})) or the model (model.to({x.dtype})), or run under torch.autocast')

@@ -1,0 +1,130 @@
+"""``modulate(model)``: make any timm model task-aware, with zero forgetting by construction.
+
+    import timm, timm_modcl
+    model = timm_modcl.modulate(timm.create_model('resnet50', pretrained=True))
+    model.add_task('flowers', num_classes=102)      # new modulators, norm state and head; now active
+    ...train model.parameters()...                   # exactly the active task's tensors
+    model.set_task('base')                           # the pretrained model, bit-identical
+
+The model keeps its class's behaviour (forward, ``forward_features``, ``forward_intermediates``, grad checkpointing,
+feature extraction): its class is swapped in place for a subclass that mixes in the task lifecycle
+(``core.ModCLMixin``), adapter files (``adapter.AdapterMixin``), the Hub (``hub.HubMixin``) and multi-task serving
+(``serving.ServingMixin``).
+"""
+from typing import Dict, Optional, Sequence
+
+import torch.nn as nn
+
+from .adapter import AdapterMixin
+from .core import ModCLMixin
+from .errors import UnsupportedModelError
+from .hub import HubMixin
+from .serving import ServingMixin
+
+__all__ = ['modulate', 'modcl_class', 'is_modcl_model']
+
+_MODEL_CLASSES: Dict[type, type] = {}
+# timm methods that change a model's structure: wrapped (when the class has them) to keep the task state in step
+_STRUCTURAL = ('reset_classifier', 'set_input_size', 'prune_intermediate_layers', 'no_weight_decay')
+
+
+def _new_model(base: type) -> nn.Module:
+    """Unpickling helper: an empty instance of the task-aware subclass of ``base``."""
+    return object.__new__(modcl_class(base))
+
+
+def _reduce_ex(self, protocol):
+    return _new_model, (self._modcl.base,), self.__dict__
+
+
+def modcl_class(base: type) -> type:
+    """The (cached) task-aware subclass of a timm model class, e.g. ``ModCLEfficientNet`` for ``EfficientNet``."""
+    if issubclass(base, ModCLMixin):
+        return base
+    cls = _MODEL_CLASSES.get(base)
+    if cls is None:
+        ns = {'__module__': __name__, '__reduce_ex__': _reduce_ex,
+              '__doc__': f'timm {base.__name__} with per-task weight modulation (timm_modcl).'}
+        for name in _STRUCTURAL:
+            if callable(getattr(base, name, None)):
+                ns[name] = getattr(ModCLMixin, f'_modcl_{name}')
+        cls = type(f'ModCL{base.__name__}', (HubMixin, AdapterMixin, ServingMixin, ModCLMixin, base), ns)
+        _MODEL_CLASSES[base] = cls
+    return cls
+
+
+def is_modcl_model(model) -> bool:
+    """Whether ``model`` is task-aware (made by ``modulate`` or a ``modcl_*`` model)."""
+    return isinstance(model, ModCLMixin)
+
+
+def _classifier_path(model: nn.Module) -> Optional[str]:
+    cfg = getattr(model, 'pretrained_cfg', None) or getattr(model, 'default_cfg', None) or {}
+    classifier = cfg.get('classifier') if isinstance(cfg, dict) else None
+    if not classifier:
+        return None
+    if isinstance(classifier, (list, tuple)):
+        if len(classifier) != 1:
+            raise UnsupportedModelError(
+                f'the model has {len(classifier)} classifier heads {tuple(classifier)} (a distilled model?); '
+                f'timm_modcl gives each task one head: pass head= with the one to use')
+        classifier = classifier[0]
+    try:
+        model.get_submodule(classifier)
+    except AttributeError:
+        return None  # e.g. a feature extractor built from a model with a classifier
+    return classifier
+
+
+def modulate(
+        model: nn.Module,
+        *,
+        head: Optional[str] = 'auto',
+        freeze: Sequence[str] = (),
+        cache_bytes: Optional[int] = None,
+) -> nn.Module:
+    """Make a timm model task-aware in place (and return it): frozen backbone, per-task modulation and state.
+
+    Every conv and linear layer (except the head) gets a per-task modulator slot; BatchNorm layers get per-task
+    running statistics, LayerNorm / GroupNorm / RmsNorm layers a per-task affine; the head (found from timm's
+    ``pretrained_cfg['classifier']``) is per task; every other parameter is frozen and shared. The model's current
+    weights become the ``base`` task, which computes exactly what the model computed before.
+
+    Args:
+        model: A timm model (``timm.create_model(...)``, pretrained or not, ``features_only`` too) or any module
+            built from the layer kinds above.
+        head: Dotted path of the classifier; ``'auto'`` (default) reads timm's ``pretrained_cfg``; ``None``: no head.
+        freeze: Names or fnmatch patterns of other parameters to keep frozen and shared, for module types timm_modcl
+            does not know (it raises instead of leaving them trainable).
+        cache_bytes: Memory limit of the effective-weight cache (default ``MODCL_WEIGHT_CACHE_BYTES`` or 256 MiB).
+
+    Returns:
+        The same model object, now task-aware (``add_task``, ``set_task``, ``save_task``, ``push_tasks_to_hub``, ...).
+
+    Raises:
+        UnsupportedModelError: a parameter of an unknown module type would stay shared and trainable, or the
+            classifier is not a single Linear layer. The model is unchanged then.
+    """
+    if isinstance(model, ModCLMixin):
+        return model
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f'modulate() takes a torch module, got {type(model).__name__}')
+    wrapped = getattr(model, 'module', None)
+    if isinstance(wrapped, nn.Module) and type(model).__name__ in ('DistributedDataParallel', 'DataParallel'):
+        raise UnsupportedModelError(f'modulate() the model itself, not its {type(model).__name__} wrapper')
+    if head == 'auto':
+        head = _classifier_path(model)
+    elif head is not None:
+        try:
+            model.get_submodule(head)
+        except AttributeError:
+            raise UnsupportedModelError(f'the model has no module {head!r} to use as head') from None
+    base = type(model)
+    model.__class__ = modcl_class(base)
+    try:
+        model._modcl_setup(head=head, base=base, freeze=tuple(freeze), cache_bytes=cache_bytes)
+    except BaseException:
+        model.__class__ = base
+        model.__dict__.pop('_modcl', None)
+        raise
+    return model

@@ -1,0 +1,7 @@
+"""Serving many tasks: mixed-task batches and task-agnostic prediction (``ServingMixin``)."""
+
+__all__ = ['ServingMixin']
+
+
+class ServingMixin:
+    """Multi-task inference methods of modcl models."""
