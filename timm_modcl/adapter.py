@@ -1,18 +1,27 @@
-"""Task adapters: one task (modulators, BN running statistics, head, metadata) as one small safetensors file.
+"""Task adapters: one task (modulators, norm statistics and affine, head, metadata) as one small safetensors file.
 
-File format (``format_version`` 1): a safetensors file whose tensors use the flat task naming
-(``modulator.<conv>``, ``bn.<bn>.running_mean|running_var|num_batches_tracked``, ``head.weight``, ``head.bias``) and
-whose header metadata holds ``format``, ``format_version``, ``timm_modcl_version``, ``architecture``,
-``pretrained_tag``, ``backbone_fingerprint`` (SHA-256 of the frozen backbone tensors), ``dtype``, ``has_head`` and
-``task`` (JSON: name, num_classes, class_names, variant, resolution, metadata).
+File format (``format_version`` 2): a safetensors file whose tensors use the flat task naming of ``TaskState``
+(``modulator.<layer>``, ``bn.<layer>.running_mean|running_var|num_batches_tracked``, ``norm.<layer>.weight|bias``,
+``head.weight|bias``, and ``stats.<name>`` when the task has statistics such as class prototypes) and whose header
+metadata holds ``format``, ``format_version``, ``timm_modcl_version``, ``architecture``, ``pretrained_tag``,
+``backbone_fingerprint`` (SHA-256 of the frozen backbone tensors), ``dtype``, ``has_head``, ``has_stats`` and ``task``
+(JSON: name, num_classes, class_names, config, metadata). The header is written with sorted keys, so the same task
+always gives the same bytes.
+
+Version 1 files (timm_modcl 0.1) still load: they had no config, so it is rebuilt from the recorded resolution and
+variant and the modulator shapes present (a layer without modulator is unmodulated; a layer whose modulator has another
+shape gets the per-layer resolution that produces it).
 
 A folder of adapters (``save_tasks``) holds ``modcl_index.json`` and one ``<task>/adapter_model.safetensors`` plus a
 human-readable ``<task>/adapter_config.json`` per task, as PEFT lays out its adapters.
 
-Reading never unpickles anything; every write goes to a temporary file that is renamed into place.
+Reading never unpickles anything and reads only regular files (inside an adapter folder: no links); every write goes
+to a temporary file that is renamed into place.
 """
 import json
+import math
 import os
+import stat
 import struct
 import warnings
 from collections import OrderedDict
@@ -25,30 +34,103 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ._io import atomic_write_bytes
-from .errors import AdapterError, AdapterFormatError, FingerprintMismatchError, TaskExistsError
-from .task import BASE_TASK, TaskInfo, TaskState, validate_task_name
+from .config import TaskConfig
+from .core import MAX_CLASSES
+from .errors import AdapterError, AdapterFormatError, FingerprintMismatchError, TaskError, TaskExistsError
+from .layers import modulator_shape
+from .task import BASE_TASK, TaskInfo, TaskState, validate_metadata, validate_task_name
 from .version import __version__
 
 __all__ = [
     'ADAPTER_FORMAT', 'ADAPTER_FORMAT_VERSION', 'ADAPTER_FILE', 'ADAPTER_CONFIG_FILE', 'INDEX_FILE',
-    'save_task', 'load_task', 'save_tasks', 'load_tasks', 'read_adapter', 'read_index', 'write_index', 'adapter_metadata',
-    'atomic_write_bytes', 'load_task_files', 'AdapterMixin',
+    'save_task', 'load_task', 'save_tasks', 'load_tasks', 'read_adapter', 'read_index', 'read_index_file', 'parse_index', 'write_index',
+    'adapter_metadata', 'adapter_bytes', 'describe_adapter', 'load_task_files', 'merge_adapter_folders',
+    'read_file', 'AdapterMixin',
 ]
 
 ADAPTER_FORMAT = 'timm_modcl.adapter'
-ADAPTER_FORMAT_VERSION = 1
+ADAPTER_FORMAT_VERSION = 2
+_READABLE_VERSIONS = ('1', '2')
 ADAPTER_FILE = 'adapter_model.safetensors'
 ADAPTER_CONFIG_FILE = 'adapter_config.json'
 INDEX_FILE = 'modcl_index.json'
 INDEX_FORMAT = 'timm_modcl.adapters'
+INDEX_FORMAT_VERSION = 1
 
 _MAX_HEADER = 16 * 1024 * 1024
+_MAX_FILE = 8 * 1024 ** 3
+_MAX_JSON_FILE = 16 * 1024 * 1024
+# a headless adapter gets a fresh head: at most this many times the values its file holds (or 1M values)
+_FRESH_HEAD_FACTOR = 8
 _PathLike = Union[str, os.PathLike]
+_V1_RESOLUTIONS = [(a, b) for a in (1, 2, 4, 8, 16, 32, 64) for b in (1, 2, 4, 8, 16, 32, 64)]
 
 
 # ---------------------------------------------------------------------------------------------------- file helpers
 def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=False) + '\n').encode()
+    return (json.dumps(obj, indent=2, sort_keys=True) + '\n').encode()
+
+
+def read_file(path: _PathLike, inside: Optional[_PathLike] = None, max_bytes: int = _MAX_FILE,
+              what: str = 'file') -> bytes:
+    """Read a regular file, refusing links, devices, FIFOs and folders (and, with ``inside``, any path component
+    between ``inside`` and the file that is a link), so an adapter folder can only ever read its own files.
+
+    Raises:
+        AdapterError: the path is missing, not a regular file, a link inside the folder, or larger than ``max_bytes``.
+    """
+    path = Path(path)
+    label = repr(str(path))
+    try:
+        if inside is not None:
+            inside = Path(inside)
+            rel = path.relative_to(inside)
+            cur = inside
+            for part in rel.parts:
+                if part in ('..', '.'):
+                    raise AdapterError(f'{label} leaves the adapter folder')
+                cur = cur / part
+                if stat.S_ISLNK(os.lstat(cur).st_mode):
+                    raise AdapterError(f'{label} is (or is inside) a symbolic link; adapter folders are read '
+                                       f'without following links')
+        fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_NOFOLLOW', 0)
+                     if inside is not None else os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))
+    except FileNotFoundError:
+        raise AdapterError(f'no such {what}: {label}') from None
+    except IsADirectoryError:
+        raise AdapterError(f'{label} is a folder, not a {what}') from None
+    except ValueError:
+        raise AdapterError(f'{label} is not inside {str(inside)!r}') from None
+    except OSError as e:
+        raise AdapterError(f'could not open {what} {label}: {e.strerror or e}') from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise AdapterError(f'{label} is a folder, not a {what}')
+        if not stat.S_ISREG(info.st_mode):
+            raise AdapterError(f'{label} is not a regular file (a device, FIFO or socket)')
+        if info.st_size > max_bytes:
+            raise AdapterError(f'{label} is {info.st_size:,} bytes, more than a {what} can be ({max_bytes:,})')
+        with os.fdopen(fd, 'rb', closefd=True) as f:
+            fd = None
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise AdapterError(f'could not read {what} {label}: {e.strerror or e}') from None
+    finally:
+        if fd is not None:
+            os.close(fd)
+    if len(data) > max_bytes:
+        raise AdapterError(f'{label} is larger than a {what} can be ({max_bytes:,} bytes)')
+    return data
+
+
+def _canonical(data: bytes) -> bytes:
+    """safetensors bytes with the header's keys sorted (its writer orders metadata at random): same task, same bytes."""
+    (n,) = struct.unpack('<Q', data[:8])
+    header = json.loads(data[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(',', ':')).encode()
+    text += b' ' * (-len(text) % 8)
+    return struct.pack('<Q', len(text)) + text + data[8 + n:]
 
 
 def _architecture(model) -> Tuple[str, str]:
@@ -57,7 +139,7 @@ def _architecture(model) -> Tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------- single task
-def adapter_metadata(model, task: TaskState, dtype: torch.dtype, has_head: bool) -> Dict[str, str]:
+def adapter_metadata(model, task: TaskState, dtype: torch.dtype, has_head: bool, has_stats: bool) -> Dict[str, str]:
     """The safetensors header metadata of a task adapter (all values are strings)."""
     arch, tag = _architecture(model)
     return {
@@ -69,24 +151,27 @@ def adapter_metadata(model, task: TaskState, dtype: torch.dtype, has_head: bool)
         'backbone_fingerprint': model.backbone_fingerprint(),
         'dtype': str(dtype).replace('torch.', ''),
         'has_head': 'true' if has_head else 'false',
-        'task': json.dumps(task.meta()),
+        'has_stats': 'true' if has_stats else 'false',
+        'task': json.dumps(task.meta(), sort_keys=True),
     }
 
 
-def adapter_bytes(model, name: str, dtype: Optional[torch.dtype] = None, include_head: bool = True) -> bytes:
-    """Serialise one task of ``model`` as adapter file content.
+def adapter_bytes(model, name: str, dtype: Optional[torch.dtype] = None, include_head: bool = True,
+                  include_stats: bool = True) -> bytes:
+    """Serialise one task of ``model`` as adapter file content (deterministic for a given task).
 
     Raises:
         TaskNotFoundError: if the model has no such task.
-        AdapterError: for an unsupported dtype.
+        AdapterError: for an unsupported dtype, or a value that overflows it.
     """
     task = model._task(name)
     dtype = dtype or torch.float32
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise AdapterError(f'adapters are stored as float32, float16 or bfloat16, not {dtype}')
     has_head = include_head and isinstance(task.head, torch.nn.Linear)
+    has_stats = include_stats and bool(task.stats)
     tensors: Dict[str, torch.Tensor] = OrderedDict()
-    for k, v in task.tensors().items():
+    for k, v in task.tensors(stats=has_stats).items():
         if k.startswith('head.') and not has_head:
             continue
         v = v.detach()
@@ -95,13 +180,14 @@ def adapter_bytes(model, name: str, dtype: Optional[torch.dtype] = None, include
             if not torch.isfinite(v).all():
                 raise AdapterError(f'task {name!r}: {k} overflows {dtype}; save it as float32 or bfloat16')
         tensors[k] = v.to('cpu').contiguous()
-    return st_save(tensors, metadata=adapter_metadata(model, task, dtype, has_head))
+    return _canonical(st_save(tensors, metadata=adapter_metadata(model, task, dtype, has_head, has_stats)))
 
 
 def save_task(
         model, name: str, path: _PathLike, dtype: Optional[torch.dtype] = None, include_head: bool = True,
+        include_stats: bool = True,
 ) -> Path:
-    """Save one task of ``model`` as a safetensors adapter file (atomically).
+    """Save one task of ``model`` as a safetensors adapter file (atomically; an existing file keeps its mode).
 
     Args:
         model: A modcl model.
@@ -109,7 +195,8 @@ def save_task(
         path: Target file (``.safetensors``), or an existing folder to write ``<folder>/<name>.safetensors`` into.
         dtype: Storage dtype for floating tensors: ``torch.float32`` (default, bit-exact), ``float16`` or
             ``bfloat16`` (half the size).
-        include_head: Store the classifier head (default) or only the modulators and BN statistics.
+        include_head: Store the classifier head (default) or only the modulators and norm state.
+        include_stats: Store the task's statistics (class prototypes for task-agnostic prediction), if it has any.
 
     Returns:
         The written file's path.
@@ -121,7 +208,7 @@ def save_task(
     path = Path(path)
     if path.is_dir():
         path = path / f'{name}.safetensors'
-    data = adapter_bytes(model, name, dtype=dtype, include_head=include_head)
+    data = adapter_bytes(model, name, dtype=dtype, include_head=include_head, include_stats=include_stats)
     try:
         return atomic_write_bytes(path, data)
     except OSError as e:
@@ -147,32 +234,30 @@ def _read_header(data: bytes, source: str) -> Dict[str, Any]:
     return header
 
 
-def read_adapter(source: Union[_PathLike, bytes], name: str = 'adapter') -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
+def read_adapter(source: Union[_PathLike, bytes], name: str = 'adapter', inside: Optional[_PathLike] = None,
+                 ) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
     """Read an adapter file (path or bytes) into ``(metadata, tensors)``, checking the format but not the model fit.
 
     Raises:
         AdapterFormatError: if it is not a readable timm_modcl adapter (corrupt, truncated, pickle, other
             safetensors file, unknown format version).
-        AdapterError: if the file cannot be read.
+        AdapterError: if the file cannot be read (missing, a folder, a link inside an adapter folder, a device).
     """
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)
     else:
         name = str(source)
-        try:
-            data = Path(source).read_bytes()
-        except IsADirectoryError:
-            raise AdapterError(f'{name!r} is a folder; use load_tasks() for a folder of adapters') from None
-        except OSError as e:
-            raise AdapterError(f'could not read adapter {name!r}: {e}') from e
+        if Path(source).is_dir():
+            raise AdapterError(f'{name!r} is a folder; use load_tasks() for a folder of adapters')
+        data = read_file(source, inside=inside, what='adapter file')
     header = _read_header(data, repr(name))
     meta = header.get('__metadata__')
     if not isinstance(meta, dict) or meta.get('format') != ADAPTER_FORMAT:
         raise AdapterFormatError(f'{name!r} is a safetensors file but not a timm_modcl task adapter')
-    if meta.get('format_version') != str(ADAPTER_FORMAT_VERSION):
+    if meta.get('format_version') not in _READABLE_VERSIONS:
         raise AdapterFormatError(
             f'{name!r} has adapter format version {meta.get("format_version")!r}; this timm_modcl '
-            f'({__version__}) reads version {ADAPTER_FORMAT_VERSION}')
+            f'({__version__}) reads versions {", ".join(_READABLE_VERSIONS)}')
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError) as e:
@@ -180,13 +265,45 @@ def read_adapter(source: Union[_PathLike, bytes], name: str = 'adapter') -> Tupl
     return {str(k): str(v) for k, v in meta.items()}, tensors
 
 
-def _task_meta(meta: Mapping[str, str], source: str) -> Dict[str, Any]:
+def _v1_config(model, task_meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: str) -> TaskConfig:
+    """The config a version-1 (timm_modcl 0.1) adapter was built with, rebuilt from its resolution and tensors."""
+    res = task_meta.get('resolution')
+    variant = task_meta.get('variant') or 'identity'
+    try:
+        base = TaskConfig(resolution=None if res is None else tuple(res), variant=variant)
+    except (TaskError, TypeError) as e:
+        raise AdapterFormatError(f'{source}: {e}') from None
+    overrides = []
+    for layer, module in model._modcl.weight_layers.items():
+        shape = tuple(module._buffers['weight'].shape)
+        expected = None if base.resolution is None else modulator_shape(shape, base.resolution)
+        t = tensors.get(f'modulator.{layer}')
+        if t is None:
+            if expected is not None:
+                overrides.append((layer, None))
+            continue
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else None
+        if got == expected:
+            continue
+        match = next((r for r in _V1_RESOLUTIONS if got is not None and modulator_shape(shape, r) == got), None)
+        if match is None:
+            raise AdapterFormatError(f'{source}: modulator.{layer} has shape {got}, which no resolution gives for '
+                                     f'the layer weight {shape}')
+        overrides.append((layer, match))
+    return TaskConfig(resolution=base.resolution, variant=variant, layer_resolution=tuple(overrides))
+
+
+def _task_meta(model, meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor], source: str) -> Dict[str, Any]:
     try:
         task_meta = json.loads(meta.get('task', ''))
     except ValueError:
         raise AdapterFormatError(f'{source} has corrupt task metadata') from None
     if not isinstance(task_meta, dict):
         raise AdapterFormatError(f'{source} has corrupt task metadata')
+    if meta.get('format_version') == '1':
+        task_meta = dict(task_meta, config=_v1_config(model, task_meta, tensors, source).to_dict())
+        task_meta.pop('variant', None)
+        task_meta.pop('resolution', None)
     return task_meta
 
 
@@ -205,7 +322,7 @@ def _check_fit(model, meta: Mapping[str, str], source: str, allow_fingerprint_mi
 
 def build_task(
         model, source: Union[_PathLike, bytes], name: Optional[str] = None, allow_fingerprint_mismatch: bool = False,
-        label: Optional[str] = None,
+        label: Optional[str] = None, inside: Optional[_PathLike] = None,
 ) -> TaskState:
     """Read and validate an adapter and build its task for ``model`` without adding it (the model is unchanged).
 
@@ -213,18 +330,34 @@ def build_task(
         AdapterFormatError, FingerprintMismatchError, AdapterError, InvalidTaskNameError: see ``load_task``.
     """
     label = label or (repr(str(source)) if not isinstance(source, (bytes, bytearray)) else 'adapter')
-    meta, tensors = read_adapter(source, label.strip("'"))
-    task_meta = _task_meta(meta, label)
+    meta, tensors = read_adapter(source, label.strip("'"), inside=inside)
+    task_meta = _task_meta(model, meta, tensors, label)
     _check_fit(model, meta, label, allow_fingerprint_mismatch)
     if name is not None:
         task_meta['name'] = validate_task_name(name)
-    if meta.get('has_head') == 'false' and model._has_head and task_meta.get('num_classes'):
-        fresh = model._new_head(int(task_meta['num_classes']))  # headless adapter: a new, untrained head
-        tensors.update({f'head.{k}': v for k, v in fresh.state_dict().items()})
-        warnings.warn(f'{label} has no head; task {task_meta.get("name")!r} gets a new, untrained head', stacklevel=3)
-    task = model._task_from_tensors(task_meta, tensors, error=AdapterFormatError)
-    if task.name == BASE_TASK:
+    if task_meta.get('name') == BASE_TASK:
         raise AdapterFormatError(f'{label} is named {BASE_TASK!r}, which is reserved; load it under another name')
+    headless = meta.get('has_head') == 'false' and model._has_head
+    num_classes = task_meta.get('num_classes')
+    if headless and not (isinstance(num_classes, int) and not isinstance(num_classes, bool)
+                         and 0 <= num_classes <= MAX_CLASSES):
+        raise AdapterFormatError(f'{label}: num_classes must be an integer from 0 to {MAX_CLASSES:,}, got '
+                                 f'{num_classes!r}')
+    if headless and num_classes:
+        shapes = model._head_shapes(num_classes)
+        fresh_values = sum(math.prod(s) for s in shapes.values())
+        file_values = sum(t.numel() for t in tensors.values())
+        if fresh_values > max(_FRESH_HEAD_FACTOR * file_values, 1_000_000):
+            raise AdapterFormatError(
+                f'{label} has no head and asks for a fresh one of {num_classes:,} classes ({fresh_values:,} values), '
+                f'far more than the file holds; save the adapter with its head')
+        # validate everything with a placeholder head of the right shape, then make the fresh head
+        tensors = dict(tensors)
+        tensors.update({f'head.{k}': torch.zeros(s) for k, s in shapes.items()})
+    task = model._task_from_tensors(task_meta, tensors, error=AdapterFormatError)
+    if headless and num_classes:
+        task.head = model._new_head(num_classes)
+        warnings.warn(f'{label} has no head; task {task.name!r} gets a new, untrained head', stacklevel=3)
     return task
 
 
@@ -234,7 +367,8 @@ def load_task(
 ) -> TaskInfo:
     """Add the task stored in an adapter file to ``model``.
 
-    Everything is read and validated before the model is touched: on any error the model is unchanged.
+    Everything is read and validated before the model is touched: on any error the model (and the global random
+    state) is unchanged.
 
     Args:
         model: A modcl model with the same architecture (and backbone weights) the adapter was trained on.
@@ -249,17 +383,73 @@ def load_task(
 
     Raises:
         AdapterFormatError: corrupt or truncated file, not an adapter, pickle file, unknown format version,
-            missing / extra tensors, wrong shapes, NaN/Inf values, other architecture.
+            missing / extra tensors (every tensor the task's config needs must be there), wrong shapes or dtypes,
+            NaN/Inf or out-of-range values, other architecture.
         FingerprintMismatchError: trained on other backbone weights (unless allowed).
         TaskExistsError: a task of that name exists (unless ``replace``).
         InvalidTaskNameError: bad ``name``.
-        AdapterError: the file cannot be read.
+        AdapterError: the file cannot be read (missing, a folder, a device or FIFO).
     """
     task = build_task(model, path, name=name, allow_fingerprint_mismatch=allow_fingerprint_mismatch)
-    if task.name in model._tasks and not replace:
+    if task.name in model._modcl.tasks and not replace:
         raise TaskExistsError(f'task {task.name!r} already exists (pass replace=True, or load it under another name)')
     model._insert_task(task, activate=activate)
     return task.info()
+
+
+def describe_adapter(source: Union[_PathLike, bytes], inside: Optional[_PathLike] = None) -> Dict[str, Any]:
+    """A validated summary of an adapter file without a model: format, architecture, fingerprint, dtype, task name,
+    classes, config and sizes (what ``modcl info`` prints).
+
+    Raises:
+        AdapterFormatError, AdapterError: as ``read_adapter``, or when the task metadata is malformed.
+    """
+    label = 'adapter' if isinstance(source, (bytes, bytearray)) else repr(str(source))
+    meta, tensors = read_adapter(source, label.strip("'"), inside=inside)
+    try:
+        task = json.loads(meta.get('task', ''))
+    except ValueError:
+        raise AdapterFormatError(f'{label} has corrupt task metadata') from None
+    if not isinstance(task, dict):
+        raise AdapterFormatError(f'{label} has corrupt task metadata')
+    try:
+        validate_task_name(task.get('name'))
+        if meta.get('format_version') == '1':
+            res = task.get('resolution')
+            config = TaskConfig(resolution=None if res is None else tuple(res), variant=task.get('variant') or 'identity')
+        else:
+            config = TaskConfig.from_dict(task.get('config'))
+    except (TaskError, TypeError) as e:
+        raise AdapterFormatError(f'{label}: {e}') from None
+    num_classes = task.get('num_classes')
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 0 <= num_classes <= MAX_CLASSES:
+        raise AdapterFormatError(f'{label}: num_classes must be an integer from 0 to {MAX_CLASSES:,}, '
+                                 f'got {num_classes!r}')
+    class_names = task.get('class_names')
+    if class_names is not None and (not isinstance(class_names, list) or len(class_names) != num_classes
+                                    or not all(isinstance(c, str) for c in class_names)):
+        raise AdapterFormatError(f'{label}: class_names must be {num_classes} strings')
+    count = lambda prefix: sum(t.numel() for k, t in tensors.items() if k.startswith(prefix))  # noqa: E731
+    return {
+        'name': task['name'],
+        'num_classes': num_classes,
+        'class_names': class_names,
+        'config': config,
+        'format_version': int(meta['format_version']),
+        'architecture': meta.get('architecture', ''),
+        'pretrained_tag': meta.get('pretrained_tag', ''),
+        'backbone_fingerprint': meta.get('backbone_fingerprint', ''),
+        'dtype': meta.get('dtype', ''),
+        'has_head': meta.get('has_head') != 'false',
+        'has_stats': any(k.startswith('stats.') for k in tensors),
+        'num_modulator_params': count('modulator.'),
+        'num_head_params': count('head.'),
+        'num_norm_values': count('norm.') + sum(t.numel() for k, t in tensors.items()
+                                               if k.startswith('bn.') and not k.endswith('num_batches_tracked')),
+        'num_stats_values': count('stats.'),
+        'timm_modcl_version': meta.get('timm_modcl_version', ''),
+        'metadata': validate_metadata(task.get('metadata'), error=AdapterFormatError),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- folders
@@ -284,7 +474,7 @@ def save_tasks(
         AdapterError: if the folder cannot be written.
     """
     directory = Path(directory)
-    names = [n for n in model._tasks if n != BASE_TASK] if names is None else list(names)
+    names = [n for n in model._modcl.tasks if n != BASE_TASK] if names is None else task_names(names)
     for n in names:
         model._task(n)
     arch, tag = _architecture(model)
@@ -311,48 +501,77 @@ def save_tasks(
     return directory
 
 
-def write_index(model, directory: _PathLike, tasks: List[str]) -> Path:
-    """Write a folder's ``modcl_index.json`` listing ``tasks`` of ``model``'s architecture and backbone."""
-    arch, tag = _architecture(model)
-    index = {
+def _index(arch: str, tag: str, fingerprint: str, tasks: List[str]) -> Dict[str, Any]:
+    return {
         'format': INDEX_FORMAT,
-        'format_version': ADAPTER_FORMAT_VERSION,
+        'format_version': INDEX_FORMAT_VERSION,
         'timm_modcl_version': __version__,
         'architecture': arch,
         'pretrained_tag': tag,
-        'backbone_fingerprint': model.backbone_fingerprint(),
+        'backbone_fingerprint': fingerprint,
         'tasks': list(tasks),
     }
-    return atomic_write_bytes(Path(directory) / INDEX_FILE, _json_bytes(index))
+
+
+def write_index(model, directory: _PathLike, tasks: List[str]) -> Path:
+    """Write a folder's ``modcl_index.json`` listing ``tasks`` of ``model``'s architecture and backbone."""
+    arch, tag = _architecture(model)
+    return atomic_write_bytes(Path(directory) / INDEX_FILE,
+                              _json_bytes(_index(arch, tag, model.backbone_fingerprint(), tasks)))
 
 
 def read_index(directory: _PathLike) -> Dict[str, Any]:
     """Read and check a folder's ``modcl_index.json``.
 
     Raises:
-        AdapterError: if the folder or its index is missing.
+        AdapterError: if the folder or its index is missing, or the index is not a regular file.
         AdapterFormatError: if the index is corrupt or lists invalid task names.
     """
     path = Path(directory) / INDEX_FILE
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise AdapterError(f'{str(directory)!r} has no {INDEX_FILE}: not a folder of timm_modcl adapters')
+    return parse_index(read_file(path, inside=directory, max_bytes=_MAX_JSON_FILE, what='adapter index'), str(path))
+
+
+def read_index_file(path: _PathLike, label: Optional[str] = None) -> Dict[str, Any]:
+    """Read and check one ``modcl_index.json`` file (links followed: e.g. a Hub cache entry); see ``read_index``."""
+    return parse_index(read_file(path, max_bytes=_MAX_JSON_FILE, what='adapter index'), label or str(path))
+
+
+def parse_index(data: bytes, label: str) -> Dict[str, Any]:
+    """Check the content of a ``modcl_index.json`` (see ``read_index``)."""
     try:
-        index = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise AdapterFormatError(f'{str(path)!r} is corrupt: {e}') from None
+        index = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise AdapterFormatError(f'{label!r} is corrupt: {e}') from None
     if not isinstance(index, dict) or index.get('format') != INDEX_FORMAT:
-        raise AdapterFormatError(f'{str(path)!r} is not a timm_modcl adapter index')
-    if index.get('format_version') != ADAPTER_FORMAT_VERSION:
-        raise AdapterFormatError(f'{str(path)!r} has unknown format version {index.get("format_version")!r}')
+        raise AdapterFormatError(f'{label!r} is not a timm_modcl adapter index')
+    if index.get('format_version') != INDEX_FORMAT_VERSION:
+        raise AdapterFormatError(f'{label!r} has unknown format version {index.get("format_version")!r}')
     tasks = index.get('tasks')
     if not isinstance(tasks, list):
-        raise AdapterFormatError(f'{str(path)!r} lists no tasks')
+        raise AdapterFormatError(f'{label!r} lists no tasks')
     for t in tasks:
         try:
             validate_task_name(t)
-        except Exception as e:
-            raise AdapterFormatError(f'{str(path)!r} lists an invalid task name: {e}') from None
+        except TaskError as e:
+            raise AdapterFormatError(f'{label!r} lists an invalid task name: {e}') from None
+    if len(set(tasks)) != len(tasks):
+        raise AdapterFormatError(f'{label!r} lists a task twice')
+    for key in ('architecture', 'backbone_fingerprint'):
+        if not isinstance(index.get(key), str):
+            raise AdapterFormatError(f'{label!r} has no valid {key!r}')
     return index
+
+
+def task_names(names: Iterable[str]) -> List[str]:
+    """A list of task names; one string is one name (not its characters)."""
+    if isinstance(names, str):
+        return [names]
+    try:
+        return list(names)
+    except TypeError:
+        raise TaskError(f'names must be a task name or a list of task names, got {type(names).__name__}') from None
 
 
 def load_tasks(
@@ -361,35 +580,37 @@ def load_tasks(
 ) -> List[str]:
     """Add the tasks of an adapter folder (default: all it lists) to ``model``, all or nothing.
 
+    Only regular files inside the folder are read (links, devices and FIFOs are refused).
+
     Returns:
         The loaded task names, in index order.
 
     Raises:
-        AdapterError, AdapterFormatError, FingerprintMismatchError, TaskExistsError, TaskNotFoundError: as
-        ``load_task``, or when a requested task is not in the folder. On error the model is unchanged.
+        AdapterError, AdapterFormatError, FingerprintMismatchError, TaskExistsError: as ``load_task``, or when a
+        requested task is not in the folder. On error the model is unchanged.
     """
     directory = Path(directory)
     index = read_index(directory)
-    wanted = list(index['tasks']) if names is None else list(names)
+    wanted = list(index['tasks']) if names is None else task_names(names)
     for n in wanted:
         if n not in index['tasks']:
             raise AdapterError(f'{str(directory)!r} has no task {n!r}; it has {index["tasks"]}')
     return load_task_files(
         model, {n: _task_file(directory, n) for n in wanted}, replace=replace,
-        allow_fingerprint_mismatch=allow_fingerprint_mismatch, label=str(directory))
+        allow_fingerprint_mismatch=allow_fingerprint_mismatch, label=str(directory), inside=directory)
 
 
 def load_task_files(
         model, files: Mapping[str, Union[_PathLike, bytes]], replace: bool = False,
-        allow_fingerprint_mismatch: bool = False, label: str = 'adapters',
+        allow_fingerprint_mismatch: bool = False, label: str = 'adapters', inside: Optional[_PathLike] = None,
 ) -> List[str]:
     """Add several adapters ``{task name: file}`` to ``model``, all or nothing (see ``load_tasks``)."""
     built: 'OrderedDict[str, TaskState]' = OrderedDict()
     for n, source in files.items():
-        task = build_task(model, source, allow_fingerprint_mismatch=allow_fingerprint_mismatch)
+        task = build_task(model, source, allow_fingerprint_mismatch=allow_fingerprint_mismatch, inside=inside)
         if task.name != n:
             raise AdapterFormatError(f'{label!r}: the adapter of task {n!r} is named {task.name!r}')
-        if n in model._tasks and not replace:
+        if n in model._modcl.tasks and not replace:
             raise TaskExistsError(f'task {n!r} already exists (pass replace=True)')
         built[n] = task
     for task in built.values():
@@ -397,13 +618,75 @@ def load_task_files(
     return list(built)
 
 
+def merge_adapter_folders(sources: Iterable[_PathLike], destination: _PathLike, replace: bool = False) -> List[str]:
+    """Merge adapter folders written from the same backbone (e.g. by workers that each learned some tasks) into one.
+
+    Every source index and adapter is validated first, and all must share the architecture and the backbone
+    fingerprint; the adapter files are copied byte for byte, so each merged task is bit-identical to its worker's.
+    ``destination`` may already hold adapters of the same backbone (they stay listed).
+
+    Returns:
+        The task names of the merged index, in order.
+
+    Raises:
+        FingerprintMismatchError: sources (or the destination) come from different backbone weights.
+        AdapterFormatError: a different architecture, a corrupt index or adapter, an adapter whose header does not
+            match its index.
+        TaskExistsError: two sources (or a source and the destination) hold the same task name (unless ``replace``,
+            where the later source wins).
+        AdapterError: a folder cannot be read or written.
+    """
+    sources = [Path(s) for s in sources]
+    destination = Path(destination)
+    if not sources:
+        raise AdapterError('merge_adapter_folders needs at least one source folder')
+    indexes = [(s, read_index(s)) for s in sources]
+    ref_dir, ref = indexes[0]
+    if (destination / INDEX_FILE).exists():
+        indexes.insert(0, (destination, read_index(destination)))
+        ref_dir, ref = indexes[0]
+    files: 'OrderedDict[str, Tuple[bytes, bytes]]' = OrderedDict()
+    for folder, index in indexes:
+        if index['architecture'] != ref['architecture']:
+            raise AdapterFormatError(f'{str(folder)!r} holds adapters of {index["architecture"]}, '
+                                     f'{str(ref_dir)!r} of {ref["architecture"]}')
+        if index['backbone_fingerprint'] != ref['backbone_fingerprint']:
+            raise FingerprintMismatchError(
+                f'{str(folder)!r} was trained on other backbone weights (fingerprint '
+                f'{index["backbone_fingerprint"][:12]}...) than {str(ref_dir)!r} '
+                f'({ref["backbone_fingerprint"][:12]}...); only adapters of the same backbone can be merged')
+        for n in index['tasks']:
+            if n in files and not replace and folder != destination:
+                raise TaskExistsError(f'task {n!r} is in more than one folder (pass replace=True to keep the last)')
+            data = read_file(_task_file(folder, n), inside=folder, what='adapter file')
+            meta, _ = read_adapter(data, f'{folder}/{n}/{ADAPTER_FILE}')
+            if meta.get('backbone_fingerprint') != index['backbone_fingerprint'] or \
+                    meta.get('architecture') != index['architecture']:
+                raise AdapterFormatError(f'{str(folder)!r}: the adapter of task {n!r} does not match its index')
+            if json.loads(meta['task']).get('name') != n:
+                raise AdapterFormatError(f'{str(folder)!r}: the adapter of task {n!r} is named otherwise')
+            config_path = folder / n / ADAPTER_CONFIG_FILE
+            config = read_file(config_path, inside=folder, max_bytes=_MAX_JSON_FILE) if config_path.exists() else b''
+            files[n] = (data, config)
+    try:
+        for n, (data, config) in files.items():
+            atomic_write_bytes(_task_file(destination, n), data)
+            if config:
+                atomic_write_bytes(destination / n / ADAPTER_CONFIG_FILE, config)
+        atomic_write_bytes(destination / INDEX_FILE, _json_bytes(_index(
+            ref['architecture'], ref.get('pretrained_tag', ''), ref['backbone_fingerprint'], list(files))))
+    except OSError as e:
+        raise AdapterError(f'could not write adapters to {str(destination)!r}: {e}') from e
+    return list(files)
+
+
 class AdapterMixin:
     """Adapter file methods of modcl models (see the module functions for the details)."""
 
     def save_task(self, name: str, path: _PathLike, dtype: Optional[torch.dtype] = None,
-                  include_head: bool = True) -> Path:
+                  include_head: bool = True, include_stats: bool = True) -> Path:
         """Save one task as a safetensors adapter file; see ``timm_modcl.adapter.save_task``."""
-        return save_task(self, name, path, dtype=dtype, include_head=include_head)
+        return save_task(self, name, path, dtype=dtype, include_head=include_head, include_stats=include_stats)
 
     def load_task(self, path: Union[_PathLike, bytes], name: Optional[str] = None, replace: bool = False,
                   allow_fingerprint_mismatch: bool = False, activate: bool = False) -> TaskInfo:

@@ -447,27 +447,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _adapter_summaries(out: Path, index: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Per task, what its adapter file says (read without building a model)."""
-    from .adapter import ADAPTER_FILE, read_adapter
+    """Per task, what its adapter file says, validated as loading would (read without building a model)."""
+    from .adapter import ADAPTER_FILE, describe_adapter
     rows = []
     for t in index['tasks']:
         f = out / t / ADAPTER_FILE
-        meta, tensors = read_adapter(f)
-        task = json.loads(meta.get('task', '{}'))
-        rows.append({
-            'name': t,
-            'num_classes': task.get('num_classes'),
-            'class_names': task.get('class_names'),
-            'variant': task.get('variant'),
-            'resolution': task.get('resolution'),
-            'metadata': task.get('metadata') or {},
-            'num_modulator_values': sum(v.numel() for k, v in tensors.items() if k.startswith('modulator.')),
-            'num_added_values': sum(v.numel() for k, v in tensors.items() if not k.endswith('num_batches_tracked')),
-            'dtype': meta.get('dtype'),
-            'file_bytes': f.stat().st_size,
-            'backbone_fingerprint': meta.get('backbone_fingerprint'),
-        })
+        d = describe_adapter(f, inside=out)
+        d['file_bytes'] = f.stat().st_size
+        d['num_added_values'] = d['num_modulator_params'] + d['num_head_params'] + d['num_norm_values']
+        rows.append(d)
     return rows
+
+
+def _float_or_none(s: str) -> Optional[float]:
+    try:
+        v = float(s)
+    except ValueError:
+        return None
+    return v if 0.0 <= v <= 1.0 else None
 
 
 def _classes_str(names: Optional[Sequence[str]], k: Optional[int], limit: int = 6) -> str:
@@ -506,14 +503,17 @@ def cmd_info(args: argparse.Namespace) -> int:
         meta = r['metadata']
         _say(f'\n  {r["name"]}')
         _say(f'    classes:    {_classes_str(r["class_names"], r["num_classes"], limit=10)}')
-        res = r['resolution']
-        _say(f'    modulation: {r["variant"]}, resolution {res[0]}x{res[1]}' if res else '    modulation: none')
-        _say(f'    size:       {r["num_added_values"]:,} values ({r["num_modulator_values"]:,} in modulators), '
+        config = r['config']
+        res = config.resolution
+        layers = f', {len(config.layer_resolution)} per-layer override(s)' if config.layer_resolution else ''
+        _say(f'    modulation: {config.variant}, resolution {res[0]}x{res[1]}{layers}' if res else
+             f'    modulation: none{layers}')
+        _say(f'    size:       {r["num_added_values"]:,} values ({r["num_modulator_params"]:,} in modulators), '
              f'{r["file_bytes"] / 1024:.1f} KiB ({r["dtype"]})')
         if meta.get('input_size'):
             _say(f'    input size: {meta["input_size"]}px')
         if meta.get('metric_val_acc'):
-            _say(f'    validation accuracy: {_pct(float(meta["metric_val_acc"]))}')
+            _say(f'    validation accuracy: {_pct(_float_or_none(meta["metric_val_acc"]))}')
         if meta.get('backbone'):
             _say(f'    backbone:   {meta["backbone"]}')
         if r['backbone_fingerprint'] != index['backbone_fingerprint']:
@@ -574,12 +574,12 @@ def _remote_index(args) -> Optional[Dict[str, Any]]:
     try:
         from huggingface_hub import hf_hub_download
 
-        from .adapter import INDEX_FILE, read_index
+        from .adapter import INDEX_FILE, read_index_file
         from .version import __version__
         name = f'{args.subfolder.strip("/")}/{INDEX_FILE}' if args.subfolder else INDEX_FILE
         path = hf_hub_download(args.repo_id, name, revision=args.revision, token=args.token,
                                endpoint=args.endpoint, library_name='timm_modcl', library_version=__version__)
-        return read_index(Path(path).parent)
+        return read_index_file(path)
     except Exception:  # noqa: BLE001
         return None
 
@@ -738,8 +738,9 @@ def _positive_float(s: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .layer import MODULATION_VARIANTS
-    from .task import DEFAULT_VARIANT
+    from .config import DEFAULT_CONFIG
+    from .layers import MODULATION_VARIANTS
+    DEFAULT_VARIANT = DEFAULT_CONFIG.variant
     from .version import __version__
 
     parser = argparse.ArgumentParser(

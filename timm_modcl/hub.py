@@ -16,7 +16,8 @@ from huggingface_hub.errors import (
 )
 
 from .adapter import (
-    ADAPTER_CONFIG_FILE, ADAPTER_FILE, INDEX_FILE, load_task_files, read_index, save_tasks, write_index,
+    ADAPTER_CONFIG_FILE, ADAPTER_FILE, INDEX_FILE, load_task_files, read_index, read_index_file, save_tasks,
+    task_names, write_index,
 )
 from .errors import HubError
 from .task import BASE_TASK
@@ -175,7 +176,7 @@ def push_tasks(
         except Exception as e:  # noqa: BLE001
             raise _hub_error(e, repo_id, revision, INDEX_FILE) from None
         if old_path is not None:
-            old = read_index(Path(old_path).parent)
+            old = read_index_file(old_path, f'{repo_id}/{INDEX_FILE}')
             ours = read_index(out)
             if (old['architecture'], old['backbone_fingerprint']) != (ours['architecture'], ours['backbone_fingerprint']):
                 raise HubError(f'{repo_id!r} holds adapters of another backbone ({old["architecture"]}, fingerprint '
@@ -229,8 +230,8 @@ def pull_tasks(
         index_path = hf_hub_download(repo_id, _join(subfolder, INDEX_FILE), **kw)
     except Exception as e:  # noqa: BLE001
         raise _hub_error(e, repo_id, revision, f'{INDEX_FILE} (is it a timm_modcl adapter repo?)') from None
-    index = read_index(Path(index_path).parent)
-    wanted = list(index['tasks']) if names is None else list(names)
+    index = read_index_file(index_path, f'{repo_id}/{INDEX_FILE}')
+    wanted = list(index['tasks']) if names is None else task_names(names)
     missing = [n for n in wanted if n not in index['tasks']]
     if missing:
         raise HubError(f'{repo_id!r} has no task(s) {missing}; it has {index["tasks"]}')

@@ -77,8 +77,8 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
-    for layer in getattr(model, '_conv_layers', {}).values():
-        return layer.weight.dtype
+    if hasattr(model, '_ref_tensor'):
+        return model._ref_tensor().dtype
     for t in model.parameters():
         return t.dtype
     return torch.float32
@@ -227,7 +227,7 @@ def train_task(
         raise TaskError(f'the {BASE_TASK!r} task is the frozen pretrained model and is not trained; add a task with '
                         f'model.add_task(name, num_classes) and train that')
     num_classes = int(state.num_classes)
-    if num_classes < 1 or not hasattr(model, 'classifier'):
+    if num_classes < 1 or not model._has_head:
         raise TaskError(f'task {task!r} has no classifier head to train')
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise TaskError(f'epochs must be a non-negative integer, got {epochs!r}')
@@ -251,7 +251,7 @@ def train_task(
     if val_data is not None:
         val_loader = _loader(val_data, batch_size, False, None, num_workers, device, 'val_data')
 
-    head_params = list(model.classifier.parameters())
+    head_params = list(state.head.parameters())
     head_ids = {id(p) for p in head_params}
     mod_params = [p for p in model.task_parameters(task) if id(p) not in head_ids]
     groups = [{'params': head_params, 'lr': float(head_lr if head_lr is not None else lr)}]
