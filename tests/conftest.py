@@ -44,6 +44,19 @@ def pretrained_model_factory(backbone_file):
     return make
 
 
+#: tokens of the users of the Hub-compatible test server
+ALICE, BOB = 'hf_alice_secret_token', 'hf_bob_secret_token'
+
+
+@pytest.fixture
+def hub(isolated_hf_client):
+    """A Hub-compatible HTTP server on 127.0.0.1 (users alice and bob; ``hub.alice`` / ``hub.bob`` are their tokens)."""
+    from hub_server import FakeHub
+    with FakeHub(tokens={ALICE: 'alice', BOB: 'bob'}) as server:
+        server.alice, server.bob = ALICE, BOB
+        yield server
+
+
 @pytest.fixture
 def x_small():
     g = torch.Generator().manual_seed(0)

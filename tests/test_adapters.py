@@ -17,21 +17,13 @@ from timm_modcl import (
 )
 from timm_modcl.adapter import ADAPTER_FILE, INDEX_FILE, read_adapter
 
-from roundtrip import RoundTripChecks
-
-
-class TestRoundTrip050(RoundTripChecks):
-    model_name = 'modcl_mobilenetv2_050'
-
-
-class TestRoundTrip100(RoundTripChecks):
-    model_name = 'modcl_mobilenetv2_100'
+from modcl_tester import ModCLTester
 
 
 @pytest.fixture(scope='module')
 def saved(tmp_path_factory):
     """A model with one trained task, its adapter bytes and reference logits."""
-    rt = RoundTripChecks()
+    rt = ModCLTester()
     model = rt.trained_model()
     path = tmp_path_factory.mktemp('saved') / 'alpha.safetensors'
     model.save_task('alpha', path)
@@ -47,19 +39,19 @@ def _assert_unchanged(model, before):
     tensors, tasks, active = before
     now = model.state_dict()
     assert list(model.tasks) == tasks and model.active_task == active
-    assert set(now) - {'modcl_meta'} == set(tensors)
+    assert set(now) == set(tensors)
     assert all(torch.equal(now[k], v) for k, v in tensors.items())
 
 
 def test_adapter_metadata_and_contents(saved):
     rt, model, data = saved
     meta, tensors = read_adapter(data)
-    assert meta['format'] == 'timm_modcl.adapter' and meta['format_version'] == '1'
+    assert meta['format'] == 'timm_modcl.adapter' and meta['format_version'] == '2'
     assert meta['architecture'] == 'modcl_mobilenetv2_050'
     assert meta['backbone_fingerprint'] == model.backbone_fingerprint()
     task = json.loads(meta['task'])
-    assert task['name'] == 'alpha' and task['class_names'] == ['a', 'b', 'c'] and task['resolution'] == [4, 4]
-    assert task['variant'] == timm_modcl.DEFAULT_VARIANT and meta['timm_modcl_version']
+    assert task['name'] == 'alpha' and task['class_names'] == ['a', 'b', 'c']
+    assert timm_modcl.TaskConfig.from_dict(task['config']) == timm_modcl.DEFAULT_CONFIG and meta['timm_modcl_version']
     assert set(k.split('.')[0] for k in tensors) == {'modulator', 'bn', 'head'}
     assert sum(v.numel() for k, v in tensors.items() if k.startswith('modulator.')) == \
         model.tasks['alpha'].num_modulator_params
@@ -134,7 +126,7 @@ def _bad_inputs(data: bytes, tmp_path):
         'path escaping name': _rewrite(data, meta_update={'task': json.dumps(dict(task, name='../../etc'))}),
         'reserved name': _rewrite(data, meta_update={'task': json.dumps(dict(task, name='base'))}),
         'bad num_classes': _rewrite(data, meta_update={'task': json.dumps(dict(task, num_classes=-2))}),
-        'bad variant': _rewrite(data, meta_update={'task': json.dumps(dict(task, variant='sideways'))}),
+        'bad variant': _rewrite(data, meta_update={'task': json.dumps(dict(task, config=dict(task['config'], variant='sideways')))}),
         'other architecture': _rewrite(data, meta_update={'architecture': 'modcl_mobilenetv2_100'}),
     }
 

@@ -10,21 +10,13 @@ import timm
 from timm_modcl import HubError, TaskExistsError
 from timm_modcl.hub import pull_tasks, push_tasks
 
-from hub_server import FakeHub
-from roundtrip import RoundTripChecks
-
-ALICE, BOB = 'hf_alice_secret_token', 'hf_bob_secret_token'
-
-
-@pytest.fixture
-def hub(isolated_hf_client):
-    with FakeHub(tokens={ALICE: 'alice', BOB: 'bob'}) as server:
-        yield server
+from conftest import ALICE, BOB
+from modcl_tester import ModCLTester
 
 
 @pytest.fixture(scope='module')
 def rt():
-    return RoundTripChecks()
+    return ModCLTester()
 
 
 @pytest.fixture(scope='module')

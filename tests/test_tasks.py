@@ -68,12 +68,26 @@ def test_modulator_shape_rules():
     assert modulator_shape((8, 1, 3, 3), (4, 4)) is None           # 8 // 16 == 0: unmodulated
 
 
-def test_upsample_matches_interpolate_reference():
-    from timm_modcl.layer import upsample_modulator
-    conv = timm_modcl.ModulatedConv2d(40, 96, 3).double()
-    m = torch.randn(24, 10, 3, 3, dtype=torch.float64)
-    fast = conv.modulation(m, 1.0) - 1.0
-    assert torch.allclose(fast, upsample_modulator(m, 96, 40), atol=1e-12)
+@pytest.mark.parametrize('layer, mshape, chunks', [
+    (torch.nn.Conv2d(40, 96, 3), (24, 10, 3, 3), 1),
+    (torch.nn.Conv2d(96, 96, 3, groups=96), (6, 1, 3, 3), 1),     # depthwise
+    (torch.nn.Linear(48, 144), (36, 12), 3),                        # fused qkv: one modulator per chunk
+    (torch.nn.Conv1d(8, 16, 5), (4, 2, 5), 1),
+])
+def test_upsample_matches_interpolate_reference(layer, mshape, chunks):
+    from timm_modcl.layers import modulate_layer, upsample_modulator
+    layer = layer.double()
+    modulate_layer(layer)
+    layer.modcl_chunks = chunks
+    m = torch.randn(mshape, dtype=torch.float64)
+    out_ch, in_ch = layer._buffers['weight'].shape[:2]
+    fast = layer.modulation(m, 1.0) - 1.0
+    assert torch.allclose(fast, upsample_modulator(m, out_ch, in_ch, chunks), atol=1e-12)
+    if chunks > 1:  # chunk c of the upsampled modulator depends on chunk c of the modulator only
+        m2 = m.clone()
+        m2[: mshape[0] // chunks] += 1.0
+        diff = (layer.modulation(m2, 1.0) - layer.modulation(m, 1.0)).abs().sum(1)
+        assert diff[out_ch // chunks:].max() == 0 and diff[: out_ch // chunks].min() > 0
 
 
 def test_per_layer_resolution_mapping_and_callable():
@@ -98,7 +112,7 @@ def test_add_set_remove_tasks_and_metadata():
     assert model.active_task == 'cars'
     assert list(model.tasks) == [BASE_TASK, 'cars', 'cub']
     assert model.tasks['cub'].num_added_params == (
-        model.tasks['cub'].num_modulator_params + model.tasks['cub'].num_head_params + model.tasks['cub'].num_bn_stats)
+        model.tasks['cub'].num_modulator_params + model.tasks['cub'].num_head_params + model.tasks['cub'].num_norm_values)
     model.set_task('cub')
     assert model.num_classes == 7 and model.classifier.out_features == 7
     with model.use_task('cars'):
@@ -118,8 +132,11 @@ def test_parameters_are_exactly_active_task():
     ids = {id(p) for p in model.parameters()}
     assert ids == {id(p) for p in model.task_parameters('b')}
     assert not ids & {id(p) for p in model.task_parameters('a')}
-    model.set_task(BASE_TASK)
-    assert [n for n, _ in model.named_parameters()] == ['classifier.weight', 'classifier.bias']
+    model.set_task(BASE_TASK)  # the base task is trainable too: zero identity modulators and the pretrained head
+    names = [n for n, _ in model.named_parameters()]
+    assert names[-2:] == ['classifier.weight', 'classifier.bias']
+    assert all(n.endswith('.modulator') for n in names[:-2]) and len(names) > 2
+    assert not any(p.any() for n, p in model.named_parameters() if n.endswith('.modulator'))
 
 
 def test_backbone_never_gets_gradients(x_small):
@@ -274,8 +291,9 @@ def test_eval_cache_never_stale(x_small):
     model.eval()
     with torch.no_grad():
         first = model(x_small)
-        assert model.conv_stem._cache is not None
+        misses = model.weight_cache.misses
         again = model(x_small)
+    assert model.weight_cache.misses == misses and model.weight_cache.hits > 0  # the second forward recomputes nothing
     assert torch.equal(first, again)
     # a parameter update (optimizer step on the modulator) must show up in eval
     with torch.no_grad():
@@ -283,8 +301,7 @@ def test_eval_cache_never_stale(x_small):
         changed = model(x_small)
     assert not torch.equal(changed, first)
     uncached = copy.deepcopy(model)
-    for conv in uncached._conv_layers.values():
-        conv.invalidate()
+    uncached.weight_cache.clear()
     with torch.no_grad():
         assert torch.equal(uncached(x_small), changed)
     # load_state_dict copies in place: the cache must follow
@@ -309,7 +326,7 @@ def test_export_task_plain_timm_model(x_small):
     ref = _logits(model, x_small)
     plain = model.export_task('a').eval()
     assert type(plain) is timm.models.efficientnet.EfficientNet
-    assert not any(isinstance(m, timm_modcl.ModulatedConv2d) for m in plain.modules())
+    assert not any(isinstance(m, (timm_modcl.ModulatedWeight, timm_modcl.TaskNorm)) for m in plain.modules())
     with torch.no_grad():
         assert torch.allclose(plain(x_small), ref, atol=1e-5)
     buf = io.BytesIO()
@@ -362,7 +379,7 @@ def test_bad_task_names(name):
     assert all(torch.equal(v, before[k]) for k, v in _snapshot(model).items())
 
 
-@pytest.mark.parametrize('res', [(0, 4), (4, -1), (2.5, 2), '44', (4,), (4, 4, 4), (True, 2), None])
+@pytest.mark.parametrize('res', [(0, 4), (4, -1), (2.5, 2), '44', (4,), (4, 4, 4), (True, 2), (1000, 1000)])
 def test_bad_resolution(res):
     model = _model()
     with pytest.raises(ResolutionError):
