@@ -94,6 +94,22 @@ def test_train_task_schedule_head_lr_callback_and_history_json(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ['history.json']  # no temporary file left
 
 
+def test_train_task_cosine_schedule_with_warmup():
+    import math
+    model = _model()
+    model.add_task('toy', 2)
+    hist = train_task(model, 'toy', _toy_data(8), epochs=5, batch_size=4, lr=0.01, head_lr=0.02, sched='cosine',
+                      warmup_epochs=1, progress=False, recalibrate_bn=False)
+    assert hist.lr[0] == pytest.approx(1e-7)  # warm-up starts at 1e-5 x lr
+    expected = [0.01 * 0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(4)]  # cosine over the other 4 epochs
+    assert hist.lr[1:] == pytest.approx(expected)
+    assert hist.head_lr[1:] == pytest.approx([2 * v for v in expected])
+    with pytest.raises(TaskError, match='sched'):
+        train_task(model, 'toy', _toy_data(8), epochs=1, sched='linear', progress=False)
+    with pytest.raises(TaskError, match='warmup_epochs'):
+        train_task(model, 'toy', _toy_data(8), epochs=2, warmup_epochs=3, progress=False)
+
+
 def test_train_task_bad_arguments():
     model = _model()
     model.add_task('toy', 2)

@@ -158,6 +158,8 @@ def train_task(
         weight_decay: float = 0.0,
         milestones: Optional[Sequence[int]] = None,
         gamma: float = 0.1,
+        sched: str = 'step',
+        warmup_epochs: int = 0,
         opt: str = 'adam',
         label_smoothing: float = 0.0,
         grad_clip: Optional[float] = None,
@@ -173,7 +175,7 @@ def train_task(
 
     The defaults are the paper's recipe: Adam, learning rate 0.01, 30 epochs, the learning rate divided by 10
     after half of the epochs (``MultiStepLR`` at 15). The optimizer and schedule come from timm
-    (``timm.optim.create_optimizer_v2`` with two parameter groups, ``timm.scheduler.MultiStepLRScheduler``).
+    (``timm.optim.create_optimizer_v2`` with two parameter groups, ``timm.scheduler.create_scheduler_v2``).
 
     The task becomes (and stays) the active task. The model runs in train mode during the epochs, so the task's
     BatchNorm running statistics adapt to its data; other tasks' statistics, modulators and heads are untouched.
@@ -195,6 +197,9 @@ def train_task(
         milestones: Epochs (0-based, as torch's ``MultiStepLR``) at which the learning rates are multiplied by
             ``gamma``; default ``[epochs // 2]``; ``[]`` keeps them constant.
         gamma: Learning-rate factor at each milestone.
+        sched: ``'step'`` (the paper's: multiply by ``gamma`` at ``milestones``) or ``'cosine'`` (cosine decay to 0
+            over the epochs; ``milestones`` / ``gamma`` are ignored).
+        warmup_epochs: Epochs of linear warm-up from 1e-5 times the learning rates (both schedules).
         opt: Any optimizer name timm knows (``'adam'``, ``'adamw'``, ``'sgd'``, ...).
         label_smoothing: Cross-entropy label smoothing.
         grad_clip: Clip the gradient norm of the task's parameters to this value.
@@ -219,7 +224,7 @@ def train_task(
         DataError: for empty data, batches that are not ``(image, label)`` pairs or labels out of range.
     """
     from timm.optim import create_optimizer_v2
-    from timm.scheduler import MultiStepLRScheduler
+    from timm.scheduler import create_scheduler_v2
     from tqdm.auto import tqdm
 
     state = model._task(task)  # TaskNotFoundError naming the model's tasks
@@ -239,6 +244,10 @@ def train_task(
     milestones = sorted(int(m) for m in milestones)
     if any(m < 0 for m in milestones):
         raise TaskError(f'milestones must be non-negative epochs, got {milestones}')
+    if sched not in ('step', 'cosine'):
+        raise TaskError(f"sched must be 'step' or 'cosine', got {sched!r}")
+    if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or not 0 <= warmup_epochs <= max(epochs, 0):
+        raise TaskError(f'warmup_epochs must be an integer from 0 to epochs ({epochs}), got {warmup_epochs!r}')
 
     model.set_task(task)
     device = _resolve_device(model, device)
@@ -258,8 +267,14 @@ def train_task(
     if mod_params:
         groups.insert(0, {'params': mod_params, 'lr': float(lr)})
     optimizer = create_optimizer_v2(groups, opt=opt, lr=float(lr), weight_decay=float(weight_decay))
-    # timm applies milestone m at schedule index m - 1; +1 gives torch's MultiStepLR timing (paper's recipe)
-    scheduler = MultiStepLRScheduler(optimizer, decay_t=[m + 1 for m in milestones], decay_rate=gamma)
+    # timm applies a milestone m at schedule index m - 1; +1 gives torch's MultiStepLR timing (the paper's recipe)
+    # (milestones are absolute epochs; a cosine decays over the epochs after the warm-up)
+    cosine = sched == 'cosine'
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched='cosine' if cosine else 'multistep',
+        num_epochs=max(epochs - warmup_epochs, 1) if cosine else max(epochs, 1),
+        decay_milestones=[m + 1 for m in milestones] or [max(epochs, 1) + 1], decay_rate=gamma,
+        warmup_epochs=warmup_epochs, warmup_lr=float(lr) * 1e-5, warmup_prefix=cosine, min_lr=0.0)
     params = [p for g in groups for p in g['params']]
     model_dtype = _model_dtype(model)
 
