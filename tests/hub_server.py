@@ -42,8 +42,9 @@ import hashlib
 import json
 import logging
 import re
+import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -181,6 +182,10 @@ class FakeHub:
         self._lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        #: fault injection: called with (method, path) before a request is handled; returning "stall" keeps the
+        #: connection open without answering (until stop()), "drop" closes it without an answer
+        self.fault: Callable[[str, str], str | None] | None = None
+        self._stalled = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -209,6 +214,7 @@ class FakeHub:
         """Stop serving and close the port; stored repos are kept (``start()`` again to reuse)."""
         if self._server is None:
             return
+        self._stalled.set()  # release stalled requests
         self._server.shutdown()
         self._server.server_close()
         assert self._thread is not None
@@ -329,6 +335,15 @@ class _HubHandler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         self.hub.requests.append(LoggedRequest(self.command, self.path, "Authorization" in self.headers))
         self.body = self._read_body()
+        action = self.hub.fault(self.command, self.path) if self.hub.fault is not None else None
+        if action == "stall":
+            self.hub._stalled.wait(120)
+            self.close_connection = True
+            return
+        if action == "drop":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         split = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(split.query).items()}
         # Split before decoding: revisions like "refs%2Fpr%2F1" are a single segment.

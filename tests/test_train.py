@@ -262,8 +262,8 @@ def test_image_folder_datasets_modes_corrupt_files_and_split(folder):
     assert classes == ['cat', 'dog']
     assert len(train) + len(val) == 11
     assert [p.endswith('corrupt.png') for p in train.skipped_files] == [True]
-    assert sorted(t for _, t in val.reader.samples) == [0, 1, 1]   # stratified: 25% of 5 cats, of 6 dogs
-    names = {os.path.basename(p) for p, _ in train.reader.samples + val.reader.samples}
+    assert sorted(t for _, t in val.samples) == [0, 1, 1]   # stratified: 25% of 5 cats, of 6 dogs
+    names = {os.path.basename(p) for p, _ in train.samples + val.samples}
     assert {'gray.png', 'alpha.png', 'palette.png'} <= names
     for ds in (train, val):
         for i in range(len(ds)):
@@ -272,7 +272,7 @@ def test_image_folder_datasets_modes_corrupt_files_and_split(folder):
     # the same seed gives the same split
     with pytest.warns(UserWarning):
         _, val2, _ = image_folder_datasets(folder, None, input_size=SIZE, val_fraction=0.25)
-    assert val2.reader.samples == val.reader.samples
+    assert val2.samples == val.samples
 
 
 def test_image_folder_train_val_layout_and_class_names(tmp_path):
@@ -284,7 +284,7 @@ def test_image_folder_train_val_layout_and_class_names(tmp_path):
     assert classes == ['a', 'b'] and len(train) == 6 and len(val) == 4
     # fixed classes: a folder with a subset keeps the indices
     _, val, classes = image_folder_datasets(tmp_path, None, input_size=SIZE, class_names=['z', 'b', 'a'])
-    assert classes == ['z', 'b', 'a'] and sorted({t for _, t in val.reader.samples}) == [1, 2]
+    assert classes == ['z', 'b', 'a'] and sorted({t for _, t in val.samples}) == [1, 2]
     with pytest.raises(DataError, match='not among'):
         image_folder_datasets(tmp_path, None, class_names=['a'])
     train, val, _ = image_folder_datasets(tmp_path / 'train', None, val_fraction=0.0)

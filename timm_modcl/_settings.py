@@ -4,6 +4,7 @@
 pretrained weights. The Hub's own variables (``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``, ``HF_HOME``, ...) are
 read by ``huggingface_hub`` itself.
 
+``MODCL_HUB_TIMEOUT``: seconds a whole Hub push or pull may take before it ends in a ``HubError`` (default 120).
 ``MODCL_WEIGHT_CACHE_BYTES``: memory limit of a model's cache of effective weights (see ``WeightCache``);
 default 256 MiB.
 """
@@ -39,3 +40,22 @@ def weight_cache_bytes() -> int:
         from .errors import ModCLError
         raise ModCLError(f'MODCL_WEIGHT_CACHE_BYTES must be a non-negative integer, got {value!r}')
     return n
+
+
+#: Default bound, in seconds, of a whole Hub push or pull.
+DEFAULT_HUB_TIMEOUT = 120.0
+
+
+def hub_timeout() -> float:
+    """Seconds a Hub push or pull may take in all (``MODCL_HUB_TIMEOUT``, default 120)."""
+    value = os.environ.get('MODCL_HUB_TIMEOUT')
+    if not value:
+        return DEFAULT_HUB_TIMEOUT
+    try:
+        t = float(value)
+    except ValueError:
+        t = -1.0
+    if not t > 0:
+        from .errors import HubError
+        raise HubError(f'MODCL_HUB_TIMEOUT must be a positive number of seconds, got {value!r}')
+    return t

@@ -35,7 +35,7 @@ from safetensors.torch import save as st_save
 
 from ._io import atomic_write_bytes
 from .config import TaskConfig
-from .core import MAX_CLASSES
+from .core import MAX_CLASSES, MAX_MODULATOR
 from .errors import AdapterError, AdapterFormatError, FingerprintMismatchError, TaskError, TaskExistsError
 from .layers import modulator_shape
 from .task import BASE_TASK, TaskInfo, TaskState, validate_metadata, validate_task_name
@@ -175,6 +175,9 @@ def adapter_bytes(model, name: str, dtype: Optional[torch.dtype] = None, include
         if k.startswith('head.') and not has_head:
             continue
         v = v.detach()
+        if k.startswith('modulator.') and v.numel() and float(v.abs().max()) > MAX_MODULATOR:
+            raise AdapterError(f'task {name!r}: {k} has values beyond +-{MAX_MODULATOR:g} (a diverged training run?); '
+                               f'such an adapter would be refused when loaded')
         if v.is_floating_point() and v.dtype != dtype:
             v = v.to(dtype)
             if not torch.isfinite(v).all():

@@ -36,7 +36,7 @@ from .layers import (
 from .task import BASE_TASK, BN_STATS, TaskInfo, TaskState, validate_metadata, validate_task_name
 
 __all__ = [
-    'ModCLMixin', 'MAX_CLASSES', 'STATE_DICT_FORMAT', 'register_frozen_parameters', 'frozen_parameter_names',
+    'ModCLMixin', 'MAX_CLASSES', 'MAX_MODULATOR', 'STATE_DICT_FORMAT', 'register_frozen_parameters', 'frozen_parameter_names',
 ]
 
 #: Version of the ``state_dict`` layout (tensors only: natural keys for the active task, ``modcl.tasks.<name>.*`` for
@@ -44,6 +44,9 @@ __all__ = [
 STATE_DICT_FORMAT = 2
 #: Largest head a task may have (a clear error instead of an allocation failure).
 MAX_CLASSES = 1_000_000
+#: Largest modulator value accepted: it scales a weight by a million (trained modulators stay within a few units; a
+#: larger value comes from a corrupt file or a diverged run, and gives non-finite outputs).
+MAX_MODULATOR = 1e6
 _META_KEY = 'modcl.meta'
 _TASKS_PREFIX = 'modcl.tasks.'
 _MAX_META_BYTES = 64 * 1024 * 1024
@@ -239,6 +242,7 @@ class ModCLMixin:
             first = next(iter(weight_layers.values()))
             if check_input not in first._forward_pre_hooks.values():
                 first.register_forward_pre_hook(check_input)
+            first.modcl_bn_guard = any(_tracks_stats(m) for m in norm_layers.values())
         st.fingerprint = None
         st.head_template = None
         root_frozen = [k for n, k in st.extra_frozen if not n]
@@ -767,6 +771,9 @@ class ModCLMixin:
                 raise error(f'task {name!r}: {k!r} must be float16, bfloat16, float32 or float64, got {t.dtype}')
             if not torch.isfinite(t).all():
                 raise error(f'task {name!r}: {k!r} contains NaN or Inf values')
+            if k.startswith('modulator.') and t.numel() and float(t.abs().max()) > MAX_MODULATOR:
+                raise error(f'task {name!r}: {k!r} has values beyond +-{MAX_MODULATOR:g} (up to '
+                            f'{float(t.abs().max()):.3g}): a corrupt file or a diverged training run')
             if k.endswith('.running_var') and (t < 0).any():
                 raise error(f'task {name!r}: {k!r} has negative values')
 

@@ -18,8 +18,8 @@ from torch.utils.data import Dataset, TensorDataset
 from .errors import DataError
 
 __all__ = [
-    'DigitsTask', 'FolderDatasets', 'image_folder_datasets', 'data_config', 'eval_transform', 'scan_image_folder',
-    'digits_tasks',
+    'DigitsTask', 'FolderDatasets', 'ImageFiles', 'image_folder_datasets', 'data_config', 'eval_transform',
+    'scan_image_folder', 'digits_tasks',
 ]
 
 _VAL_SYNONYMS = ('val', 'validation', 'valid')
@@ -28,8 +28,8 @@ _VAL_SYNONYMS = ('val', 'validation', 'valid')
 class FolderDatasets(NamedTuple):
     """What ``image_folder_datasets`` returns; unpacks as ``train, val, class_names``.
 
-    Both datasets are timm ``ImageDataset`` objects with two extra attributes: ``class_names`` and
-    ``skipped_files`` (the unreadable files that were left out, as paths).
+    Both datasets are ``ImageFiles`` objects, with ``samples``, ``class_names``, ``skipped_files`` (the unreadable
+    files that were left out, as paths) and ``decode_failures``.
     """
     train: Dataset
     val: Optional[Dataset]
@@ -154,16 +154,51 @@ def eval_transform(model: Optional[nn.Module] = None, input_size: Optional[int] 
     return create_transform(**data_config(model, input_size), is_training=False)
 
 
-def _make_dataset(folder: str, samples: List[Tuple[str, int]], class_names: List[str], transform,
-                  skipped: List[str]) -> Dataset:
-    from timm.data import create_dataset
-    ds = create_dataset('', root=folder, search_split=False, input_img_mode='RGB', transform=transform)
-    # our scan decides which files belong (verified, one class per top-level folder); timm loads them
-    ds.reader.samples = list(samples)
-    ds.reader.class_to_idx = {c: i for i, c in enumerate(class_names)}
-    ds.class_names = list(class_names)
-    ds.skipped_files = list(skipped)
-    return ds
+class ImageFiles(Dataset):
+    """``(image, label)`` pairs from a list of image files, decoded with PIL in RGB (so grayscale, RGBA and palette
+    images all become 3-channel inputs) and preprocessed with a timm transform.
+
+    A file that cannot be decoded when it is read (e.g. a JPEG truncated at its end, which passes the up-front check)
+    is named in a ``UserWarning`` and listed in ``decode_failures``, and the next readable sample is used instead, so
+    one bad file does not end a long training run.
+
+    Attributes:
+        samples: ``(path, class index)`` pairs.
+        class_names: The class names, in label order.
+        skipped_files: Unreadable files left out up front.
+        decode_failures: Files that failed to decode while reading (in this process).
+    """
+
+    _MAX_CONSECUTIVE_FAILURES = 20
+
+    def __init__(self, samples: Sequence[Tuple[str, int]], class_names: Sequence[str], transform=None,
+                 skipped_files: Sequence[str] = ()) -> None:
+        self.samples = list(samples)
+        self.class_names = list(class_names)
+        self.transform = transform
+        self.skipped_files = list(skipped_files)
+        self.decode_failures: List[str] = []
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+        n = len(self.samples)
+        for attempt in range(min(n, self._MAX_CONSECUTIVE_FAILURES)):
+            path, target = self.samples[(index + attempt) % n]
+            try:
+                with Image.open(path) as im:
+                    img = im.convert('RGB')
+            except Exception as e:  # PIL raises many types (OSError 'image file is truncated', SyntaxError, ...)
+                if path not in self.decode_failures:
+                    self.decode_failures.append(path)
+                    warnings.warn(f'cannot decode image {path} ({type(e).__name__}: {e}); using the next image in '
+                                  f'its place', UserWarning, stacklevel=2)
+                continue
+            return (self.transform(img) if self.transform is not None else img), target
+        raise DataError(f'{self._MAX_CONSECUTIVE_FAILURES} images in a row from {self.samples[index][0]!r} could not '
+                        f'be decoded')
 
 
 def _split(samples: List[Tuple[str, int]], fraction: float, seed: int):
@@ -205,9 +240,10 @@ def image_folder_datasets(
       * ``root/<class>/...``: one folder of classes, split per class into train and val by ``val_fraction``
         (stratified, reproducible with ``seed``; every class keeps at least one training image).
 
-    Images are loaded by timm's ``ImageDataset`` (``timm.data.create_dataset``) in RGB, so grayscale, RGBA and
-    palette images all become 3-channel inputs. Every file is checked up front with PIL; unreadable ones are left
-    out with a ``UserWarning`` that counts them (the datasets' ``skipped_files`` lists them).
+    Images are loaded by ``ImageFiles`` in RGB, so grayscale, RGBA and palette images all become 3-channel inputs,
+    and preprocessed with timm's transforms. Every file is checked up front with PIL; unreadable ones are left out
+    with a ``UserWarning`` that counts them (the datasets' ``skipped_files`` lists them); a file that still fails to
+    decode later is named in a warning (see ``ImageFiles``).
 
     Args:
         root: The data folder.
@@ -266,11 +302,10 @@ def image_folder_datasets(
     cfg = data_config(model, input_size)
     train_tf = create_transform(**cfg, is_training=True, no_aug=not augment)
     eval_tf = create_transform(**cfg, is_training=False)
-    train_ds = _make_dataset(str(train_root), train_samples, classes, train_tf, [p for p, _ in skipped])
+    train_ds = ImageFiles(train_samples, classes, train_tf, [p for p, _ in skipped])
     val_ds = None
     if val_samples:
-        val_ds = _make_dataset(str(val_root or train_root), val_samples, classes, eval_tf,
-                               [p for p, _ in val_skipped])
+        val_ds = ImageFiles(val_samples, classes, eval_tf, [p for p, _ in val_skipped])
     return FolderDatasets(train_ds, val_ds, classes)
 
 

@@ -5,7 +5,10 @@ A Hub repo (or a ``subfolder`` of one) holds the same layout as ``save_tasks`` w
 tasks to what the repo already lists; pulling downloads only the index and the requested tasks' adapter files (no
 code, no full checkpoint) through the huggingface_hub cache, so pinned revisions and ``HF_HUB_OFFLINE=1`` work.
 """
+import math
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -19,6 +22,7 @@ from .adapter import (
     ADAPTER_CONFIG_FILE, ADAPTER_FILE, INDEX_FILE, load_task_files, read_index, read_index_file, save_tasks,
     task_names, write_index,
 )
+from ._settings import hub_timeout
 from .errors import HubError
 from .task import BASE_TASK
 from .version import __version__
@@ -42,7 +46,8 @@ def _hub_error(e: Exception, repo_id: str, revision: Optional[str], what: str) -
     elif isinstance(e, RevisionNotFoundError):
         msg = f'repository {repo_id!r} has no revision {revision!r}'
     elif isinstance(e, LocalEntryNotFoundError):
-        msg = f'{what} of {repo_id!r}{rev} is not in the local cache and the Hub cannot be reached (offline?)'
+        msg = (f'{what} of {repo_id!r}{rev} is not in the local cache and the Hub cannot be reached: check the '
+               f'endpoint (HF_ENDPOINT) and the network, or pull once while online')
     elif isinstance(e, EntryNotFoundError):
         msg = f'{repo_id!r}{rev} has no {what}'
     elif isinstance(e, OfflineModeIsEnabled):
@@ -52,12 +57,65 @@ def _hub_error(e: Exception, repo_id: str, revision: Optional[str], what: str) -
         if status in (401, 403):
             msg = f'access to {repo_id!r} was refused (HTTP {status}): is the token valid and allowed to do this?'
         else:
-            msg = f'Hub request for {repo_id!r} failed (HTTP {status})'
+            msg = f'Hub request for {repo_id!r} failed (HTTP {status}) while getting the {what}'
+    elif _is_transport_error(e):
+        kind = type(e).__name__
+        if 'Connect' in kind or isinstance(e, ConnectionRefusedError):
+            msg = (f'could not connect to the Hub ({kind}) to get the {what} of {repo_id!r}: check the endpoint '
+                   f'(HF_ENDPOINT) and the network, or set HF_HUB_OFFLINE=1 to use cached files')
+        else:
+            msg = (f'the connection to the Hub broke ({kind}: {e}) while getting the {what} of {repo_id!r}; nothing '
+                   f'was loaded: retry, or check the endpoint (HF_ENDPOINT) and the network')
     else:
-        msg = f'Hub request for {repo_id!r} failed: {type(e).__name__}'
+        msg = f'Hub request for {repo_id!r} failed while getting the {what}: {type(e).__name__}'
     err = HubError(msg)
     err.__cause__ = None
     return err
+
+
+def _is_transport_error(e: BaseException) -> bool:
+    """Network-level failures (httpx's transport errors, socket errors), as opposed to HTTP answers."""
+    return isinstance(e, OSError) or any(
+        c.__module__.startswith(('httpx', 'httpcore', 'requests', 'urllib3', 'h11')) for c in type(e).__mro__)
+
+
+def _deadline(timeout: Optional[float]) -> float:
+    timeout = hub_timeout() if timeout is None else timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0 or math.isnan(timeout):
+        raise HubError(f'timeout must be a positive number of seconds, got {timeout!r}')
+    return time.monotonic() + float(timeout)
+
+
+def _within(deadline: float, fn, what: str, repo_id: str, revision: Optional[str], late: str = ''):
+    """Run the network step ``fn()`` in a daemon thread and wait until ``deadline`` at most.
+
+    huggingface_hub retries with its own per-request timeouts, so a server that stops answering could keep a call
+    busy for minutes; this bounds the total time. Library errors are mapped to ``HubError``.
+    """
+    box: Dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box['value'] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            box['error'] = e
+
+    thread = threading.Thread(target=target, name='timm_modcl-hub', daemon=True)
+    started = time.monotonic()
+    thread.start()
+    thread.join(max(0.0, deadline - started))
+    if thread.is_alive():
+        raise HubError(f'the Hub did not answer in time while getting the {what} of {repo_id!r} (gave up after '
+                       f'{time.monotonic() - started:.0f} s); nothing was loaded{late}. Retry later, or allow more '
+                       f'time with timeout= (or MODCL_HUB_TIMEOUT)')
+    if 'error' in box:
+        e = box['error']
+        if isinstance(e, HubError):
+            raise e
+        if isinstance(e, Exception):
+            raise _hub_error(e, repo_id, revision, what)
+        raise e
+    return box.get('value')
 
 
 def _base_model_id(model) -> Optional[str]:
@@ -128,6 +186,7 @@ def push_tasks(
         commit_message: Optional[str] = None,
         endpoint: Optional[str] = None,
         dtype=None,
+        timeout: Optional[float] = None,
 ) -> str:
     """Push tasks of ``model`` (default: all but ``base``) to a Hub repo in one commit, creating the repo if needed.
 
@@ -144,37 +203,42 @@ def push_tasks(
         commit_message: Commit message.
         endpoint: Hub endpoint (default: ``HF_ENDPOINT`` or huggingface.co).
         dtype: Storage dtype (``torch.float16`` halves the size; default float32).
+        timeout: Seconds the whole push may take (default ``MODCL_HUB_TIMEOUT`` or 120).
 
     Returns:
         The commit URL.
 
     Raises:
         TaskNotFoundError: a named task does not exist.
-        HubError: the repo cannot be created or written (missing/invalid token, no permission, network).
+        HubError: the repo cannot be created or written (missing/invalid token, no permission, network), or the push
+            did not finish within ``timeout``.
     """
-    names = [n for n in model.tasks if n != BASE_TASK] if names is None else list(names)
+    names = [n for n in model.tasks if n != BASE_TASK] if names is None else task_names(names)
     for n in names:
         model._task(n)  # TaskNotFoundError before anything is sent
+    deadline = _deadline(timeout)
     api = HfApi(endpoint=endpoint, token=token, library_name=LIBRARY_NAME, library_version=__version__)
-    try:
+
+    def create() -> None:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-    except Exception as e:  # noqa: BLE001 - every failure becomes a HubError naming the problem
-        raise _hub_error(e, repo_id, revision, 'repository') from None
 
+    _within(deadline, create, 'repository', repo_id, revision)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         out = save_tasks(model, folder / 'out', names=names, dtype=dtype)
         listed = list(names)
-        try:  # keep the tasks the repo already lists
-            old_path = hf_hub_download(
-                repo_id, _join(subfolder, INDEX_FILE), revision=revision, token=token, endpoint=endpoint,
-                cache_dir=folder / '.cache', library_name=LIBRARY_NAME, library_version=__version__)
-        except EntryNotFoundError:
-            old_path = None
-        except Exception as e:  # noqa: BLE001
-            raise _hub_error(e, repo_id, revision, INDEX_FILE) from None
+
+        def old_index() -> Optional[str]:  # keep the tasks the repo already lists
+            try:
+                return hf_hub_download(
+                    repo_id, _join(subfolder, INDEX_FILE), revision=revision, token=token, endpoint=endpoint,
+                    cache_dir=folder / '.cache', library_name=LIBRARY_NAME, library_version=__version__)
+            except EntryNotFoundError:
+                return None
+
+        old_path = _within(deadline, old_index, INDEX_FILE, repo_id, revision)
         if old_path is not None:
             old = read_index_file(old_path, f'{repo_id}/{INDEX_FILE}')
             ours = read_index(out)
@@ -188,12 +252,12 @@ def push_tasks(
         (out / 'README.md').write_text(card.content)
         files = [INDEX_FILE, 'README.md'] + [f'{n}/{f}' for n in names for f in (ADAPTER_FILE, ADAPTER_CONFIG_FILE)]
         ops = [CommitOperationAdd(path_in_repo=_join(subfolder, f), path_or_fileobj=str(out / f)) for f in files]
-        try:
-            info = api.create_commit(
+        info = _within(
+            deadline, lambda: api.create_commit(
                 repo_id, ops, revision=revision,
-                commit_message=commit_message or f'Add timm_modcl task adapter(s): {", ".join(names)}')
-        except Exception as e:  # noqa: BLE001
-            raise _hub_error(e, repo_id, revision, 'commit') from None
+                commit_message=commit_message or f'Add timm_modcl task adapter(s): {", ".join(names)}'),
+            'commit', repo_id, revision,
+            late=' here, but the commit may still land if the server finishes it: check the repo before retrying')
     return str(info.commit_url)
 
 
@@ -210,37 +274,41 @@ def pull_tasks(
         local_files_only: bool = False,
         replace: bool = False,
         allow_fingerprint_mismatch: bool = False,
+        timeout: Optional[float] = None,
 ) -> List[str]:
     """Add tasks from a Hub repo to ``model`` (default: all it lists), all or nothing.
 
     Downloads go through the huggingface_hub cache: a ``revision`` (branch, tag or commit) pins them, and with
     ``local_files_only=True`` or ``HF_HUB_OFFLINE=1`` cached files are used without network.
 
+    Every download finishes (into the cache) before the model is touched, and the whole pull is bounded by
+    ``timeout`` seconds (default ``MODCL_HUB_TIMEOUT`` or 120): a server that stops answering ends in a ``HubError``
+    with nothing loaded.
+
     Returns:
         The loaded task names.
 
     Raises:
-        HubError: repo, revision or file not found; private repo without a valid token; not cached while offline.
+        HubError: repo, revision or file not found; private repo without a valid token; not cached while offline;
+            connection refused or broken; no answer within ``timeout``.
         AdapterFormatError, FingerprintMismatchError, TaskExistsError: as ``timm_modcl.adapter.load_task``.
     """
+    deadline = _deadline(timeout)
+    wanted = None if names is None else task_names(names)
     kw: Dict[str, Any] = dict(
         revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint, local_files_only=local_files_only,
         library_name=LIBRARY_NAME, library_version=__version__)
-    try:
-        index_path = hf_hub_download(repo_id, _join(subfolder, INDEX_FILE), **kw)
-    except Exception as e:  # noqa: BLE001
-        raise _hub_error(e, repo_id, revision, f'{INDEX_FILE} (is it a timm_modcl adapter repo?)') from None
+    index_path = _within(deadline, lambda: hf_hub_download(repo_id, _join(subfolder, INDEX_FILE), **kw),
+                         f'{INDEX_FILE} (is it a timm_modcl adapter repo?)', repo_id, revision)
     index = read_index_file(index_path, f'{repo_id}/{INDEX_FILE}')
-    wanted = list(index['tasks']) if names is None else task_names(names)
+    wanted = list(index['tasks']) if wanted is None else wanted
     missing = [n for n in wanted if n not in index['tasks']]
     if missing:
         raise HubError(f'{repo_id!r} has no task(s) {missing}; it has {index["tasks"]}')
     files = {}
     for n in wanted:
-        try:
-            files[n] = hf_hub_download(repo_id, _join(subfolder, f'{n}/{ADAPTER_FILE}'), **kw)
-        except Exception as e:  # noqa: BLE001
-            raise _hub_error(e, repo_id, revision, f'adapter file of task {n!r}') from None
+        files[n] = _within(deadline, lambda n=n: hf_hub_download(repo_id, _join(subfolder, f'{n}/{ADAPTER_FILE}'), **kw),
+                           f'adapter file of task {n!r}', repo_id, revision)
     return load_task_files(model, files, replace=replace, allow_fingerprint_mismatch=allow_fingerprint_mismatch,
                            label=repo_id)
 

@@ -417,7 +417,7 @@ def modulate_layer(module: nn.Module) -> str:
     raise TypeError(f'{base.__name__} is neither a weight layer (conv, linear) nor a normalisation layer')
 
 
-_LAYER_ATTRS = ('modcl_chunks', 'modcl_sign', 'modcl_cache', '_modcl_interp', '_modcl_frozen')
+_LAYER_ATTRS = ('modcl_chunks', 'modcl_sign', 'modcl_cache', '_modcl_interp', '_modcl_frozen', 'modcl_bn_guard')
 
 
 def unmodulate_layer(module: nn.Module, copy: bool = False) -> nn.Module:
@@ -458,7 +458,9 @@ def unmodulate_layer(module: nn.Module, copy: bool = False) -> nn.Module:
 
 
 def check_input(module: nn.Module, args) -> None:
-    """Forward pre-hook of a model's first weight layer: a clear ``InputError`` for a wrong channel count or dtype."""
+    """Forward pre-hook of a model's first weight layer: a clear ``InputError`` for a wrong channel count or dtype, or
+    a single-sample batch in train mode when the model has BatchNorm (it would fail deep inside the network after the
+    active task's statistics of the earlier layers were already updated)."""
     if _is_tracing() or torch.compiler.is_compiling() or torch.jit.is_scripting():
         return
     x = args[0] if args else None
@@ -469,6 +471,9 @@ def check_input(module: nn.Module, args) -> None:
     expected = (f'(N, {in_ch}, H, W)' if isinstance(module, nn.Conv2d) else f'(..., {in_ch})')
     if isinstance(module, nn.Conv2d) and (x.ndim != 4 or x.shape[1] != in_ch):
         raise InputError(f'expected an image batch of shape {expected}, got {tuple(x.shape)}')
+    if module.training and x.shape[0] == 1 and getattr(module, 'modcl_bn_guard', False):
+        raise InputError('a batch of 1 sample cannot train BatchNorm statistics (the model is in train mode); use a '
+                         'batch of 2 or more, or model.eval() to run a single image')
     if not x.is_floating_point():
         raise InputError(f'expected a floating-point image batch ({frozen.dtype}), got {x.dtype}; convert it with '
                          f'x.float() (and normalise it as the model expects)')
