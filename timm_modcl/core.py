@@ -598,9 +598,11 @@ class ModCLMixin:
         st = self._modcl
         task = st.tasks[name]
         sign = task.sign
+        slot = st.cache.activate(name)
         for layer, module in st.weight_layers.items():
             module._parameters['modulator'] = task.modulators.get(layer)
             module.modcl_sign = sign
+            module.modcl_slot = slot
         for layer, module in st.norm_layers.items():
             stats = task.norm_stats.get(layer)
             if stats is not None:
@@ -611,7 +613,6 @@ class ModCLMixin:
         if st.head is not None:
             self._set_head(task.head)
             self.num_classes = task.num_classes
-        st.cache.activate(name)
         st.active = name
 
     # ------------------------------------------------------------------ timm methods that change the structure

@@ -136,40 +136,34 @@ class WeightCache:
 
     Entries are grouped per task; the active task is never evicted (it is what the model computes now), so a model
     always runs at the plain model's eval cost, and switching between a few hot tasks recomputes nothing while they
-    fit. Every entry is keyed on the identity and version counter of the modulator and of the frozen weight, so a
-    stale weight is never served after an optimizer step, an in-place edit or a load.
+    fit. Every entry records the identity and version counter of the modulator and of the frozen weight it was made
+    from, so a stale weight is never served after an optimizer step, an in-place edit or a load. The model binds the
+    active task's slot (a dict) on every weight layer, which looks its entry up directly.
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = int(max_bytes)
         self.active: Optional[str] = None
-        self._tasks: 'OrderedDict[str, Dict[int, Tuple[tuple, torch.Tensor, int]]]' = OrderedDict()
+        self._tasks: 'OrderedDict[str, Dict[nn.Module, tuple]]' = OrderedDict()
         self.bytes = 0
-        self.hits = 0
         self.misses = 0
 
-    def activate(self, task: str) -> None:
+    def activate(self, task: str) -> Dict[nn.Module, tuple]:
+        """Make ``task`` the most recently used one and return its slot."""
         self.active = task
-        self._tasks.setdefault(task, {})
+        slot = self._tasks.setdefault(task, {})
         self._tasks.move_to_end(task)
         self._evict()
+        return slot
 
-    def get(self, layer: int, key: tuple) -> Optional[torch.Tensor]:
-        slot = self._tasks.get(self.active)
-        entry = None if slot is None else slot.get(layer)
-        if entry is not None and entry[0] == key:
-            self.hits += 1
-            return entry[1]
-        self.misses += 1
-        return None
-
-    def put(self, layer: int, key: tuple, weight: torch.Tensor, nbytes: int) -> None:
-        slot = self._tasks.setdefault(self.active, {})
-        old = slot.pop(layer, None)
+    def put(self, slot: Dict[nn.Module, tuple], layer: nn.Module, entry: tuple) -> None:
+        """Store a layer's entry (whose last item is its size in bytes) in a task's slot."""
+        old = slot.get(layer)
         if old is not None:
-            self.bytes -= old[2]
-        slot[layer] = (key, weight, nbytes)
-        self.bytes += nbytes
+            self.bytes -= old[-1]
+        slot[layer] = entry
+        self.bytes += entry[-1]
+        self.misses += 1
         self._evict()
 
     def _evict(self) -> None:
@@ -181,11 +175,14 @@ class WeightCache:
 
     def drop(self, task: str) -> None:
         """Forget the cached weights of one task (removed, replaced or reloaded)."""
-        slot = self._tasks.pop(task, None)
-        if slot:
-            self.bytes -= sum(e[2] for e in slot.values())
+        slot = self._tasks.get(task)
+        if slot is None:
+            return
+        self.bytes -= sum(e[-1] for e in slot.values())
         if task == self.active:
-            self._tasks[task] = {}
+            slot.clear()  # in place: the layers hold this dict
+        else:
+            del self._tasks[task]
 
     def rename(self, old: str, new: str) -> None:
         if old in self._tasks:
@@ -211,13 +208,15 @@ class ModulatedWeight:
 
     ``weight`` becomes a read-only property: the frozen tensor (a buffer, under the layer's usual state-dict key)
     modulated by the active task's ``modulator`` parameter, or the frozen tensor itself when the task leaves the layer
-    unmodulated. The model re-binds ``modulator``, ``modcl_sign`` and ``modcl_cache`` when the task changes.
+    unmodulated. The model re-binds ``modulator``, ``modcl_sign`` and ``modcl_slot`` (the active task's entries of the
+    model's ``WeightCache``) when the task changes.
     """
 
     _modcl_base: Type[nn.Module]
     modcl_chunks: int
     modcl_sign: float
     modcl_cache: Optional[WeightCache]
+    modcl_slot: Dict[nn.Module, tuple]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -225,7 +224,15 @@ class ModulatedWeight:
         modulator = self._parameters['modulator']
         if modulator is None:
             return frozen
-        return self._modcl_effective(frozen, modulator)
+        if self.training or (modulator.requires_grad and torch.is_grad_enabled()):
+            return self.modulated_weight(modulator)
+        # eval without autograd: the cached weight if it was made from these very tensors, at these versions
+        entry = self.modcl_slot.get(self)
+        if (entry is not None and entry[0] is modulator and entry[1] == modulator._version and entry[2] is frozen
+                and entry[3] == frozen._version and entry[4] == self.modcl_sign
+                and entry[5] == modulator.data_ptr()):
+            return entry[6]
+        return self._modcl_fill(frozen, modulator)
 
     def upsample(self, modulator: torch.Tensor) -> torch.Tensor:
         """``upsample_modulator`` as two small matrix products with cached interpolation matrices.
@@ -269,23 +276,20 @@ class ModulatedWeight:
         frozen = self._buffers['weight']
         return torch.addcmul(frozen, frozen, self.upsample(modulator), value=sign)
 
-    def _modcl_effective(self, frozen: torch.Tensor, modulator: torch.Tensor) -> torch.Tensor:
+    def _modcl_fill(self, frozen: torch.Tensor, modulator: torch.Tensor) -> torch.Tensor:
+        """Compute the effective weight and cache it for the active task (not while compiling or tracing)."""
         cache = self.modcl_cache
-        if (cache is None or self.training or (torch.is_grad_enabled() and modulator.requires_grad)
-                or torch.compiler.is_compiling() or _is_tracing()):
+        if cache is None or torch.compiler.is_compiling() or _is_tracing():
             return self.modulated_weight(modulator)
-        key = (id(modulator), modulator._version, modulator.data_ptr(), id(frozen), frozen._version,
-               frozen.data_ptr(), self.modcl_sign)
-        weight = cache.get(id(self), key)
-        if weight is None:
-            # a plain tensor even under inference_mode, so later no-grad calls can reuse it
-            with torch.inference_mode(False), torch.no_grad():
-                if not modulator.any():  # an untouched identity task: exactly the frozen weight, nothing to store
-                    weight, nbytes = frozen, 0
-                else:
-                    weight = self.modulated_weight(modulator)
-                    nbytes = weight.numel() * weight.element_size()
-            cache.put(id(self), key, weight, nbytes)
+        # a plain tensor even under inference_mode, so later no-grad calls can reuse it
+        with torch.inference_mode(False), torch.no_grad():
+            if not modulator.any():  # an untouched identity task: exactly the frozen weight, nothing to store
+                weight, nbytes = frozen, 0
+            else:
+                weight = self.modulated_weight(modulator)
+                nbytes = weight.numel() * weight.element_size()
+        cache.put(self.modcl_slot, self, (modulator, modulator._version, frozen, frozen._version, self.modcl_sign,
+                                          modulator.data_ptr(), weight, nbytes))
         return weight
 
     def __prepare_scriptable__(self) -> nn.Module:
@@ -403,6 +407,7 @@ def modulate_layer(module: nn.Module) -> str:
         module.modcl_chunks = 1
         module.modcl_sign = 1.0
         module.modcl_cache = None
+        module.modcl_slot = {}
         module._modcl_interp = {}
         return 'weight'
     if is_norm_layer(module):
@@ -417,7 +422,8 @@ def modulate_layer(module: nn.Module) -> str:
     raise TypeError(f'{base.__name__} is neither a weight layer (conv, linear) nor a normalisation layer')
 
 
-_LAYER_ATTRS = ('modcl_chunks', 'modcl_sign', 'modcl_cache', '_modcl_interp', '_modcl_frozen', 'modcl_bn_guard')
+_LAYER_ATTRS = ('modcl_chunks', 'modcl_sign', 'modcl_cache', 'modcl_slot', '_modcl_interp', '_modcl_frozen',
+                'modcl_bn_guard')
 
 
 def unmodulate_layer(module: nn.Module, copy: bool = False) -> nn.Module:
