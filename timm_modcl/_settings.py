@@ -23,39 +23,34 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def _env_number(name: str, default, cast, ok, expected: str, error: str):
+    """A number from the environment variable ``name`` (``default`` when unset or empty), checked with ``ok``."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        number = cast(value)
+    except ValueError:
+        number = None
+    if number is None or not ok(number):
+        from . import errors
+        raise getattr(errors, error)(f'{name} must be {expected}, got {value!r}')
+    return number
+
+
 #: Default memory limit of a model's effective-weight cache: a few tasks of a mid-size model on a CPU machine.
 DEFAULT_WEIGHT_CACHE_BYTES = 256 * 1024 * 1024
-
-
-def weight_cache_bytes() -> int:
-    """Memory limit of the effective-weight cache (``MODCL_WEIGHT_CACHE_BYTES``, default 256 MiB)."""
-    value = os.environ.get('MODCL_WEIGHT_CACHE_BYTES')
-    if not value:
-        return DEFAULT_WEIGHT_CACHE_BYTES
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n < 0:
-        from .errors import ModCLError
-        raise ModCLError(f'MODCL_WEIGHT_CACHE_BYTES must be a non-negative integer, got {value!r}')
-    return n
-
-
 #: Default bound, in seconds, of a whole Hub push or pull.
 DEFAULT_HUB_TIMEOUT = 120.0
 
 
+def weight_cache_bytes() -> int:
+    """Memory limit of the effective-weight cache (``MODCL_WEIGHT_CACHE_BYTES``, default 256 MiB)."""
+    return _env_number('MODCL_WEIGHT_CACHE_BYTES', DEFAULT_WEIGHT_CACHE_BYTES, int, lambda n: n >= 0,
+                       'a non-negative integer', 'ModCLError')
+
+
 def hub_timeout() -> float:
     """Seconds a Hub push or pull may take in all (``MODCL_HUB_TIMEOUT``, default 120)."""
-    value = os.environ.get('MODCL_HUB_TIMEOUT')
-    if not value:
-        return DEFAULT_HUB_TIMEOUT
-    try:
-        t = float(value)
-    except ValueError:
-        t = -1.0
-    if not t > 0:
-        from .errors import HubError
-        raise HubError(f'MODCL_HUB_TIMEOUT must be a positive number of seconds, got {value!r}')
-    return t
+    return _env_number('MODCL_HUB_TIMEOUT', DEFAULT_HUB_TIMEOUT, float, lambda t: t > 0,
+                       'a positive number of seconds', 'HubError')

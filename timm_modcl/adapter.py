@@ -296,13 +296,26 @@ def _v1_config(model, task_meta: Mapping[str, Any], tensors: Mapping[str, torch.
     return TaskConfig(resolution=base.resolution, variant=variant, layer_resolution=tuple(overrides))
 
 
-def _task_meta(model, meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor], source: str) -> Dict[str, Any]:
+def _task_json(meta: Mapping[str, str], source: str) -> Dict[str, Any]:
+    """The ``task`` entry of an adapter header, as a dict."""
     try:
         task_meta = json.loads(meta.get('task', ''))
     except ValueError:
         raise AdapterFormatError(f'{source} has corrupt task metadata') from None
     if not isinstance(task_meta, dict):
         raise AdapterFormatError(f'{source} has corrupt task metadata')
+    return task_meta
+
+
+def _num_classes(task_meta: Mapping[str, Any], source: str) -> int:
+    n = task_meta.get('num_classes')
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_CLASSES:
+        raise AdapterFormatError(f'{source}: num_classes must be an integer from 0 to {MAX_CLASSES:,}, got {n!r}')
+    return n
+
+
+def _task_meta(model, meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor], source: str) -> Dict[str, Any]:
+    task_meta = _task_json(meta, source)
     if meta.get('format_version') == '1':
         task_meta = dict(task_meta, config=_v1_config(model, task_meta, tensors, source).to_dict())
         task_meta.pop('variant', None)
@@ -341,11 +354,7 @@ def build_task(
     if task_meta.get('name') == BASE_TASK:
         raise AdapterFormatError(f'{label} is named {BASE_TASK!r}, which is reserved; load it under another name')
     headless = meta.get('has_head') == 'false' and model._has_head
-    num_classes = task_meta.get('num_classes')
-    if headless and not (isinstance(num_classes, int) and not isinstance(num_classes, bool)
-                         and 0 <= num_classes <= MAX_CLASSES):
-        raise AdapterFormatError(f'{label}: num_classes must be an integer from 0 to {MAX_CLASSES:,}, got '
-                                 f'{num_classes!r}')
+    num_classes = _num_classes(task_meta, label) if headless else None
     if headless and num_classes:
         shapes = model._head_shapes(num_classes)
         fresh_values = sum(math.prod(s) for s in shapes.values())
@@ -409,12 +418,7 @@ def describe_adapter(source: Union[_PathLike, bytes], inside: Optional[_PathLike
     """
     label = 'adapter' if isinstance(source, (bytes, bytearray)) else repr(str(source))
     meta, tensors = read_adapter(source, label.strip("'"), inside=inside)
-    try:
-        task = json.loads(meta.get('task', ''))
-    except ValueError:
-        raise AdapterFormatError(f'{label} has corrupt task metadata') from None
-    if not isinstance(task, dict):
-        raise AdapterFormatError(f'{label} has corrupt task metadata')
+    task = _task_json(meta, label)
     try:
         validate_task_name(task.get('name'))
         if meta.get('format_version') == '1':
@@ -424,10 +428,7 @@ def describe_adapter(source: Union[_PathLike, bytes], inside: Optional[_PathLike
             config = TaskConfig.from_dict(task.get('config'))
     except (TaskError, TypeError) as e:
         raise AdapterFormatError(f'{label}: {e}') from None
-    num_classes = task.get('num_classes')
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 0 <= num_classes <= MAX_CLASSES:
-        raise AdapterFormatError(f'{label}: num_classes must be an integer from 0 to {MAX_CLASSES:,}, '
-                                 f'got {num_classes!r}')
+    num_classes = _num_classes(task, label)
     class_names = task.get('class_names')
     if class_names is not None and (not isinstance(class_names, list) or len(class_names) != num_classes
                                     or not all(isinstance(c, str) for c in class_names)):
