@@ -91,6 +91,17 @@ def main(out: Path) -> None:
     if D.is_main_process():
         save_tasks(model, out / 'ln_adapters', names=['t'])
 
+    # ---- different backbones on the ranks: refused on every rank before training
+    model = make_model(LN_ARCH)
+    if rank == 1:
+        with torch.no_grad():
+            next(iter(model._modcl.weight_layers.values()))._buffers['weight'].add_(1e-3)
+    try:
+        train_task(model, 't', train, **TRAIN)
+        report['backbone_error'] = None
+    except DistributedError as e:
+        report['backbone_error'] = str(e)
+
     # ---- BatchNorm model: compared with two replicas whose gradients are averaged by hand
     model = make_model(BN_ARCH)
     other_before, other_logits = snapshot(model, 'other'), logits(model, 'other')

@@ -159,6 +159,7 @@ def test_ddp_two_gloo_processes_match_single_process_references(tmp_path):
         # SyncBatchNorm on CPU: a clear error, and the model untouched
         assert 'sync_bn=True needs CUDA' in rep['sync_bn_cpu_error']
         assert rep['sync_bn_model_unchanged']
+        assert 'rank(s) [1] differ from rank 0' in rep['backbone_error']
     assert reports[0]['ln_history']['train_loss'] == reports[1]['ln_history']['train_loss']
     # every rank ends with the same task (DDP all-reduced gradients, BN statistics averaged)
     assert set(got[0]) == set(got[1])
@@ -189,3 +190,138 @@ def test_ddp_two_gloo_processes_match_single_process_references(tmp_path):
     info = checkpoint_info(tmp_path / 'ln.ckpt.safetensors')
     assert info['epoch'] == 2 and info['done'] and info['world_size'] == 2
     assert {'rng.0', 'rng.1'} <= set(info['tensors'])
+    # a checkpoint of 2 processes is not resumed by one (the data order would differ)
+    with pytest.raises(timm_modcl.CheckpointError, match='written by 2 process'):
+        train_task(W.make_model(W.LN_ARCH), 't', ds, checkpoint=tmp_path / 'ln.ckpt.safetensors', resume=True,
+                   **W.TRAIN)
+
+
+@pytest.mark.timeout(300)
+def test_modcl_train_under_torchrun_prints_and_saves_once(tmp_path):
+    """``torchrun --nproc_per_node 2 -m timm_modcl train``: one task trained by 2 processes, rank 0 reports and saves;
+    the saved task loads into a single-process model."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c, colour in (('red', (220, 40, 40)), ('blue', (40, 40, 220))):
+        (tmp_path / 'data' / c).mkdir(parents=True)
+        for i in range(5):
+            a = (np.array(colour)[None, None] + rng.integers(-30, 30, (16, 16, 3))).clip(0, 255).astype(np.uint8)
+            Image.fromarray(a).save(tmp_path / 'data' / c / f'{i}.png')
+    out = tmp_path / 'ad'
+    code, log = torchrun(['-m', 'timm_modcl', 'train', '--data', str(tmp_path / 'data'), '--task', 'colours',
+                          '--out', str(out), '--model', 'modcl_mobilenetv2_050', '--no-pretrained', '--input-size',
+                          '16', '--epochs', '2', '--batch-size', '2', '--no-progress', '--checkpoint',
+                          str(tmp_path / 'ck.safetensors')])
+    assert code == 0, log[-4000:]
+    assert log.count('2 processes (DistributedDataParallel)') == 1, log[-4000:]
+    assert log.count('saved 1 task(s)') == 1, log[-4000:]
+    index = json.loads((out / 'modcl_index.json').read_text())
+    assert index['tasks'] == ['colours']
+    assert checkpoint_info(tmp_path / 'ck.safetensors')['world_size'] == 2
+    torch.manual_seed(0)  # the CLI's seeded random backbone
+    model = timm.create_model('modcl_mobilenetv2_050')
+    assert load_tasks(model, out) == ['colours']
+
+
+# ------------------------------------------------------------------------------------------ in one process
+@pytest.fixture
+def world_of_one():
+    """A gloo process group of one process (an in-memory store: no ports), destroyed afterwards."""
+    import torch.distributed as dist
+    dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _toy(n=12, seed=0):
+    return W.dataset(n, seed)
+
+
+def test_train_task_unwraps_a_ddp_made_before_set_task(world_of_one):
+    model = W.make_model(W.BN_ARCH)  # 'other' is active: a DDP made now holds other's tensors
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    other = {k: v.clone() for k, v in model._task('other').tensors().items()}
+    t0 = {k: v.clone() for k, v in model._task('t').tensors().items()}
+    hist = train_task(wrapped, 't', _toy(), _toy(6, 1), epochs=1, batch_size=4, seed=0, progress=False,
+                      distributed=True)
+    assert hist.epochs == 1 and model.active_task == 't'
+    assert all(torch.equal(v, model._task('other').tensors()[k]) for k, v in other.items())
+    changed = [k for k, v in model._task('t').tensors().items() if not torch.equal(v, t0[k])]
+    assert any(k.startswith('modulator.') for k in changed) and any(k.startswith('head.') for k in changed)
+    # nothing of the DDP wrapping stays on the model: training again in one process works
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    train_task(model, 't', _toy(), epochs=1, batch_size=4, seed=0, progress=False, distributed=False)
+    # evaluate / predict accept the wrapped model as well, and the sharded evaluation of one process is the plain one
+    x = _toy(6, 1)
+    assert evaluate(wrapped, x, 't', distributed=True) == evaluate(model, x, 't')
+    assert len(predict(wrapped, x.tensors[0][:2], 't', topk=2)) == 2
+
+
+def test_distributed_true_without_a_process_group_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    model = W.make_model(W.BN_ARCH)
+    with pytest.raises(DistributedError, match='no process group'):
+        train_task(model, 't', _toy(), epochs=1, progress=False, distributed=True)
+    assert model.active_task == 'other'
+    with pytest.raises(timm_modcl.TaskError, match='modcl model'):
+        train_task(timm.create_model('mobilenetv2_050'), 't', _toy(), epochs=1, progress=False)
+
+
+def test_torchrun_environment_without_rendezvous_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    for var in ('MASTER_ADDR', 'MASTER_PORT', 'RANK'):
+        monkeypatch.delenv(var, raising=False)
+    model = W.make_model(W.BN_ARCH)
+    with pytest.raises(DistributedError, match='launch with torchrun'):
+        train_task(model, 't', _toy(), epochs=1, progress=False)
+    assert model.active_task == 'other' and not D.is_distributed()
+
+
+def test_sync_batchnorm_swaps_classes_in_place_and_back():
+    from timm.layers import BatchNormAct2d, SyncBatchNormAct
+    model = W.make_model(W.BN_ARCH)
+    model.set_task('t')
+    x = _toy(4).tensors[0]
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    classes = [type(m) for m in bns]
+    buffers = [dict(m._buffers) for m in bns]
+    keys = list(model.state_dict())
+    model.train()
+    with torch.no_grad():
+        want = model(x)
+    for m, b in zip(bns, buffers):  # undo the statistics update of that forward
+        for k in ('running_mean', 'running_var', 'num_batches_tracked'):
+            m._buffers[k] = b[k]
+    with D.sync_batchnorm(model) as n:
+        assert n == len(bns) > 0
+        for m, cls in zip(bns, classes):
+            assert isinstance(m, TaskNorm) and isinstance(m, torch.nn.SyncBatchNorm)
+            assert isinstance(m, SyncBatchNormAct) == issubclass(cls._modcl_base, BatchNormAct2d)
+        # the same module objects, buffers and task bindings; without a process group SyncBatchNorm is plain BN
+        assert [dict(m._buffers) for m in bns] == buffers
+        with torch.no_grad():
+            got = model(x)
+    assert torch.equal(got, want)
+    assert [type(m) for m in bns] == classes and not any(hasattr(m, 'process_group') for m in bns)
+    assert list(model.state_dict()) == keys
+
+    class OddNorm(torch.nn.BatchNorm2d):
+        pass
+
+    with pytest.raises(DistributedError, match='OddNorm'):
+        D._sync_base(OddNorm)
+
+
+def test_padding_mask_marks_the_samples_a_distributed_sampler_repeats():
+    ds = _toy(5)
+    masks = []
+    for r in range(2):
+        s = DistributedSampler(ds, num_replicas=2, rank=r, shuffle=True, seed=0)
+        assert len(list(s)) == 3
+        masks.append(D.padding_mask(s, 0, 3).tolist())
+    assert masks == [[True, True, True], [True, True, False]]
+    assert D.padding_mask(DistributedSampler(ds, num_replicas=2, rank=1), 2, 1).tolist() == [False]
+    assert D.padding_mask(None, 0, 3) is None
