@@ -63,6 +63,26 @@ def snapshot(model, task: str):
     return {k: v.detach().clone() for k, v in model._task(task).tensors().items()}
 
 
+class Interrupted(Exception):
+    pass
+
+
+class Interrupting(torch.utils.data.Dataset):
+    """``data``, raising ``Interrupted`` when this process reads more than ``after`` samples."""
+
+    def __init__(self, data, after: int) -> None:
+        self.data, self.after, self.reads = data, after, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads > self.after:
+            raise Interrupted()
+        return self.data[i]
+
+
 def main(out: Path) -> None:
     from safetensors.torch import save_file
 
@@ -90,6 +110,21 @@ def main(out: Path) -> None:
     tensors['ln_logits'] = logits(model, 't')
     if D.is_main_process():
         save_tasks(model, out / 'ln_adapters', names=['t'])
+
+    # ---- the same run interrupted at the start of epoch 2 (after its first checkpoint), then resumed
+    interrupted = make_model(LN_ARCH)
+    try:
+        train_task(interrupted, 't', Interrupting(train, after=len(train) // 2), val,
+                   checkpoint=out / 'ln_b.ckpt.safetensors', **TRAIN)
+        report['ln_interrupted'] = False
+    except Interrupted:
+        report['ln_interrupted'] = True
+    resumed = make_model(LN_ARCH)
+    torch.manual_seed(1000 + rank)  # another random state than the interrupted process had
+    hist = train_task(resumed, 't', train, val, checkpoint=out / 'ln_b.ckpt.safetensors', resume=True, **TRAIN)
+    report['ln_resumed_history'] = hist.to_dict()
+    report['ln_resumed_equal'] = all(torch.equal(v, snapshot(resumed, 't')[k])
+                                     for k, v in snapshot(model, 't').items())
 
     # ---- different backbones on the ranks: refused on every rank before training
     model = make_model(LN_ARCH)

@@ -160,6 +160,10 @@ def test_ddp_two_gloo_processes_match_single_process_references(tmp_path):
         assert 'sync_bn=True needs CUDA' in rep['sync_bn_cpu_error']
         assert rep['sync_bn_model_unchanged']
         assert 'rank(s) [1] differ from rank 0' in rep['backbone_error']
+        # interrupted after its first epoch's checkpoint and resumed: the same task, bit for bit, as without a break
+        assert rep['ln_interrupted'] and rep['ln_resumed_equal']
+        for k in ('train_loss', 'train_acc', 'val_acc', 'lr'):
+            assert rep['ln_resumed_history'][k] == rep['ln_history'][k]
     assert reports[0]['ln_history']['train_loss'] == reports[1]['ln_history']['train_loss']
     # every rank ends with the same task (DDP all-reduced gradients, BN statistics averaged)
     assert set(got[0]) == set(got[1])

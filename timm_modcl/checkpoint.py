@@ -218,15 +218,19 @@ def read_checkpoint_bytes(path: _PathLike) -> Optional[bytes]:
     except OSError as e:
         raise CheckpointError(f'could not open checkpoint {label}: {e.strerror or e}') from None
     try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise CheckpointError(f'checkpoint {label} is a folder, not a file')
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f'checkpoint {label} is not a regular file')
         with os.fdopen(fd, 'rb') as f:
-            info = os.fstat(f.fileno())
-            if stat.S_ISDIR(info.st_mode):
-                raise CheckpointError(f'checkpoint {label} is a folder, not a file')
-            if not stat.S_ISREG(info.st_mode):
-                raise CheckpointError(f'checkpoint {label} is not a regular file')
+            fd = None
             return f.read()
     except OSError as e:
         raise CheckpointError(f'could not read checkpoint {label}: {e.strerror or e}') from None
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 class TrainCheckpoint:

@@ -374,11 +374,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         f'validation images at {size}px' + (f' ({skipped} unreadable file(s) skipped)' if skipped else '')
         + f'; {arch}, backbone {source}' + (f', {len(previous)} existing task(s)' if previous else '')
         + (f'; {get_world_size()} processes (DistributedDataParallel)' if ddp else ''))
-    model.add_task(
-        args.task, len(classes), tuple(args.resolution), variant=args.variant, class_names=classes,
-        metadata={'input_size': str(size), 'backbone': source, 'data': Path(args.data).name,
-                  'epochs': str(args.epochs)},
-        replace=True)
+    import torch
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)  # the new head's initialisation: --seed makes the whole run reproducible
+        model.add_task(
+            args.task, len(classes), tuple(args.resolution), variant=args.variant, class_names=classes,
+            metadata={'input_size': str(size), 'backbone': source, 'data': Path(args.data).name,
+                      'epochs': str(args.epochs)},
+            replace=True)
     history = train_task(
         model, args.task, train_ds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         head_lr=args.head_lr, weight_decay=args.weight_decay, device=args.device, seed=args.seed,

@@ -191,6 +191,18 @@ def _target_device(model: nn.Module, device, ddp: bool) -> torch.device:
     return target
 
 
+def _seed_everything(seed: int) -> None:
+    """Seed torch's, Python's and NumPy's global RNGs (timm's augmentations draw from Python's ``random``)."""
+    import random
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % 2 ** 32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def _data_len(data: DataLike) -> Optional[int]:
     try:
         return len(data.dataset if isinstance(data, DataLoader) else data)
@@ -281,8 +293,8 @@ def train_task(
             for CUDA devices, off otherwise.
         device: Device to train on (default: where the model is). Under DDP, ``'cuda'`` means this process's GPU
             (``cuda:LOCAL_RANK``).
-        seed: Seeds torch's global RNG (augmentation, dropout; under DDP ``seed + rank``) and the shuffling;
-            default: not reproducible.
+        seed: Seeds the global RNGs of torch, Python and NumPy (augmentation, dropout; under DDP ``seed + rank``)
+            and the shuffling; default: not reproducible.
         num_workers: DataLoader workers for Datasets.
         progress: Show a tqdm progress bar per epoch with loss and accuracy (rank 0 only).
         callback: Called after every epoch with the history so far (on every process); returning ``True`` stops
@@ -400,7 +412,7 @@ def train_task(
     else:
         seed_all = seed
     if seed is not None:
-        torch.manual_seed(seed + rank)
+        _seed_everything(seed + rank)
     amp_dtype, scaler = _amp_context(device, amp)
     train_loader = _loader(train_data, batch_size, True, seed_all, num_workers, device, 'train_data', shard=ddp)
     generator = train_loader.generator
