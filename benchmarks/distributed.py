@@ -172,7 +172,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + '\n')
     s1, s2 = result['images_per_s']['1_process'], result['images_per_s']['2_processes']
-    e, c, f = result['scaling_efficiency'], result['comm_share_of_ddp_step'], result['allreduce_inflight_share_of_ddp_step']
+    e, c = result['scaling_efficiency'], result['comm_share_of_ddp_step']
+    f = result['allreduce_inflight_share_of_ddp_step']
     print(f'{args.model}, {args.size}px, batch {args.batch} per process, gloo, 1 thread per process '
           f'(load {load_before[0]:.1f} -> {load_after[0]:.1f}); medians [min-max] over {args.blocks} blocks')
     print(f'1 process:   {1 / statistics.median(single):6.2f} steps/s  {s1["median"]:7.1f} images/s '

@@ -63,7 +63,7 @@ def learn(index: int, args) -> None:
           flush=True)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--out', default='parallel_tasks_out', help='working folder (default: ./parallel_tasks_out)')
     p.add_argument('--model', default='modcl_mobilenetv2_050')
@@ -74,13 +74,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.epochs is None:
         args.epochs = 1 if args.quick else 3
+    return args
+
+
+def merge_and_check(args) -> bool:
+    """Merge the workers' folders, load them into one fresh model and compare every task with its worker."""
+    from safetensors.torch import load_file
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    # 1. one process per task (torch.multiprocessing, spawn): each learns and saves its own adapter folder
-    torch.multiprocessing.spawn(learn, args=(args,), nprocs=NUM_TASKS, join=True)
-
-    # 2. merge the workers' folders (refusing other backbones), 3. load them all into one fresh model
+    # merge (refusing other backbones), then load everything into one fresh model
     merged = out / 'merged'
     names = merge_adapter_folders([out / f'worker{i}' for i in range(NUM_TASKS)], merged, replace=True)
     print(f'merged {len(names)} tasks into {merged}: {", ".join(names)}')
@@ -88,8 +89,7 @@ def main(argv=None) -> int:
     load_tasks(model, merged)
     model.eval()
 
-    # 4. every task computes exactly what its worker computed
-    from safetensors.torch import load_file
+    # every task computes exactly what its worker computed
     ok = True
     for i, task in enumerate(tasks(args)):
         want = load_file(str(out / f'worker{i}_logits.safetensors'))['logits']
@@ -112,6 +112,15 @@ def main(argv=None) -> int:
         ok = False
     except FingerprintMismatchError as e:
         print(f'refused as expected: {e}'[:160])
+    return ok
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    # one process per task (torch.multiprocessing, spawn): each learns and saves its own adapter folder
+    torch.multiprocessing.spawn(learn, args=(args,), nprocs=NUM_TASKS, join=True)
+    ok = merge_and_check(args)
     assert ok, 'a merged task differs from its worker'
     print(f'timm_modcl {timm_modcl.__version__}: done')
     return 0

@@ -461,9 +461,10 @@ def train_task(
     was_training = model.training
     net: nn.Module = model
     try:
-        if ddp:
-            net = _dist.wrap_ddp(model, device)
+        # SyncBatchNorm layers first: DDP looks for them when it is built
         with (_dist.sync_batchnorm(model) if use_sync_bn else contextlib.nullcontext()):
+            if ddp:
+                net = _dist.wrap_ddp(model, device)
             for epoch in range(start_epoch, epochs):
                 if done:
                     break
@@ -537,9 +538,7 @@ def train_task(
                     done = True
                 if checkpoint is not None:
                     save_checkpoint(epoch + 1, done or epoch + 1 == epochs)
-        if ddp:
-            del net
-            net = model
+            net = model  # drop the DDP wrapper (and its reducer) before the layers swap back
         if recalibrate_bn and history.epochs:
             _recalibrate_bn(model, train_loader, device, model_dtype, show, task, comm if ddp else None)
     finally:
