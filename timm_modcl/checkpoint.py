@@ -30,7 +30,7 @@ from .errors import CheckpointError
 from .version import __version__
 
 __all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_FORMAT_VERSION', 'TrainCheckpoint', 'checkpoint_bytes',
-           'read_checkpoint_bytes', 'parse_checkpoint', 'rng_state_bytes', 'restore_rng_state']
+           'read_checkpoint_bytes', 'parse_checkpoint', 'rng_state_bytes', 'restore_rng_state', 'checkpoint_info']
 
 CHECKPOINT_FORMAT = 'timm_modcl.train_checkpoint'
 CHECKPOINT_FORMAT_VERSION = 1
@@ -156,6 +156,7 @@ def checkpoint_bytes(
         scaler: Any,
         run: Mapping[str, Any],
         rng: Sequence[bytes],
+        shuffle_seed: Optional[int] = None,
 ) -> bytes:
     """The bytes of a checkpoint after ``epoch`` finished epochs (see the module docstring)."""
     state = model._task(task)
@@ -185,6 +186,7 @@ def checkpoint_bytes(
         'scheduler': scheduler.state_dict() if scheduler is not None else None,
         'scaler': scaler.state_dict() if scaler is not None else None,
         'world_size': len(rng),
+        'shuffle_seed': shuffle_seed,
         'timm_modcl_version': __version__,
     }
     meta = {'format': CHECKPOINT_FORMAT, 'format_version': str(CHECKPOINT_FORMAT_VERSION),
@@ -256,6 +258,12 @@ class TrainCheckpoint:
     @property
     def world_size(self) -> int:
         return int(self.state['world_size'])
+
+    @property
+    def shuffle_seed(self) -> Optional[int]:
+        """The seed of the DistributedSampler's shuffling of the run (drawn by rank 0 when no seed was given)."""
+        v = self.state.get('shuffle_seed')
+        return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
 
     def rng(self, rank: int) -> bytes:
         return bytes(self.tensors[f'rng.{rank}'].numpy().tobytes())

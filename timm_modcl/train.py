@@ -409,6 +409,8 @@ def train_task(
     if ddp:
         _dist.check_same_backbone(model, comm)
         seed_all = _dist.rng_seed_for_run(seed, comm)
+        if ck is not None and ck.shuffle_seed is not None:  # the interrupted run's (drawn when seed is None)
+            seed_all = ck.shuffle_seed
     else:
         seed_all = seed
     if seed is not None:
@@ -455,7 +457,7 @@ def train_task(
         if main:
             write_checkpoint(checkpoint, checkpoint_bytes(
                 model, task, epoch=epochs_done, done=finished, history=history.to_dict(), optimizer=optimizer,
-                scheduler=scheduler, scaler=scaler, run=run, rng=blobs))
+                scheduler=scheduler, scaler=scaler, run=run, rng=blobs, shuffle_seed=seed_all if ddp else None))
 
     show = bool(progress) and main
     was_training = model.training
