@@ -328,3 +328,45 @@ def test_padding_mask_marks_the_samples_a_distributed_sampler_repeats():
     assert masks == [[True, True, True], [True, True, False]]
     assert D.padding_mask(DistributedSampler(ds, num_replicas=2, rank=1), 2, 1).tolist() == [False]
     assert D.padding_mask(None, 0, 3) is None
+
+
+_CUDA_SCRIPT = '''
+import json, os, sys
+import torch
+import ddp_worker as W
+from timm_modcl import train_task
+from timm_modcl import distributed as D
+model = W.make_model(W.BN_ARCH)
+other = {k: v.clone() for k, v in model._task('other').tensors().items()}
+classes = [type(m) for m in model.modules()]
+hist = train_task(model, 't', W.dataset(W.N_TRAIN, 0), W.dataset(W.N_VAL, 1), device='cuda', distributed=True,
+                  sync_bn=True, **W.TRAIN)
+ok = {
+    'device': str(next(model.parameters()).device),
+    'other_unchanged': all(torch.equal(v.cpu(), model._task('other').tensors()[k].cpu()) for k, v in other.items()),
+    'classes_restored': classes == [type(m) for m in model.modules()],
+    'finite': all(torch.isfinite(v).all().item() for v in model._task('t').tensors().values()
+                  if v.is_floating_point()),
+    'val_acc': hist.val_acc[-1],
+}
+with open(os.path.join(sys.argv[1], f'rank{D.get_rank()}.json'), 'w') as f:
+    json.dump(ok, f)
+'''
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (run on a GPU machine)')
+@pytest.mark.timeout(300)
+def test_ddp_on_cuda_with_sync_batchnorm(tmp_path):
+    """On GPUs: NCCL, cuda:LOCAL_RANK, SyncBatchNorm swapped in and out, bf16 autocast; 2 processes with 2 GPUs (real
+    synchronisation), else 1 process (DDP and the SyncBatchNorm layers built, no synchronisation needed)."""
+    nproc = min(2, torch.cuda.device_count())
+    script = tmp_path / 'cuda_worker.py'
+    script.write_text(_CUDA_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / 'tests'), os.environ.get('PYTHONPATH', '')]))
+    code, out = run_bounded([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
+                             str(nproc), str(script), str(tmp_path)], 240, env=env)
+    assert code == 0, out[-4000:]
+    for r in range(nproc):
+        rep = json.loads((tmp_path / f'rank{r}.json').read_text())
+        assert rep['device'] == f'cuda:{r}'
+        assert rep['other_unchanged'] and rep['classes_restored'] and rep['finite'], rep

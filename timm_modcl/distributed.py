@@ -86,7 +86,13 @@ def _device(device) -> torch.device:
     return device
 
 
-def init_distributed(device=None, backend: Optional[str] = None, timeout_s: Optional[float] = None) -> bool:
+def _launched() -> bool:
+    """Whether a launcher (torchrun) described a process group in the environment, of any size."""
+    return all(os.environ.get(v) for v in ('WORLD_SIZE', 'RANK', 'MASTER_ADDR', 'MASTER_PORT'))
+
+
+def init_distributed(device=None, backend: Optional[str] = None, timeout_s: Optional[float] = None,
+                     even_alone: bool = False) -> bool:
     """Join the process group described by torchrun's environment (``env://``), unless one is initialised already.
 
     The backend is NCCL for a CUDA ``device`` (this process then uses ``cuda:LOCAL_RANK``) and gloo otherwise. A
@@ -96,6 +102,7 @@ def init_distributed(device=None, backend: Optional[str] = None, timeout_s: Opti
         device: The device training will run on (``'cuda'`` / ``'cpu'`` / ``None`` for CPU).
         backend: Override the backend (``'gloo'``, ``'nccl'``).
         timeout_s: Timeout of collective operations (default: torch's).
+        even_alone: Also join a group of one process (``torchrun --nproc_per_node 1``).
 
     Returns:
         Whether training is distributed: a process group of more than one process exists.
@@ -107,7 +114,7 @@ def init_distributed(device=None, backend: Optional[str] = None, timeout_s: Opti
     global _created_group
     if is_distributed():
         return get_world_size() > 1
-    if env_world_size() <= 1:
+    if env_world_size() <= 1 and not (even_alone and _launched()):
         return False
     if not dist.is_available():
         raise DistributedError('WORLD_SIZE > 1 but this torch build has no torch.distributed')
@@ -150,10 +157,10 @@ def resolve_distributed(distributed: Optional[bool], device) -> bool:
         if is_distributed():
             return get_world_size() > 1
         return init_distributed(device) if env_world_size() > 1 else False
-    if not is_distributed() and env_world_size() <= 1:
+    if not is_distributed() and env_world_size() <= 1 and not _launched():
         raise DistributedError('distributed=True but there is no process group: launch with torchrun '
                                '(torchrun --nproc_per_node N ...) or call torch.distributed.init_process_group')
-    init_distributed(device)
+    init_distributed(device, even_alone=True)
     return True
 
 
