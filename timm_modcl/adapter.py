@@ -626,8 +626,9 @@ def merge_adapter_folders(sources: Iterable[_PathLike], destination: _PathLike, 
     """Merge adapter folders written from the same backbone (e.g. by workers that each learned some tasks) into one.
 
     Every source index and adapter is validated first, and all must share the architecture and the backbone
-    fingerprint; the adapter files are copied byte for byte, so each merged task is bit-identical to its worker's.
-    ``destination`` may already hold adapters of the same backbone (they stay listed).
+    fingerprint; nothing is written unless all of them do. The adapter files are copied byte for byte, so each
+    merged task is bit-identical to its worker's. ``destination`` may already hold adapters of the same backbone
+    (they stay listed, first); a folder named twice, or the destination named as a source, is read once.
 
     Returns:
         The task names of the merged index, in order.
@@ -638,18 +639,32 @@ def merge_adapter_folders(sources: Iterable[_PathLike], destination: _PathLike, 
             match its index.
         TaskExistsError: two sources (or a source and the destination) hold the same task name (unless ``replace``,
             where the later source wins).
-        AdapterError: a folder cannot be read or written.
+        AdapterError: no source, a folder that is not an adapter folder, or one that cannot be read or written.
     """
-    sources = [Path(s) for s in sources]
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
     destination = Path(destination)
+    if destination.exists() and not destination.is_dir():
+        raise AdapterError(f'destination {str(destination)!r} is a file, not a folder')
+    dest_key = destination.resolve()
+    sources = [Path(s) for s in sources]
     if not sources:
         raise AdapterError('merge_adapter_folders needs at least one source folder')
-    indexes = [(s, read_index(s)) for s in sources]
-    ref_dir, ref = indexes[0]
+    folders: List[Path] = []
+    seen = {dest_key}
+    for src in sources:
+        key = src.resolve()
+        if key not in seen:
+            seen.add(key)
+            folders.append(src)
+    indexes = [(s, read_index(s)) for s in folders]
     if (destination / INDEX_FILE).exists():
         indexes.insert(0, (destination, read_index(destination)))
-        ref_dir, ref = indexes[0]
+    if not indexes:
+        raise AdapterError(f'{str(destination)!r} has no {INDEX_FILE}: not a folder of timm_modcl adapters')
+    ref_dir, ref = indexes[0]
     files: 'OrderedDict[str, Tuple[bytes, bytes]]' = OrderedDict()
+    origin: Dict[str, Path] = {}
     for folder, index in indexes:
         if index['architecture'] != ref['architecture']:
             raise AdapterFormatError(f'{str(folder)!r} holds adapters of {index["architecture"]}, '
@@ -660,8 +675,9 @@ def merge_adapter_folders(sources: Iterable[_PathLike], destination: _PathLike, 
                 f'{index["backbone_fingerprint"][:12]}...) than {str(ref_dir)!r} '
                 f'({ref["backbone_fingerprint"][:12]}...); only adapters of the same backbone can be merged')
         for n in index['tasks']:
-            if n in files and not replace and folder != destination:
-                raise TaskExistsError(f'task {n!r} is in more than one folder (pass replace=True to keep the last)')
+            if n in files and not replace:
+                raise TaskExistsError(f'task {n!r} is in both {str(origin[n])!r} and {str(folder)!r} (pass '
+                                      f'replace=True / --replace to keep the later one)')
             data = read_file(_task_file(folder, n), inside=folder, what='adapter file')
             meta, _ = read_adapter(data, f'{folder}/{n}/{ADAPTER_FILE}')
             if meta.get('backbone_fingerprint') != index['backbone_fingerprint'] or \
@@ -672,11 +688,17 @@ def merge_adapter_folders(sources: Iterable[_PathLike], destination: _PathLike, 
             config_path = folder / n / ADAPTER_CONFIG_FILE
             config = read_file(config_path, inside=folder, max_bytes=_MAX_JSON_FILE) if config_path.exists() else b''
             files[n] = (data, config)
+            origin[n] = folder
     try:
         for n, (data, config) in files.items():
+            if origin[n] == destination:
+                continue  # already there, byte for byte
             atomic_write_bytes(_task_file(destination, n), data)
+            config_path = destination / n / ADAPTER_CONFIG_FILE
             if config:
-                atomic_write_bytes(destination / n / ADAPTER_CONFIG_FILE, config)
+                atomic_write_bytes(config_path, config)
+            elif config_path.exists():
+                config_path.unlink()  # a stale description of another adapter
         atomic_write_bytes(destination / INDEX_FILE, _json_bytes(_index(
             ref['architecture'], ref.get('pretrained_tag', ''), ref['backbone_fingerprint'], list(files))))
     except OSError as e:

@@ -8,6 +8,8 @@
     modcl predict rose.jpg --out adapters/ --task flowers
     modcl push --out adapters/ --repo-id me/my-adapters
     modcl pull --repo-id me/my-adapters --out adapters/
+    modcl merge --out all/ worker0/ worker1/ worker2/          # tasks learned in parallel, one folder
+    torchrun --nproc_per_node 4 -m timm_modcl train --data big/ --task big --out adapters/ --device cuda
 
 Errors in what was asked (missing folders, bad images, unknown model or task, ...) end with one line
 ``modcl: error: ...`` and exit code 2; ``--verbose`` shows the traceback.
@@ -322,12 +324,22 @@ def _pct(v: Optional[float]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- commands
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .adapter import load_tasks, save_tasks
     from .data import image_folder_datasets
+    from .distributed import get_world_size, init_distributed, is_main_process
     from .task import validate_task_name
     from .train import evaluate, train_task
 
+    if args.resume and not args.checkpoint:
+        raise UsageError('--resume needs --checkpoint PATH (the checkpoint to resume from)')
+    # under torchrun (WORLD_SIZE > 1): join the process group; rank 0 prints and saves
+    ddp = init_distributed(args.device)
+    say = _say if is_main_process() else _quiet
     out = Path(args.out)
     validate_task_name(args.task)
     index = _read_index_if_any(out)
@@ -358,19 +370,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f'{args.data!r} has a single class folder ({classes[0]!r}); a task needs at least 2 classes')
     size = (args.input_size or model.pretrained_cfg.get('input_size', (3, 224, 224))[-1])
     skipped = len(train_ds.skipped_files) + (len(val_ds.skipped_files) if val_ds is not None else 0)
-    _say(f'{args.task}: {len(classes)} classes, {len(train_ds)} training / {len(val_ds) if val_ds else 0} '
-         f'validation images at {size}px' + (f' ({skipped} unreadable file(s) skipped)' if skipped else '')
-         + f'; {arch}, backbone {source}' + (f', {len(previous)} existing task(s)' if previous else ''))
-    model.add_task(
-        args.task, len(classes), tuple(args.resolution), variant=args.variant, class_names=classes,
-        metadata={'input_size': str(size), 'backbone': source, 'data': Path(args.data).name,
-                  'epochs': str(args.epochs)},
-        replace=True)
+    say(f'{args.task}: {len(classes)} classes, {len(train_ds)} training / {len(val_ds) if val_ds else 0} '
+        f'validation images at {size}px' + (f' ({skipped} unreadable file(s) skipped)' if skipped else '')
+        + f'; {arch}, backbone {source}' + (f', {len(previous)} existing task(s)' if previous else '')
+        + (f'; {get_world_size()} processes (DistributedDataParallel)' if ddp else ''))
+    import torch
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)  # the new head's initialisation: --seed makes the whole run reproducible
+        model.add_task(
+            args.task, len(classes), tuple(args.resolution), variant=args.variant, class_names=classes,
+            metadata={'input_size': str(size), 'backbone': source, 'data': Path(args.data).name,
+                      'epochs': str(args.epochs)},
+            replace=True)
     history = train_task(
         model, args.task, train_ds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         head_lr=args.head_lr, weight_decay=args.weight_decay, device=args.device, seed=args.seed,
-        num_workers=args.workers, progress=_progress(args))
-    acc = evaluate(model, val_ds, args.task, batch_size=args.batch_size, num_workers=args.workers) if val_ds else None
+        num_workers=args.workers, progress=_progress(args), sync_bn=args.sync_bn, checkpoint=args.checkpoint,
+        resume=args.resume)
+    acc = evaluate(model, val_ds, args.task, batch_size=args.batch_size, num_workers=args.workers,
+                   distributed=ddp) if val_ds else None
+    if not is_main_process():
+        return 0
     meta = model._task(args.task).metadata
     meta['train_images'] = str(len(train_ds))
     if acc is not None:
@@ -380,10 +400,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     save_tasks(model, out, names=[args.task])
     history.to_json(out / args.task / 'train_history.json')
     n_tasks = len(previous) + 1
-    _say(f'{args.task}: ' + (f'validation accuracy {_pct(acc)} ({len(val_ds)} images)' if acc is not None
-                             else 'no validation images')
-         + (f'; final training loss {history.train_loss[-1]:.4f}' if history.epochs else '')
-         + f'; saved {n_tasks} task(s) to {out} in {time.perf_counter() - t0:.1f} s')
+    say(f'{args.task}: ' + (f'validation accuracy {_pct(acc)} ({len(val_ds)} images)' if acc is not None
+                            else 'no validation images')
+        + (f'; final training loss {history.train_loss[-1]:.4f}' if history.epochs else '')
+        + f'; saved {n_tasks} task(s) to {out} in {time.perf_counter() - t0:.1f} s')
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .adapter import merge_adapter_folders
+    out = Path(args.out)
+    names = merge_adapter_folders(args.sources, out, replace=args.replace)
+    _say(f'{out}: {len(names)} task(s) from {len(args.sources)} folder(s): {", ".join(names)}')
     return 0
 
 
@@ -780,9 +808,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default=None, help='device, e.g. cuda (default: cpu)')
     p.add_argument('--workers', type=_non_negative_int, default=0, help='data loading workers (default: 0)')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    p.add_argument('--checkpoint', metavar='PATH', default=None,
+                   help='write a training checkpoint here after every epoch (safetensors; atomic)')
+    p.add_argument('--resume', action='store_true',
+                   help='continue from --checkpoint if it exists (same arguments), else start from scratch')
+    p.add_argument('--sync-bn', action='store_true',
+                   help='under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)')
     _add_backbone_args(p, train=True)
     _add_common(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser('merge', help='merge adapter folders trained on the same backbone into one',
+                       description='Merge the adapter folders of workers that each learned some tasks from the same '
+                                   'backbone into --out (created, or extended). Folders of other backbone weights '
+                                   'or architectures are refused; the adapter files are copied byte for byte.')
+    p.add_argument('sources', nargs='+', metavar='SRC', help='adapter folders to merge')
+    p.add_argument('--out', required=True, metavar='DEST', help='merged adapter folder')
+    p.add_argument('--replace', action='store_true', help='a task in several folders: keep the last one')
+    _add_common(p, threads=False)
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser('eval', help='accuracy of tasks on image folders',
                        description='Accuracy of one task (--task) on --data, or of every task that has a '

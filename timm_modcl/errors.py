@@ -16,6 +16,7 @@ __all__ = [
     'DataError',
     'UnsupportedModelError',
     'DistributedError',
+    'CheckpointError',
 ]
 
 
@@ -81,3 +82,8 @@ class UnsupportedModelError(ModCLError, TypeError):
 
 class DistributedError(ModCLError, RuntimeError):
     """Distributed training was asked for but cannot run as configured (no process group, CPU SyncBatchNorm, ...)."""
+
+
+class CheckpointError(ModCLError, ValueError):
+    """A training checkpoint is corrupt, not a checkpoint, or was written by a different run (other task, backbone,
+    arguments or number of processes) than the one asked to resume from it."""

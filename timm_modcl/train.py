@@ -7,10 +7,16 @@
 Only the trained task's modulators and head are optimised, and only its BatchNorm running statistics are updated
 (BN layers run in train mode, as in the paper, which is how each task gets its own statistics). Every other task
 keeps bit-identical outputs.
+
+Under torchrun, ``train_task`` trains with ``DistributedDataParallel`` (see ``timm_modcl.distributed``); with
+``checkpoint=PATH`` it writes a checkpoint after every epoch, and ``resume=True`` continues from it
+(``timm_modcl.checkpoint``).
 """
+import contextlib
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -19,10 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
+from . import distributed as _dist
 from ._io import atomic_write_json
-from .errors import DataError, TaskError
+from .errors import CheckpointError, DataError, DistributedError, TaskError
 from .metrics import AccuracyMatrix
+from .model import is_modcl_model
 from .task import BASE_TASK
 
 __all__ = ['TrainHistory', 'train_task', 'evaluate', 'predict', 'AccuracyMatrix']
@@ -60,7 +69,15 @@ class TrainHistory:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> 'TrainHistory':
-        return cls(**d)
+        """The history ``to_dict`` gave.
+
+        Raises:
+            DataError: for a mapping that is not a ``TrainHistory``.
+        """
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise DataError(f'not a TrainHistory: {e}') from None
 
     def to_json(self, path: Union[str, os.PathLike]) -> Path:
         """Write ``to_dict()`` as JSON, atomically (a temporary file in the same folder, then a rename)."""
@@ -94,10 +111,7 @@ def _resolve_device(model: nn.Module, device) -> torch.device:
     return device
 
 
-def _loader(data: DataLike, batch_size: int, shuffle: bool, seed: Optional[int], num_workers: int,
-            device: torch.device, what: str) -> DataLoader:
-    if isinstance(data, DataLoader):
-        return data
+def _check_dataset(data: DataLike, batch_size: int, what: str) -> Optional[int]:
     if not isinstance(data, Dataset):
         raise DataError(f'{what} must be a torch Dataset or DataLoader, got {type(data).__name__}')
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -108,14 +122,35 @@ def _loader(data: DataLike, batch_size: int, shuffle: bool, seed: Optional[int],
         n = None
     if n == 0:
         raise DataError(f'{what} is empty')
+    return n
+
+
+def _loader(data: DataLike, batch_size: int, shuffle: bool, seed: Optional[int], num_workers: int,
+            device: torch.device, what: str, shard: bool = False) -> DataLoader:
+    """A DataLoader as given, or one over a Dataset; ``shard``: this process's share (``DistributedSampler``, shuffled
+    with ``seed`` when ``shuffle``), the loader's own generator then only seeds worker processes."""
+    if isinstance(data, DataLoader):
+        return data
+    n = _check_dataset(data, batch_size, what)
     generator = None
     if shuffle:
         generator = torch.Generator()
         generator.manual_seed(int(seed) if seed is not None else int(torch.empty((), dtype=torch.int64).random_()))
+    sampler = None
+    if shard:
+        if n is None:
+            raise DataError(f'{what} has no length; distributed training shards a Dataset with a DistributedSampler, '
+                            f'which needs len(); pass a DataLoader that shards it instead')
+        sampler = DistributedSampler(data, num_replicas=_dist.get_world_size(), rank=_dist.get_rank(),
+                                     shuffle=shuffle, seed=int(seed or 0), drop_last=False)
+        n = len(sampler)
+        if shuffle:  # the sampler shuffles (the same permutation on every process); this seeds only the workers
+            generator.manual_seed(int(seed or 0) + _dist.get_rank())
     # BatchNorm cannot normalise a batch of one sample with 1x1 feature maps: drop a last batch of size 1
     drop_last = shuffle and n is not None and n > 1 and n % batch_size == 1
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
-                      drop_last=drop_last, pin_memory=device.type == 'cuda')
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      generator=generator, num_workers=num_workers, drop_last=drop_last,
+                      pin_memory=device.type == 'cuda')
 
 
 def _unpack(batch, what: str):
@@ -145,6 +180,43 @@ def _amp_context(device: torch.device, enabled: bool):
 
 
 # ------------------------------------------------------------------------------------------ training
+def _target_device(model: nn.Module, device, ddp: bool) -> torch.device:
+    """The device to train on: ``device`` or the model's; under DDP a CUDA device without index is this process's."""
+    target = _model_device(model) if device is None else torch.device(device)
+    if target.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise TaskError(f'device {target} requested but CUDA is not available')
+        if ddp and (device is None or torch.device(device).index is None):
+            target = torch.device('cuda', _dist.get_local_rank())
+    return target
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed torch's, Python's and NumPy's global RNGs (timm's augmentations draw from Python's ``random``)."""
+    import random
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % 2 ** 32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _data_len(data: DataLike) -> Optional[int]:
+    try:
+        return len(data.dataset if isinstance(data, DataLoader) else data)
+    except TypeError:
+        return None
+
+
+def _loader_len(loader: DataLoader) -> Optional[int]:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
 def train_task(
         model: nn.Module,
         task: str,
@@ -170,6 +242,10 @@ def train_task(
         progress: bool = True,
         callback: Optional[Callable[['TrainHistory'], Optional[bool]]] = None,
         recalibrate_bn: bool = True,
+        distributed: Optional[bool] = None,
+        sync_bn: bool = False,
+        checkpoint: Optional[Union[str, os.PathLike]] = None,
+        resume: bool = False,
 ) -> TrainHistory:
     """Train one existing task of a modcl model; all other tasks stay bit-identical.
 
@@ -182,15 +258,25 @@ def train_task(
     The model's train/eval mode is restored at the end. With ``device`` the whole model (all tasks) is moved to
     that device and stays there.
 
+    Several processes (torchrun): every process calls ``train_task`` with the same arguments. The task is bound,
+    then the model wrapped in ``DistributedDataParallel`` (gloo on CPU, NCCL on CUDA; a model the caller wrapped in
+    DDP is unwrapped first, since a DDP made before the task was bound holds another task's tensors). Datasets are
+    sharded with ``DistributedSampler``: ``batch_size`` is per process (the global batch is ``batch_size`` times the
+    number of processes). The task's BatchNorm statistics are averaged across processes after every epoch (no
+    frozen tensor is broadcast per step), validation accuracy and the history are computed over all processes'
+    data, and progress is shown on rank 0 only. Save adapters on rank 0 only
+    (``timm_modcl.distributed.is_main_process()``).
+
     Args:
-        model: A modcl model (e.g. ``timm.create_model('modcl_mobilenetv2_100', pretrained=True)``).
+        model: A modcl model (e.g. ``timm.create_model('modcl_mobilenetv2_100', pretrained=True)``), or a
+            ``DistributedDataParallel`` / ``DataParallel`` around one.
         task: Name of the task to train; it must exist (``model.add_task``) and cannot be ``'base'``.
-        train_data: A torch ``Dataset`` of ``(image, label)`` or a ``DataLoader`` (used as given). A Dataset is
-            wrapped in a shuffling DataLoader (seeded by ``seed``); a last batch of a single sample is dropped
-            (BatchNorm cannot train on it).
+        train_data: A torch ``Dataset`` of ``(image, label)`` or a ``DataLoader`` (used as given; under DDP give it
+            a ``DistributedSampler``). A Dataset is wrapped in a shuffling DataLoader (seeded by ``seed``); a last
+            batch of a single sample is dropped (BatchNorm cannot train on it).
         val_data: Optional Dataset or DataLoader evaluated after every epoch (``history.val_acc``).
         epochs: Number of epochs (0: only set up).
-        batch_size: Batch size of the DataLoaders built from Datasets.
+        batch_size: Batch size of the DataLoaders built from Datasets (per process under DDP).
         lr: Learning rate of the modulators.
         head_lr: Learning rate of the task's linear head; default: ``lr`` (the paper uses one learning rate).
         weight_decay: Weight decay of both groups (pulls modulators towards 0).
@@ -205,15 +291,31 @@ def train_task(
         grad_clip: Clip the gradient norm of the task's parameters to this value.
         amp: Mixed precision (bfloat16, or float16 with gradient scaling on GPUs without bfloat16); default: on
             for CUDA devices, off otherwise.
-        device: Device to train on (default: where the model is).
-        seed: Seeds torch's global RNG (augmentation, dropout) and the shuffling; default: not reproducible.
+        device: Device to train on (default: where the model is). Under DDP, ``'cuda'`` means this process's GPU
+            (``cuda:LOCAL_RANK``).
+        seed: Seeds the global RNGs of torch, Python and NumPy (augmentation, dropout; under DDP ``seed + rank``)
+            and the shuffling; default: not reproducible.
         num_workers: DataLoader workers for Datasets.
-        progress: Show a tqdm progress bar per epoch with loss and accuracy.
-        callback: Called after every epoch with the history so far; returning ``True`` stops training.
+        progress: Show a tqdm progress bar per epoch with loss and accuracy (rank 0 only).
+        callback: Called after every epoch with the history so far (on every process); returning ``True`` stops
+            training (on all processes if any returns ``True``).
         recalibrate_bn: After the last epoch, recompute the task's BatchNorm running statistics as plain averages
             over one pass of ``train_data`` with the final weights (train mode, no gradients). The exponential
             moving averages of training lag behind the quickly changing modulated weights, which costs a lot of
-            accuracy after short trainings; this costs one forward pass over the training data.
+            accuracy after short trainings; this costs one forward pass over the training data. Under DDP the
+            average is over all processes' batches.
+        distributed: ``None`` (default): train with DDP when a process group of several processes exists or
+            torchrun's environment describes one (it is then initialised, see
+            ``timm_modcl.distributed.init_distributed``); ``False``: train in this process alone (e.g. one task per
+            process); ``True``: require a process group.
+        sync_bn: Under DDP, normalise with BatchNorm statistics computed over the global batch (torch's
+            ``SyncBatchNorm``, CUDA only); the layers are converted in place for the training and back afterwards.
+            Ignored without DDP.
+        checkpoint: Write a training checkpoint to this path after every epoch (atomically; safetensors + JSON):
+            the task's tensors, optimizer, scheduler, epoch, random states and history (rank 0 writes).
+        resume: Continue from ``checkpoint`` if it exists (else start from scratch): same arguments, same task
+            configuration and backbone, same number of processes. The result equals an uninterrupted run (exactly
+            on CPU). Only epoch ends are checkpointed: an epoch killed midway is trained again.
 
     Returns:
         The ``TrainHistory`` (per-epoch loss, accuracy, validation accuracy, learning rate, time).
@@ -222,11 +324,21 @@ def train_task(
         TaskNotFoundError: if the model has no task ``task``.
         TaskError: for the ``'base'`` task, a task without a head, or bad arguments.
         DataError: for empty data, batches that are not ``(image, label)`` pairs or labels out of range.
+        DistributedError: DDP asked for without a process group, SyncBatchNorm on CPU, NCCL with a CPU model,
+            different backbones or batch counts on the processes.
+        CheckpointError: a checkpoint to resume from that is corrupt or from another run; or it cannot be written.
     """
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from tqdm.auto import tqdm
 
+    from .checkpoint import (checkpoint_bytes, parse_checkpoint, read_checkpoint_bytes, restore_rng_state,
+                             rng_state_bytes, write_checkpoint)
+
+    model = _dist.unwrap_model(model)
+    if not is_modcl_model(model):
+        raise TaskError(f'train_task needs a modcl model (timm.create_model("modcl_...") or timm_modcl.modulate), '
+                        f'got {type(model).__name__}')
     state = model._task(task)  # TaskNotFoundError naming the model's tasks
     if task == BASE_TASK:
         raise TaskError(f'the {BASE_TASK!r} task is the frozen pretrained model and is not trained; add a task with '
@@ -248,17 +360,25 @@ def train_task(
         raise TaskError(f"sched must be 'step' or 'cosine', got {sched!r}")
     if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or not 0 <= warmup_epochs <= max(epochs, 0):
         raise TaskError(f'warmup_epochs must be an integer from 0 to epochs ({epochs}), got {warmup_epochs!r}')
+    if distributed not in (None, True, False):
+        raise TaskError(f'distributed must be None, True or False, got {distributed!r}')
+    if resume and checkpoint is None:
+        raise TaskError('resume=True needs checkpoint=PATH (the checkpoint to resume from)')
 
-    model.set_task(task)
-    device = _resolve_device(model, device)
-    if seed is not None:
-        torch.manual_seed(seed)
-    amp = device.type == 'cuda' if amp is None else bool(amp)
-    amp_dtype, scaler = _amp_context(device, amp)
-    train_loader = _loader(train_data, batch_size, True, seed, num_workers, device, 'train_data')
-    val_loader = None
-    if val_data is not None:
-        val_loader = _loader(val_data, batch_size, False, None, num_workers, device, 'val_data')
+    ddp = _dist.resolve_distributed(distributed, device if device is not None else _model_device(model))
+    target = _target_device(model, device, ddp)
+    rank, world = (_dist.get_rank(), _dist.get_world_size()) if ddp else (0, 1)
+    main = rank == 0
+    comm = _dist.comm_device(target) if ddp else torch.device('cpu')
+    use_sync_bn = bool(sync_bn) and ddp
+    if use_sync_bn:
+        if target.type == 'cpu':
+            raise DistributedError('sync_bn=True needs CUDA: torch\'s SyncBatchNorm synchronises GPU tensors only; '
+                                   'train on CPU without sync_bn (the BN statistics are averaged across processes '
+                                   'after every epoch)')
+        with _dist.sync_batchnorm(model):  # raises for BN types without a synchronised counterpart, changes nothing
+            pass
+    amp = target.type == 'cuda' if amp is None else bool(amp)
 
     head_params = list(state.head.parameters())
     head_ids = {id(p) for p in head_params}
@@ -266,6 +386,47 @@ def train_task(
     groups = [{'params': head_params, 'lr': float(head_lr if head_lr is not None else lr)}]
     if mod_params:
         groups.insert(0, {'params': mod_params, 'lr': float(lr)})
+    run = {'epochs': epochs, 'batch_size': batch_size, 'lr': float(lr), 'head_lr': head_lr, 'opt': opt,
+           'weight_decay': float(weight_decay), 'milestones': milestones, 'gamma': float(gamma), 'sched': sched,
+           'warmup_epochs': warmup_epochs, 'label_smoothing': float(label_smoothing), 'grad_clip': grad_clip,
+           'amp': amp, 'seed': seed, 'world_size': world, 'sync_bn': use_sync_bn, 'train_size': _data_len(train_data)}
+
+    ck = None
+    if resume:  # rank 0 reads, every process gets the same bytes; validated before anything changes
+        data = read_checkpoint_bytes(checkpoint) if main else None
+        data = _dist.broadcast_bytes(data, comm) if ddp else data
+        if data is not None:
+            ck = parse_checkpoint(data, repr(str(checkpoint)))
+            if ck.world_size != world:
+                raise CheckpointError(f'{str(checkpoint)!r} was written by {ck.world_size} process(es); resume it '
+                                      f'with the same number (now {world})')
+            ck.validate(model, task, run, [g['params'] for g in groups])
+            history_resumed = TrainHistory.from_dict(ck.history)
+
+    model.set_task(task)  # before any DDP wrapping: DDP keeps the Parameter objects of the task bound now
+    device = target
+    model.to(device)
+    if ddp:
+        _dist.check_same_backbone(model, comm)
+        seed_all = _dist.rng_seed_for_run(seed, comm)
+        if ck is not None and ck.shuffle_seed is not None:  # the interrupted run's (drawn when seed is None)
+            seed_all = ck.shuffle_seed
+    else:
+        seed_all = seed
+    if seed is not None:
+        _seed_everything(seed + rank)
+    amp_dtype, scaler = _amp_context(device, amp)
+    train_loader = _loader(train_data, batch_size, True, seed_all, num_workers, device, 'train_data', shard=ddp)
+    generator = train_loader.generator
+    val_loader = None
+    if val_data is not None:
+        val_loader = _loader(val_data, batch_size, False, None, num_workers, device, 'val_data', shard=ddp)
+    if ddp:
+        if isinstance(train_data, DataLoader) and not isinstance(train_data.sampler, DistributedSampler) and main:
+            warnings.warn(f'train_data is a DataLoader without a DistributedSampler: each of the {world} processes '
+                          f'trains on all of it (pass a Dataset to have it sharded)', stacklevel=2)
+        _dist.check_same_batches(_loader_len(train_loader), comm, 'train_data')
+
     optimizer = create_optimizer_v2(groups, opt=opt, lr=float(lr), weight_decay=float(weight_decay))
     # timm applies a milestone m at schedule index m - 1; +1 gives torch's MultiStepLR timing (the paper's recipe)
     # (milestones are absolute epochs; a cosine decays over the epochs after the warm-up)
@@ -279,85 +440,126 @@ def train_task(
     model_dtype = _model_dtype(model)
 
     history = TrainHistory(task=task)
+    start_epoch, done = 0, False
+    if ck is not None:
+        ck.restore(model, task, optimizer, scheduler, scaler)
+        restore_rng_state(ck.rng(rank), generator, device)
+        history, start_epoch, done = history_resumed, ck.epoch, ck.done
+        if main and progress:
+            tqdm.write(f'{task}: resuming from {checkpoint} after epoch {start_epoch}/{epochs}')
+    elif ddp:  # DDP broadcasts rank 0's parameters; the task's BN statistics are buffers: once, here
+        _dist.broadcast_tensors_(_dist.task_bn_stats(model, task, kinds=('running_mean', 'running_var',
+                                                                        'num_batches_tracked')), comm)
+
+    def save_checkpoint(epochs_done: int, finished: bool) -> None:
+        blob = rng_state_bytes(generator, device)
+        blobs = _dist.all_gather_bytes(blob, comm) if ddp else [blob]
+        if main:
+            write_checkpoint(checkpoint, checkpoint_bytes(
+                model, task, epoch=epochs_done, done=finished, history=history.to_dict(), optimizer=optimizer,
+                scheduler=scheduler, scaler=scaler, run=run, rng=blobs, shuffle_seed=seed_all if ddp else None))
+
+    show = bool(progress) and main
     was_training = model.training
+    net: nn.Module = model
     try:
-        for epoch in range(epochs):
-            scheduler.step(epoch)
-            model.train()
-            t0 = time.perf_counter()
-            loss_sum, correct, seen = 0.0, 0, 0
-            bar = tqdm(train_loader, desc=f'{task} {epoch + 1}/{epochs}', disable=not progress, leave=True,
-                       dynamic_ncols=True)
-            for batch in bar:
-                x, y = _unpack(batch, 'train_data')
-                y = torch.as_tensor(y)
-                _check_labels(y, num_classes, task)
-                x = x.to(device, non_blocking=True)
-                if x.is_floating_point():
-                    x = x.to(model_dtype)
-                y = y.to(device, non_blocking=True).long()
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                    logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-                if not torch.isfinite(loss):
-                    raise TaskError(f'task {task!r}: loss became {loss.item()} in epoch {epoch + 1}; lower the '
-                                    f'learning rate')
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    if grad_clip is not None:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    if grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                    optimizer.step()
-                n = y.shape[0]
-                loss_sum += loss.item() * n
-                correct += int((logits.argmax(1) == y).sum())
-                seen += n
-                bar.set_postfix(loss=f'{loss_sum / seen:.4f}', acc=f'{correct / seen:.3f}')
-            bar.close()
-            if seen == 0:
-                raise DataError('train_data yielded no batches')
-            val_acc = None
-            if val_loader is not None:
-                val_acc = evaluate(model, val_loader, device=device)
-            history.train_loss.append(loss_sum / seen)
-            history.train_acc.append(correct / seen)
-            history.val_acc.append(val_acc)
-            history.lr.append(float(optimizer.param_groups[0]['lr']))
-            history.head_lr.append(float(optimizer.param_groups[-1]['lr']))
-            history.epoch_time_s.append(time.perf_counter() - t0)
-            if progress:
-                msg = (f'{task} epoch {epoch + 1}/{epochs}: loss {history.train_loss[-1]:.4f}, '
-                       f'train acc {100 * history.train_acc[-1]:.1f}%')
-                if val_acc is not None:
-                    msg += f', val acc {100 * val_acc:.1f}%'
-                tqdm.write(msg)
-            if callback is not None and callback(history):
-                history.stopped_early = epoch + 1 < epochs
-                break
+        # SyncBatchNorm layers first: DDP looks for them when it is built
+        with (_dist.sync_batchnorm(model) if use_sync_bn else contextlib.nullcontext()):
+            if ddp:
+                net = _dist.wrap_ddp(model, device)
+            for epoch in range(start_epoch, epochs):
+                if done:
+                    break
+                scheduler.step(epoch)
+                if isinstance(getattr(train_loader, 'sampler', None), DistributedSampler):
+                    train_loader.sampler.set_epoch(epoch)
+                net.train()
+                t0 = time.perf_counter()
+                loss_sum, correct, seen = 0.0, 0, 0
+                bar = tqdm(train_loader, desc=f'{task} {epoch + 1}/{epochs}', disable=not show, leave=True,
+                           dynamic_ncols=True)
+                for batch in bar:
+                    x, y = _unpack(batch, 'train_data')
+                    y = torch.as_tensor(y)
+                    _check_labels(y, num_classes, task)
+                    x = x.to(device, non_blocking=True)
+                    if x.is_floating_point():
+                        x = x.to(model_dtype)
+                    y = y.to(device, non_blocking=True).long()
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                        logits = net(x)
+                        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+                    if not torch.isfinite(loss):
+                        raise TaskError(f'task {task!r}: loss became {loss.item()} in epoch {epoch + 1}; lower the '
+                                        f'learning rate')
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        if grad_clip is not None:
+                            scaler.unscale_(optimizer)
+                            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        if grad_clip is not None:
+                            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                        optimizer.step()
+                    n = y.shape[0]
+                    loss_sum += loss.item() * n
+                    correct += int((logits.argmax(1) == y).sum())
+                    seen += n
+                    bar.set_postfix(loss=f'{loss_sum / seen:.4f}', acc=f'{correct / seen:.3f}')
+                bar.close()
+                if ddp:
+                    loss_sum, correct, seen = _dist.all_reduce_numbers([loss_sum, correct, seen], comm)
+                    if not use_sync_bn:
+                        _dist.average_bn_stats_(model, task, comm)
+                if seen == 0:
+                    raise DataError('train_data yielded no batches')
+                val_acc = None
+                if val_loader is not None:
+                    val_acc = _accuracy(model, val_loader, None, device, reduce=ddp, comm=comm)
+                history.train_loss.append(loss_sum / seen)
+                history.train_acc.append(correct / seen)
+                history.val_acc.append(val_acc)
+                history.lr.append(float(optimizer.param_groups[0]['lr']))
+                history.head_lr.append(float(optimizer.param_groups[-1]['lr']))
+                history.epoch_time_s.append(time.perf_counter() - t0)
+                if show:
+                    msg = (f'{task} epoch {epoch + 1}/{epochs}: loss {history.train_loss[-1]:.4f}, '
+                           f'train acc {100 * history.train_acc[-1]:.1f}%')
+                    if val_acc is not None:
+                        msg += f', val acc {100 * val_acc:.1f}%'
+                    tqdm.write(msg)
+                stop = bool(callback(history)) if callback is not None else False
+                if ddp:
+                    stop = _dist.all_reduce_numbers([float(stop)], comm, op='max')[0] > 0
+                if stop:
+                    history.stopped_early = epoch + 1 < epochs
+                    done = True
+                if checkpoint is not None:
+                    save_checkpoint(epoch + 1, done or epoch + 1 == epochs)
+            net = model  # drop the DDP wrapper (and its reducer) before the layers swap back
         if recalibrate_bn and history.epochs:
-            _recalibrate_bn(model, train_loader, device, model_dtype, progress, task)
+            _recalibrate_bn(model, train_loader, device, model_dtype, show, task, comm if ddp else None)
     finally:
         optimizer.zero_grad(set_to_none=True)
+        net = None
         model.train(was_training)
     return history
 
 
 def _recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device, dtype: torch.dtype,
-                    progress: bool, task: str) -> None:
-    """Recompute the active task's BN running statistics as cumulative averages over one pass of ``loader``."""
+                    progress: bool, task: str, comm: Optional[torch.device] = None) -> None:
+    """Recompute the active task's BN running statistics as cumulative averages over one pass of ``loader``; with
+    ``comm`` (DDP), over all processes' passes, each process weighted by its number of batches."""
     from tqdm.auto import tqdm
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     momenta = [bn.momentum for bn in bns]
     saved = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in bns]
     model.train()
-    seen = 0
+    batches, ok = 0, False
     try:
         for bn in bns:
             bn.reset_running_stats()  # in place: the active task's own statistics tensors
@@ -369,11 +571,14 @@ def _recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device, 
                     continue
                 x = x.to(device, non_blocking=True)
                 model(x.to(dtype) if x.is_floating_point() else x)
-                seen += x.shape[0]
+                batches += 1
+        if comm is not None:
+            batches = _dist.combine_recalibrated_bn_(bns, batches, comm)
+        ok = True
     finally:
         for bn, mom in zip(bns, momenta):
             bn.momentum = mom
-        if seen == 0:  # nothing to average: keep the statistics of training
+        if batches == 0 or not ok:  # nothing to average (or an error): keep the statistics of training
             with torch.no_grad():
                 for bn, (mean, var, n) in zip(bns, saved):
                     bn.running_mean.copy_(mean)
@@ -382,22 +587,53 @@ def _recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device, 
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-@torch.inference_mode()
-def _run(model: nn.Module, data: DataLike, task: Optional[str], batch_size: int, device, num_workers: int, fn):
-    device = _resolve_device(model, device)
-    loader = _loader(data, batch_size, False, None, num_workers, device, 'data')
-    model_dtype = _model_dtype(model)
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module, task: Optional[str]):
+    """Eval mode with ``task`` active inside; the active task and train/eval mode restored afterwards."""
     was_training = model.training
     active = model.active_task
     model.eval()
     try:
         if task is not None:
             model.set_task(task)
-        for batch in loader:
-            fn(model, batch, device, model_dtype)
+        yield
     finally:
         model.set_task(active)
         model.train(was_training)
+
+
+@torch.inference_mode()
+def _accuracy(model: nn.Module, loader: DataLoader, task: Optional[str], device: torch.device, reduce: bool = False,
+              comm: Optional[torch.device] = None) -> float:
+    """Top-1 accuracy over ``loader``; ``reduce``: summed over all processes, the padding that a DistributedSampler
+    repeats counted out, so every sample counts once."""
+    name = model.active_task if task is None else task
+    dtype = _model_dtype(model)
+    sampler = getattr(loader, 'sampler', None)
+    correct = seen = position = 0
+    with _eval_mode(model, task):
+        num_classes = int(model.num_classes)
+        for batch in loader:
+            x, y = _unpack(batch, 'data')
+            y = torch.as_tensor(y)
+            _check_labels(y, num_classes, name)
+            x = x.to(device)
+            if x.is_floating_point():
+                x = x.to(dtype)
+            hit = model(x).argmax(1).cpu() == y.long()
+            n = int(y.shape[0])
+            mask = _dist.padding_mask(sampler, position, n) if reduce else None
+            position += n
+            if mask is not None:
+                hit = hit & mask
+                n = int(mask.sum())
+            correct += int(hit.sum())
+            seen += n
+    if reduce:
+        correct, seen = _dist.all_reduce_numbers([correct, seen], comm)
+    if seen == 0:
+        raise DataError('data yielded no samples')
+    return correct / seen
 
 
 def evaluate(
@@ -408,33 +644,32 @@ def evaluate(
         batch_size: int = 64,
         device=None,
         num_workers: int = 0,
+        distributed: bool = False,
 ) -> float:
     """Top-1 accuracy of a task (default: the active one) on a Dataset or DataLoader of ``(image, label)``.
 
     Runs in eval mode under ``torch.inference_mode``; the active task and train/eval mode are restored afterwards.
 
+    Args:
+        distributed: Every process of a process group calls ``evaluate`` together (a collective): a Dataset is
+            sharded with a ``DistributedSampler``, and the counts are summed over the processes with the sampler's
+            padding counted out, so the result is the accuracy over the whole dataset, on every process. A
+            DataLoader with a DistributedSampler is reduced the same way; another DataLoader is evaluated whole on
+            every process. Without a process group, the same as ``False``.
+
     Raises:
         TaskNotFoundError: for an unknown task.
         DataError: for empty data or labels out of the task's range.
+        DistributedError: a NCCL process group with a model on the CPU.
     """
-    name = model.active_task if task is None else task
-    stats = {'correct': 0, 'seen': 0}
-
-    def step(m, batch, device, dtype):
-        x, y = _unpack(batch, 'data')
-        y = torch.as_tensor(y)
-        _check_labels(y, int(m.num_classes), name)
-        x = x.to(device)
-        if x.is_floating_point():
-            x = x.to(dtype)
-        pred = m(x).argmax(1).cpu()
-        stats['correct'] += int((pred == y.long()).sum())
-        stats['seen'] += int(y.shape[0])
-
-    _run(model, data, task, batch_size, device, num_workers, step)
-    if stats['seen'] == 0:
-        raise DataError('data yielded no samples')
-    return stats['correct'] / stats['seen']
+    model = _dist.unwrap_model(model)
+    if task is not None:
+        model._task(task)
+    device = _resolve_device(model, device)
+    reduce = bool(distributed) and _dist.is_distributed() and _dist.get_world_size() > 1
+    comm = _dist.comm_device(device) if reduce else None
+    loader = _loader(data, batch_size, False, None, num_workers, device, 'data', shard=reduce)
+    return _accuracy(model, loader, task, device, reduce=reduce, comm=comm)
 
 
 def predict(
@@ -449,18 +684,20 @@ def predict(
 
     Returns, per image, a list of ``(class index, class name or None, probability)`` sorted by probability.
     """
+    model = _dist.unwrap_model(model)
     if images.ndim == 3:
         images = images.unsqueeze(0)
+    if task is not None:
+        model._task(task)
+    device = _resolve_device(model, device)
+    dtype = _model_dtype(model)
     out: List[List[tuple]] = []
-
-    def step(m, batch, device, dtype):
-        probs = m(batch[0].to(device, dtype)).float().softmax(1).cpu()
-        names = m.tasks[m.active_task].class_names
-        k = max(1, min(int(topk), probs.shape[1]))
-        p, idx = probs.topk(k, dim=1)
-        for pi, ii in zip(p.tolist(), idx.tolist()):
-            out.append([(c, None if names is None else names[c], q) for c, q in zip(ii, pi)])
-
-    from torch.utils.data import TensorDataset
-    _run(model, TensorDataset(images, torch.zeros(images.shape[0])), task, 64, device, 0, step)
+    with torch.inference_mode(), _eval_mode(model, task):
+        names = model.tasks[model.active_task].class_names
+        for start in range(0, images.shape[0], 64):
+            probs = model(images[start:start + 64].to(device, dtype)).float().softmax(1).cpu()
+            k = max(1, min(int(topk), probs.shape[1]))
+            p, idx = probs.topk(k, dim=1)
+            for pi, ii in zip(p.tolist(), idx.tolist()):
+                out.append([(c, None if names is None else names[c], q) for c, q in zip(ii, pi)])
     return out
