@@ -205,6 +205,18 @@ class WeightCache:
         """Tasks with cached weights, least recently used first."""
         return tuple(t for t, slot in self._tasks.items() if slot)
 
+    def __getstate__(self) -> dict:
+        # a pickled or deep-copied model starts with an empty cache: the entries are keyed on the identity of this
+        # model's tensors, so a copy could never use them, and they would hold up to max_bytes of memory (and file)
+        state = self.__dict__.copy()
+        state['_tasks'] = OrderedDict()
+        state['bytes'] = 0
+        return state
+
+    def __repr__(self) -> str:
+        return (f'WeightCache({len(self.cached_tasks())} task(s), {self.bytes / 2 ** 20:.1f} of '
+                f'{self.max_bytes / 2 ** 20:.1f} MiB, hits={self.hits}, misses={self.misses})')
+
 
 class ModulatedWeight:
     """Mixed into the class of a weight layer (``nn.Conv*d``, ``nn.Linear`` or a subclass) by ``modulate_layer``.
