@@ -156,8 +156,78 @@ def test_predict_topk(trained, data):
     assert lines[0] == '0.jpg (shapes):' and len(lines) == 3
     assert lines[1].split()[0] == '1.' and lines[1].split()[1] in ('circle', 'square', 'star')
     assert lines[1].endswith('%')
-    rc, _, err = _run(['predict', image, '--out', trained.out])  # two tasks: which one?
-    _assert_one_line_error(rc, err, '--task')
+    rc, _, err = _run(['predict', image, '--out', trained.out, '--task', 'shapes', '--scorer', 'energy'])
+    _assert_one_line_error(rc, err, '--scorer', '--task')
+
+
+def _copy_folder(trained, dest):
+    """A copy of the adapter folder and the model its tasks load into."""
+    import shutil
+    shutil.copytree(trained.out, dest)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cli.RANDOM_INIT_SEED)
+        model = timm.create_model(read_index(dest)['architecture'])
+    load_tasks(model, dest)
+    return model
+
+
+def _without_prototypes(trained, dest):
+    """A copy of the adapter folder whose tasks have no statistics."""
+    model = _copy_folder(trained, dest)
+    for task in ('pets', 'shapes'):
+        model._task(task).stats.clear()
+    model.save_tasks(dest)
+    return dest
+
+
+def _with_prototypes(trained, data, dest):
+    """A copy of the adapter folder whose tasks carry prototype statistics of their images."""
+    from timm_modcl.data import eval_transform
+    from timm_modcl.serving import compute_task_statistics
+    model = _copy_folder(trained, dest)
+    for task in ('pets', 'shapes'):
+        transform = eval_transform(model, SIZE)
+        xs, ys = [], []
+        for c, name in enumerate(model.tasks[task].class_names):
+            for f in sorted((data / task / name).glob('[0-9]*')):
+                xs.append(transform(Image.open(f).convert('RGB')))
+                ys.append(c)
+        compute_task_statistics(model, task, (torch.stack(xs), torch.tensor(ys)))
+    model.save_tasks(dest)
+    return dest
+
+
+def test_predict_without_task_chooses_the_task(trained, data, tmp_path):
+    images = [data / 'shapes' / 'star' / '0.jpg', data / 'pets' / 'cat' / '1.png', data / 'shapes' / 'circle' / '2.jpg']
+    # adapters without statistics: the head-confidence (energy) scorer
+    plain = _without_prototypes(trained, tmp_path / 'plain')
+    rc, out, err = _run(['predict', *images, '--out', plain, '--topk', '2'])
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 9
+    for header, image in zip(lines[::3], images):
+        assert header.startswith(f'{image.name} (task ') and header.endswith('by the energy scorer):')
+        assert header.split()[2].rstrip(',') in ('pets', 'shapes')
+    rc, _, err = _run(['predict', images[0], '--out', plain, '--scorer', 'prototype'])
+    _assert_one_line_error(rc, err, 'no prototype statistics', 'compute_task_statistics')
+
+    # with statistics: the prototype scorer by default
+    folder = _with_prototypes(trained, data, tmp_path / 'protos')
+    rc, out, err = _run(['predict', *images, '--out', folder, '--topk', '1'])
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 6
+    chosen = [line.split()[2].rstrip(',') for line in lines[::2]]
+    assert chosen == ['shapes', 'pets', 'shapes']
+    assert all(line.endswith('by the prototype scorer):') for line in lines[::2])
+    probability = float(lines[0].split()[3].rstrip('%'))
+    assert 0 < probability <= 100
+    rc, out, err = _run(['predict', images[0], '--out', folder, '--scorer', 'max_softmax'])
+    assert rc == 0, err
+    assert out.splitlines()[0].endswith('by the max_softmax scorer):')
+    names = {'shapes': ('circle', 'square', 'star'), 'pets': ('cat', 'dog')}
+    for task, line in zip(chosen, lines[1::2]):
+        assert line.split()[0] == '1.' and line.split()[1] in names[task] and line.endswith('%')
 
 
 # ---------------------------------------------------------------------------------------------------- errors

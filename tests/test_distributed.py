@@ -18,6 +18,7 @@ from timm_modcl import DistributedError, load_tasks
 from timm_modcl import distributed as D
 from timm_modcl.checkpoint import checkpoint_info
 from timm_modcl.layers import TaskNorm
+from timm_modcl.serving import compute_task_statistics
 from timm_modcl.train import evaluate, predict, train_task
 
 import ddp_worker as W
@@ -125,6 +126,7 @@ def reference_batchnorm(ds):
                 model(ds[idx][0])
     for bn in bns:
         bn.momentum = 0.1
+    compute_task_statistics(model, 't', ds)  # prototypes over all the data: what the ranks' all-reduce must give
     return after_epochs, {k: v.detach().clone() for k, v in model._task('t').tensors().items()}
 
 
@@ -171,7 +173,9 @@ def test_ddp_two_gloo_processes_match_single_process_references(tmp_path):
 
     # LayerNorm model == one process on the global batch
     ref = reference_layernorm(ds)
+    compute_task_statistics(ref, 't', ds)  # prototypes over all the data: what the ranks' all-reduce must give
     want = {k: v.detach() for k, v in ref._task('t').tensors().items()}
+    assert any(k.startswith('stats.proto_') for k in want)
     assert_close({k[3:]: v for k, v in got[0].items() if k.startswith('ln.')}, want, 'layernorm')
     assert any(not torch.equal(v, W.make_model(W.LN_ARCH)._task('t').tensors()[k]) for k, v in want.items()
                if k.startswith('modulator.'))  # it did train
@@ -252,7 +256,7 @@ def test_train_task_unwraps_a_ddp_made_before_set_task(world_of_one):
                       distributed=True)
     assert hist.epochs == 1 and model.active_task == 't'
     assert all(torch.equal(v, model._task('other').tensors()[k]) for k, v in other.items())
-    changed = [k for k, v in model._task('t').tensors().items() if not torch.equal(v, t0[k])]
+    changed = [k for k, v in t0.items() if not torch.equal(v, model._task('t').tensors()[k])]
     assert any(k.startswith('modulator.') for k in changed) and any(k.startswith('head.') for k in changed)
     # nothing of the DDP wrapping stays on the model: training again in one process works
     assert not model._forward_hooks and not model._forward_pre_hooks

@@ -11,6 +11,7 @@ from .task import BASE_TASK, TaskInfo, TaskState, validate_task_name
 from .core import ModCLMixin, register_frozen_parameters
 from .adapter import load_task, load_tasks, merge_adapter_folders, save_task, save_tasks
 from .hub import pull_tasks, push_tasks
+from .serving import TaskPrediction, compute_task_statistics, prototype_statistics
 from .model import is_modcl_model, modcl_class, modulate
 from . import models  # noqa: F401  (registers the modcl_* models)
 from .models import checkpoint_filter_fn

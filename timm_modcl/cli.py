@@ -6,6 +6,7 @@
     modcl eval --out adapters/ --data flowers/ --task flowers
     modcl info --out adapters/
     modcl predict rose.jpg --out adapters/ --task flowers
+    modcl predict rose.jpg sparrow.jpg --out adapters/       # unknown task: chosen among all tasks
     modcl push --out adapters/ --repo-id me/my-adapters
     modcl pull --repo-id me/my-adapters --out adapters/
     modcl merge --out all/ worker0/ worker1/ worker2/          # tasks learned in parallel, one folder
@@ -549,37 +550,93 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def _read_image(image: Path):
     from PIL import Image, UnidentifiedImageError
+    if not image.is_file():
+        raise FileNotFoundError(2, 'image does not exist', str(image))
+    try:
+        with Image.open(image) as im:
+            return im.convert('RGB')
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UsageError(f'cannot read image {str(image)!r}: {_one_line(e)}') from None
 
+
+def _print_top(header: str, top) -> None:
+    _say(header)
+    w = max(len(str(name if name is not None else c)) for c, name, _ in top)
+    for rank, (c, name, p) in enumerate(top, 1):
+        _say(f'  {rank}. {str(name if name is not None else c).ljust(w)}  {100 * p:6.2f}%')
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
     from .data import eval_transform
     from .train import predict
 
     out = Path(args.out)
     index = _require_index(out)
-    task = args.task
-    if task is None:
-        if len(index['tasks']) != 1:
-            raise UsageError(f'{str(out)!r} has {len(index["tasks"])} tasks; pass --task NAME '
-                             f'({", ".join(index["tasks"][:5])})')
-        task = index['tasks'][0]
-    image = Path(args.image)
-    if not image.is_file():
-        raise FileNotFoundError(2, 'image does not exist', str(image))
-    try:
-        with Image.open(image) as im:
-            img = im.convert('RGB')
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UsageError(f'cannot read image {str(image)!r}: {_one_line(e)}') from None
     if args.topk < 1:
         raise UsageError('--topk must be at least 1')
-    model, _, _ = _load_adapters(args, out, [task])
-    x = eval_transform(model, _task_input_size(model, task))(img)
-    top = predict(model, x, task, topk=args.topk, device=args.device)[0]
-    _say(f'{image.name} ({task}):')
-    w = max(len(str(name if name is not None else c)) for c, name, _ in top)
-    for rank, (c, name, p) in enumerate(top, 1):
-        _say(f'  {rank}. {str(name if name is not None else c).ljust(w)}  {100 * p:6.2f}%')
+    task = args.task
+    if task is None and len(index['tasks']) == 1:
+        task = index['tasks'][0]
+    if task is None and not index['tasks']:
+        raise UsageError(f'{str(out)!r} has no tasks (train one first: modcl train ... --out {out})')
+    if args.task is not None and args.scorer != 'auto':
+        raise UsageError('--scorer chooses the task of an image; it cannot be combined with --task')
+    images = [(Path(p), _read_image(Path(p))) for p in args.image]
+    if task is not None:
+        model, _, _ = _load_adapters(args, out, [task])
+        transform = eval_transform(model, _task_input_size(model, task))
+        for image, img in images:
+            top = predict(model, transform(img), task, topk=args.topk, device=args.device)[0]
+            _print_top(f'{image.name} ({task}):', top)
+        return 0
+    return _predict_task_agnostic(args, out, images)
+
+
+def _predict_task_agnostic(args: argparse.Namespace, out: Path, images) -> int:
+    """``modcl predict`` without ``--task``: score every task, print the chosen task and its top classes."""
+    import torch
+
+    from .data import eval_transform
+    from .serving import has_prototypes
+
+    model, index, _ = _load_adapters(args, out)
+    names = list(index['tasks'])
+    scorer = args.scorer
+    if scorer == 'auto':
+        scorer = 'prototype' if all(has_prototypes(model, n) for n in names) else 'energy'
+    if args.device is not None:
+        model.to(args.device)
+    # tasks trained at different input sizes see the image as they were trained on it: score each size group
+    groups: Dict[Optional[int], List[str]] = {}
+    for n in names:
+        groups.setdefault(_task_input_size(model, n), []).append(n)
+    transforms = {size: eval_transform(model, size) for size in groups}
+    for image, img in images:
+        scores, preds = [], []
+        for size, group in groups.items():
+            x = transforms[size](img).unsqueeze(0)
+            if args.device is not None:
+                x = x.to(args.device)
+            pred = model.predict_task_agnostic(x, scorer=scorer, tasks=group)
+            preds.append(pred)
+            scores.append(pred.task_scores[0])
+        all_scores = torch.cat(scores)
+        task_probs = all_scores.softmax(0)
+        best = int(all_scores.argmax())
+        offsets = [0]
+        for s in scores:
+            offsets.append(offsets[-1] + len(s))
+        g = max(i for i in range(len(preds)) if offsets[i] <= best)
+        pred = preds[g]
+        name = pred.tasks[0]
+        probs = pred.logits[0].float().softmax(0)
+        k = min(args.topk, probs.numel())
+        p, idx = probs.topk(k)
+        class_names = model.tasks[name].class_names
+        top = [(c, None if class_names is None else class_names[c], q) for c, q in zip(idx.tolist(), p.tolist())]
+        _print_top(f'{image.name} (task {name}, {100 * float(task_probs[best]):.2f}% by the {scorer} scorer):', top)
     return 0
 
 
@@ -854,11 +911,18 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p, threads=False)
         p.set_defaults(func=fn)
 
-    p = sub.add_parser('predict', help='classify an image with a task',
-                       description='Top-k classes of one image under one task.')
-    p.add_argument('image', metavar='IMAGE')
+    p = sub.add_parser('predict', help='classify images, with a given task or finding the task',
+                       description='Top-k classes of images under one task (--task, or the only task of --out); '
+                                   'without --task, the task of each image is chosen among all tasks of --out '
+                                   '(task-agnostic prediction) and printed with its probability.')
+    p.add_argument('image', metavar='IMAGE', nargs='+')
     p.add_argument('--out', required=True, metavar='DIR', help='adapter folder')
-    p.add_argument('--task', metavar='NAME', help='task (default: the only one)')
+    p.add_argument('--task', metavar='NAME', help='task of the images (default: the only one; with several tasks, '
+                                                  'chosen per image)')
+    p.add_argument('--scorer', choices=['auto', 'prototype', 'energy', 'max_softmax'], default='auto',
+                   help='how the task is chosen without --task: "prototype" (class statistics stored with the tasks; '
+                        'one extra forward), "energy" or "max_softmax" (confidence of each task\'s head; one forward '
+                        'per task); default "auto": prototype when every task has statistics, else energy')
     p.add_argument('--topk', type=int, default=5, help='number of classes shown (default: 5)')
     p.add_argument('--device', default=None)
     _add_backbone_args(p)

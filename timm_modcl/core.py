@@ -1018,6 +1018,11 @@ class ModCLMixin:
         """``torch.jit.script(model)`` scripts the active task as a plain timm model (``export_task``)."""
         return self.export_task()
 
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        if self.__dict__.get('_modcl') is not None:  # a copy or an unpickled model: bind its layers to its own cache
+            self._bind(self._modcl.active)
+
     # ------------------------------------------------------------------ device / dtype moves
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)

@@ -6,6 +6,7 @@ __all__ = [
     'TaskNotFoundError',
     'TaskExistsError',
     'InvalidTaskNameError',
+    'StatisticsError',
     'ResolutionError',
     'InputError',
     'StateDictError',
@@ -41,6 +42,11 @@ class TaskExistsError(TaskError):
 
 class InvalidTaskNameError(TaskError):
     """A task name is empty, too long, or contains characters that are not allowed."""
+
+
+class StatisticsError(TaskError):
+    """A task lacks the statistics an operation needs (e.g. the class prototypes of task-agnostic prediction), or
+    its statistics do not fit the model."""
 
 
 class ResolutionError(TaskError):

@@ -202,6 +202,18 @@ class WeightCache:
         """Tasks with cached weights, least recently used first."""
         return tuple(t for t, slot in self._tasks.items() if slot)
 
+    def __getstate__(self) -> dict:
+        # a pickled or deep-copied model starts with an empty cache: the entries are keyed on the identity of this
+        # model's tensors, so a copy could never use them, and they would hold up to max_bytes of memory (and file)
+        state = self.__dict__.copy()
+        state['_tasks'] = OrderedDict()
+        state['bytes'] = 0
+        return state
+
+    def __repr__(self) -> str:
+        return (f'WeightCache({len(self.cached_tasks())} task(s), {self.bytes / 2 ** 20:.1f} of '
+                f'{self.max_bytes / 2 ** 20:.1f} MiB, misses={self.misses})')
+
 
 class ModulatedWeight:
     """Mixed into the class of a weight layer (``nn.Conv*d``, ``nn.Linear`` or a subclass) by ``modulate_layer``.
@@ -297,7 +309,8 @@ class ModulatedWeight:
         return unmodulate_layer(self, copy=True)
 
     def __reduce_ex__(self, protocol):
-        return _new_layer, (ModulatedWeight, self._modcl_base), self.__dict__
+        # the cache slot is the model's business: a copy is re-bound to its own (empty) cache by the model
+        return _new_layer, (ModulatedWeight, self._modcl_base), dict(self.__dict__, modcl_slot={})
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -464,20 +477,24 @@ def unmodulate_layer(module: nn.Module, copy: bool = False) -> nn.Module:
 
 
 def check_input(module: nn.Module, args) -> None:
-    """Forward pre-hook of a model's first weight layer: a clear ``InputError`` for a wrong channel count or dtype, or
-    a single-sample batch in train mode when the model has BatchNorm (it would fail deep inside the network after the
-    active task's statistics of the earlier layers were already updated)."""
+    """Forward pre-hook of a model's first weight layer: ``validate_input`` in the layer's train/eval mode."""
     if _is_tracing() or torch.compiler.is_compiling() or torch.jit.is_scripting():
         return
     x = args[0] if args else None
-    if not isinstance(x, torch.Tensor):
-        return
+    if isinstance(x, torch.Tensor):
+        validate_input(module, x, module.training)
+
+
+def validate_input(module: nn.Module, x: torch.Tensor, training: bool) -> None:
+    """A clear ``InputError`` for an input the model's first weight layer ``module`` cannot take: a wrong channel count
+    or dtype, or (``training``) a single-sample batch when the model has BatchNorm, which would fail deep inside the
+    network after the active task's statistics of the earlier layers were already updated."""
     frozen = module._buffers['weight']
     in_ch = frozen.shape[1] * getattr(module, 'groups', 1)
     expected = (f'(N, {in_ch}, H, W)' if isinstance(module, nn.Conv2d) else f'(..., {in_ch})')
     if isinstance(module, nn.Conv2d) and (x.ndim != 4 or x.shape[1] != in_ch):
         raise InputError(f'expected an image batch of shape {expected}, got {tuple(x.shape)}')
-    if module.training and x.shape[0] == 1 and getattr(module, 'modcl_bn_guard', False):
+    if training and x.shape[0] == 1 and getattr(module, 'modcl_bn_guard', False):
         raise InputError('a batch of 1 sample cannot train BatchNorm statistics (the model is in train mode); use a '
                          'batch of 2 or more, or model.eval() to run a single image')
     if not x.is_floating_point():

@@ -1,7 +1,689 @@
-"""Serving many tasks: mixed-task batches and task-agnostic prediction (``ServingMixin``)."""
+"""Serving many tasks: mixed-task batches and task-agnostic prediction (``ServingMixin``).
 
-__all__ = ['ServingMixin']
+    logits = model.forward_tasks(x, ['flowers', 'birds', 'flowers'])   # one task per sample: a list of tensors
+    pred = model.predict_task_agnostic(x)                              # task unknown: task, class and scores
+    pred.tasks, pred.labels, pred.class_names, pred.task_probs
+
+**Mixed-task batches.** ``forward_tasks`` groups the samples by task, runs each group as one batch under its task in
+eval mode without autograd, and returns each sample's output in input order. Heads differ in size, so the result is a
+*list* of tensors (sample ``i``'s logits for its own task), not a padded tensor. A sample's output is bit-identical
+(``torch.equal``) to running that task's samples of the batch as one batch under ``use_task``. It equals running the
+sample *alone* only up to float rounding: PyTorch's CPU convolutions and matrix products pick their kernels by batch
+size, so a batch of 1 and a batch of 8 differ in the last bits (measured: up to ~1e-5 on MobileNetV2 logits; we test
+``allclose(rtol=1e-4, atol=1e-4)``). Running the per-sample path with oneDNN disabled was not bit-exact either and
+3x slower, so there is no cheap exact mode. The effective weights of every task in the batch come from the model's
+``WeightCache`` (least recently used tasks out, under a byte limit), so switching between hot tasks is free.
+
+**Task-agnostic prediction.** ``predict_task_agnostic(x, scorer=...)`` scores every candidate task (default: all
+learned tasks), picks the best per sample, and classifies the sample with that task's head. Scores are comparable
+across tasks, higher is better:
+
+* ``'prototype'`` (default): a rehearsal-free Gaussian model of each task in the feature space of the frozen,
+  unmodulated backbone (the ``base`` task's pre-logits features). Each task stores its class means, class priors and
+  one covariance shared by its classes, as low-rank plus diagonal ``Sigma = diag(psi) + V diag(a) V^T`` (the top
+  ``rank`` eigenvectors of the within-class covariance, and the rest of its diagonal); the score is the log-likelihood
+  ``log sum_c pi_c N(f; mu_c, Sigma)`` including the log-determinant, computed with the Woodbury identity in
+  O(D * rank) per class. Cost: one forward of the base task for all tasks together, plus one grouped forward for the
+  class (``forward_tasks``), whatever the number of tasks. The statistics are computed from a task's training data by
+  ``compute_task_statistics`` (``train_task(..., prototypes=True)`` calls it) and stored as ``stats.proto_*`` tensors
+  in the task's adapter file (statistics, never images).
+* ``'energy'``: the free energy of each task's head normalised by its class count, ``logsumexp(z) - log K`` (the log
+  of the mean exponentiated logit). One forward per candidate task.
+* ``'max_softmax'``: the largest softmax probability rescaled to [0, 1] by the head size,
+  ``(max p - 1/K) / (1 - 1/K)``. One forward per candidate task.
+
+Every method validates its arguments before it changes anything and restores the active task and the train/eval mode
+of every module afterwards, also when the forward raises.
+"""
+import contextlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .errors import DataError, InputError, StatisticsError, TaskError, UnsupportedModelError
+from .layers import validate_input
+from .task import BASE_TASK
+
+__all__ = [
+    'ServingMixin', 'TaskPrediction', 'SCORERS', 'PROTOTYPE_STATS', 'DEFAULT_PROTOTYPE_RANK',
+    'DEFAULT_PROTOTYPE_POWER', 'DEFAULT_PROTOTYPE_SHRINKAGE', 'compute_task_statistics', 'prototype_statistics',
+    'has_prototypes', 'score_prototypes',
+]
+
+#: Task scorers of ``predict_task_agnostic``.
+SCORERS = ('prototype', 'energy', 'max_softmax')
+#: Names of the prototype statistics in ``TaskState.stats`` (``stats.<name>`` tensors in adapter files).
+PROTOTYPE_STATS = ('proto_mean', 'proto_prior', 'proto_basis', 'proto_log_scale', 'proto_log_noise', 'proto_power')
+#: Rank of the low-rank part of the shared covariance (chosen on validation data by ``benchmarks/serving.py``).
+DEFAULT_PROTOTYPE_RANK = 16
+#: Features are transformed by ``sign(f) * |f| ** power`` before the Gaussian fit (chosen on validation data).
+DEFAULT_PROTOTYPE_POWER = 0.5
+#: The residual diagonal ``psi`` is shrunk towards its mean by this fraction (chosen on validation data).
+DEFAULT_PROTOTYPE_SHRINKAGE = 0.9
+_NOISE_FLOOR = 1e-4          # psi >= this fraction of the mean feature variance (and >= 1e-12)
+_LOG_2PI = math.log(2 * math.pi)
 
 
+# ---------------------------------------------------------------------------------------------------- results
+@dataclass
+class TaskPrediction:
+    """What ``predict_task_agnostic`` returns for a batch of ``N`` images.
+
+    Attributes:
+        scorer: The scorer used.
+        candidates: The tasks that were scored (the columns of ``task_scores``).
+        task_scores: ``(N, T)`` float32 scores, higher is more likely; comparable across tasks (see the scorer).
+        task_index: ``(N,)`` index of the predicted task in ``candidates``.
+        tasks: Predicted task name per sample.
+        labels: ``(N,)`` predicted class index within the predicted task.
+        class_names: Predicted class name per sample (``None`` when the task has no class names).
+        class_probs: ``(N,)`` probability of the predicted class (softmax of the predicted task's head; for a task
+            without head, the prototype posterior).
+        logits: Per sample, the predicted task's logits (a list: heads differ in size).
+    """
+    scorer: str
+    candidates: Tuple[str, ...]
+    task_scores: torch.Tensor
+    task_index: torch.Tensor
+    tasks: List[str]
+    labels: torch.Tensor
+    class_names: List[Optional[str]]
+    class_probs: torch.Tensor
+    logits: List[torch.Tensor]
+
+    @property
+    def task_probs(self) -> torch.Tensor:
+        """``(N, T)`` softmax of ``task_scores`` over the candidates (for ``'prototype'``: the posterior of the task
+        under equal task priors)."""
+        return self.task_scores.softmax(1)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def to_list(self) -> List[Dict[str, Any]]:
+        """One dict per sample: ``task``, ``label``, ``class_name``, ``task_prob``, ``class_prob``."""
+        probs = self.task_probs
+        return [{'task': t, 'label': int(self.labels[i]), 'class_name': self.class_names[i],
+                 'task_prob': float(probs[i, self.task_index[i]]), 'class_prob': float(self.class_probs[i])}
+                for i, t in enumerate(self.tasks)]
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+def _power(f: torch.Tensor, power: float) -> torch.Tensor:
+    return f if power == 1.0 else f.sign() * f.abs().pow(power)
+
+
+def _check_hyper(rank: Any, power: Any, shrinkage: Any) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise TaskError(f'rank must be a non-negative integer, got {rank!r}')
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0 < power <= 4 or power != power:
+        raise TaskError(f'power must be a number in (0, 4], got {power!r}')
+    if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not 0 <= shrinkage <= 1:
+        raise TaskError(f'shrinkage must be a number in [0, 1], got {shrinkage!r}')
+
+
+class _Moments:
+    """Sufficient statistics of (transformed) features per class: counts, sums, and the sum of outer products."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        self.count = torch.zeros(num_classes, dtype=torch.float64)
+        self.sum = torch.zeros(num_classes, dim, dtype=torch.float64)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64)
+
+    def add(self, f: torch.Tensor, y: torch.Tensor) -> None:
+        f = f.detach().to('cpu', torch.float64)
+        y = y.to('cpu', torch.long)
+        self.count.index_add_(0, y, torch.ones(len(y), dtype=torch.float64))
+        self.sum.index_add_(0, y, f)
+        self.outer.addmm_(f.t(), f)
+
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+        for t in (self.count, self.sum, self.outer):
+            if dist.get_backend() == 'nccl':
+                dev = torch.device('cuda', torch.cuda.current_device())
+                buf = t.to(dev)
+                dist.all_reduce(buf)
+                t.copy_(buf.cpu())
+            else:
+                dist.all_reduce(t)
+
+    def finish(self, rank: int, power: float, shrinkage: float) -> 'OrderedDict[str, torch.Tensor]':
+        n = float(self.count.sum())
+        present = self.count > 0
+        if n < 1:
+            raise DataError('no samples to compute prototype statistics from')
+        mean = torch.where(present[:, None], self.sum / self.count.clamp_min(1)[:, None], torch.zeros(()))
+        scatter = self.outer - (mean * self.count[:, None]).t() @ mean
+        dof = max(n - int(present.sum()), 1.0)
+        cov = (scatter + scatter.t()) / (2 * dof)
+        var = cov.diagonal().clamp_min(0)
+        floor = max(_NOISE_FLOOR * float(var.mean()), 1e-12)
+        k = min(rank, cov.shape[0])
+        if k:
+            evals, evecs = torch.linalg.eigh(cov)
+            evals, evecs = evals.flip(0)[:k], evecs.flip(1)[:, :k]
+            keep = evals > max(float(evals[0]) if len(evals) else 0.0, 0.0) * 1e-9
+            evals, evecs = evals[keep], evecs[:, keep]
+            psi = var - (evecs.pow(2) * evals).sum(1)
+        else:
+            evals, evecs = torch.zeros(0, dtype=torch.float64), torch.zeros(cov.shape[0], 0, dtype=torch.float64)
+            psi = var
+        psi = psi.clamp_min(floor)
+        psi = (1 - shrinkage) * psi + shrinkage * psi.mean()
+        out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+        out['proto_mean'] = mean.float()
+        out['proto_prior'] = (self.count / n).float()
+        out['proto_basis'] = evecs.float()
+        out['proto_log_scale'] = evals.log().float()
+        out['proto_log_noise'] = psi.log().float()
+        out['proto_power'] = torch.tensor(float(power), dtype=torch.float32)
+        return out
+
+
+def prototype_statistics(
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        num_classes: int,
+        *,
+        rank: int = DEFAULT_PROTOTYPE_RANK,
+        power: float = DEFAULT_PROTOTYPE_POWER,
+        shrinkage: float = DEFAULT_PROTOTYPE_SHRINKAGE,
+) -> 'OrderedDict[str, torch.Tensor]':
+    """Prototype statistics (the ``proto_*`` tensors) of a task from its training features, without a model.
+
+    ``features`` are ``(N, D)`` pre-logits features of the base task (``model.prototype_features(x)``); ``labels``
+    ``(N,)`` class indices in ``[0, num_classes)``. Features are transformed by ``sign(f) * |f| ** power``; the
+    statistics are the class means, the class priors, and the within-class covariance as the top-``rank``
+    eigenvectors (``proto_basis``, ``(D, rank)``) with their eigenvalues (``proto_log_scale``) plus the rest of its
+    diagonal (``proto_log_noise``, floored at 1e-4 of the mean variance and shrunk towards its mean by
+    ``shrinkage``). Scales are stored as logarithms, so they stay positive in any float dtype.
+
+    Raises:
+        DataError: for mismatched shapes, labels out of range, non-finite features or no samples.
+        TaskError: for bad ``rank``, ``power`` or ``shrinkage``.
+    """
+    _check_hyper(rank, power, shrinkage)
+    if not isinstance(features, torch.Tensor) or features.ndim != 2 or not features.is_floating_point():
+        raise DataError('features must be a 2-D floating-point tensor (N, D)')
+    labels = torch.as_tensor(labels)
+    if labels.shape != features.shape[:1]:
+        raise DataError(f'got {labels.shape[0] if labels.ndim else "no"} labels for {features.shape[0]} features')
+    _check_label_range(labels, num_classes)
+    if not torch.isfinite(features).all():
+        raise DataError('features contain NaN or Inf values')
+    moments = _Moments(num_classes, features.shape[1])
+    moments.add(_power(features.to(torch.float64), float(power)), labels)
+    return moments.finish(rank, float(power), float(shrinkage))
+
+
+def _check_label_range(y: torch.Tensor, num_classes: int) -> None:
+    if y.numel() and (y.is_floating_point() or int(y.min()) < 0 or int(y.max()) >= num_classes):
+        bad = y.min() if int(y.min()) < 0 else y.max()
+        raise DataError(f'label {bad.item()} is out of range for {num_classes} classes (labels 0..{num_classes - 1})')
+
+
+def has_prototypes(model, name: str) -> bool:
+    """Whether task ``name`` of ``model`` has the prototype statistics of the ``'prototype'`` scorer."""
+    stats = model._task(name).stats
+    return all(k in stats for k in PROTOTYPE_STATS)
+
+
+class _TaskGaussian:
+    """A task's prototype statistics prepared for scoring (float64): class log-likelihoods by the Woodbury identity."""
+
+    def __init__(self, name: str, stats: Dict[str, torch.Tensor], num_classes: int) -> None:
+        self.name = name
+
+        def bad(msg: str) -> StatisticsError:
+            return StatisticsError(f'task {name!r}: prototype statistics {msg}; recompute them with '
+                                   f'compute_task_statistics(model, {name!r}, train_data)')
+
+        t = {k: stats[k].detach().to('cpu', torch.float64) for k in PROTOTYPE_STATS}
+        mean, prior, basis = t['proto_mean'], t['proto_prior'], t['proto_basis']
+        log_scale, log_noise, power = t['proto_log_scale'], t['proto_log_noise'], t['proto_power']
+        if mean.ndim != 2 or mean.shape[1] < 1:
+            raise bad('have class means of no valid shape')
+        c, dim = mean.shape
+        self.dim = dim
+        if num_classes and c != num_classes:
+            raise bad(f'have {c} classes, the task has {num_classes}')
+        k = basis.shape[1] if basis.ndim == 2 else -1
+        if (prior.shape != (c,) or basis.ndim != 2 or basis.shape[0] != dim or log_scale.shape != (k,)
+                or log_noise.shape != (dim,) or power.ndim != 0):
+            raise bad('have inconsistent shapes')
+        if not (prior >= 0).all() or not float(prior.sum()) > 0 or not 0 < float(power) <= 4:
+            raise bad('have invalid values')
+        self.power = float(power)
+        self.num_classes = c
+        psi_inv_sqrt = (-0.5 * log_noise).exp()
+        self.psi_inv_sqrt = psi_inv_sqrt
+        self.mean_s = mean * psi_inv_sqrt
+        self.mean_sq = self.mean_s.pow(2).sum(1)
+        logdet = float(log_noise.sum())
+        self.k = k
+        if k:
+            b = (basis * (psi_inv_sqrt ** 2)[:, None]).t()                  # V^T Psi^-1, (k, D)
+            m = torch.diag((-log_scale).exp()) + b @ basis                  # A^-1 + V^T Psi^-1 V, (k, k)
+            try:
+                chol = torch.linalg.cholesky(m)
+            except RuntimeError:
+                raise bad('are not positive definite') from None
+            logdet += float(log_scale.sum()) + 2 * float(chol.diagonal().log().sum())
+            self.b, self.chol = b, chol
+            self.u_mean = self._solve(mean)                                 # (C, k)
+            self.u_mean_sq = self.u_mean.pow(2).sum(1)
+        self.log_prior = torch.where(prior > 0, (prior / prior.sum()).log(), torch.full_like(prior, -math.inf))
+        self.const = -0.5 * (logdet + dim * _LOG_2PI)
+
+    def _solve(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve_triangular(self.chol, self.b @ x.t(), upper=False).t()
+
+    def class_log_likelihood(self, f: torch.Tensor) -> torch.Tensor:
+        """``(N, C)`` log N(f; mu_c, Sigma) for transformed features ``f`` ``(N, D)`` (float64)."""
+        fs = f * self.psi_inv_sqrt
+        q = fs.pow(2).sum(1, keepdim=True) - 2 * fs @ self.mean_s.t() + self.mean_sq
+        if self.k:
+            u = self._solve(f)
+            q = q - (u.pow(2).sum(1, keepdim=True) - 2 * u @ self.u_mean.t() + self.u_mean_sq)
+        return -0.5 * q.clamp_min(0) + self.const
+
+    def scores(self, f: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Task log-likelihood ``(N,)`` and class log-posterior ``(N, C)`` (within the task)."""
+        joint = self.class_log_likelihood(f) + self.log_prior
+        total = joint.logsumexp(1)
+        return total, joint - total[:, None]
+
+
+def score_prototypes(features: torch.Tensor, stats: Sequence[Dict[str, torch.Tensor]]
+                     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Score base-task features against the prototype statistics of several tasks, without a model.
+
+    Args:
+        features: ``(N, D)`` pre-logits features of the base task (``model.prototype_features(x)``).
+        stats: One mapping of ``proto_*`` tensors per task (``prototype_statistics`` output, or a task's ``stats``).
+
+    Returns:
+        ``(scores, class_log_posteriors)``: ``(N, T)`` float64 task log-likelihoods ``log p(f | task)``, and per task
+        the ``(N, C_t)`` log-posterior of its classes.
+
+    Raises:
+        StatisticsError: for missing or inconsistent statistics, or a feature size that does not match.
+    """
+    gaussians = []
+    for i, s in enumerate(stats):
+        missing = [k for k in PROTOTYPE_STATS if k not in s]
+        if missing:
+            raise StatisticsError(f'statistics #{i} lack {missing}')
+        gaussians.append(_TaskGaussian(f'#{i}', s, 0))
+    return _score(features.detach().to('cpu', torch.float64), gaussians)
+
+
+def _score(feats: torch.Tensor, gaussians: Sequence['_TaskGaussian']) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    transformed: Dict[float, torch.Tensor] = {}
+    scores, posts = [], []
+    for g in gaussians:
+        if g.dim != feats.shape[1]:
+            raise StatisticsError(f'task {g.name!r}: prototype statistics have features of size {g.dim}, the '
+                                  f'features have size {feats.shape[1]}')
+        f = transformed.get(g.power)
+        if f is None:
+            f = transformed[g.power] = _power(feats, g.power)
+        s, post = g.scores(f)
+        scores.append(s)
+        posts.append(post)
+    return torch.stack(scores, 1), posts
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def _batches(data, batch_size: int, num_workers: int, what: str = 'data') -> Iterable:
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        if data[0].shape[:1] != data[1].shape[:1]:
+            raise DataError(f'{what}: {data[0].shape[0]} images but {data[1].shape[0]} labels')
+        data = TensorDataset(*data)
+    if isinstance(data, DataLoader):
+        return data
+    if not isinstance(data, Dataset):
+        raise DataError(f'{what} must be a torch Dataset or DataLoader of (image, label), or a pair of tensors, '
+                        f'got {type(data).__name__}')
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f'batch_size must be a positive integer, got {batch_size!r}')
+    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def _unpack(batch, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        raise DataError(f'{what} must yield (image, label) pairs, got {type(batch).__name__}')
+    return batch[0], torch.as_tensor(batch[1])
+
+
+def compute_task_statistics(
+        model: nn.Module,
+        task: str,
+        data,
+        *,
+        rank: int = DEFAULT_PROTOTYPE_RANK,
+        power: float = DEFAULT_PROTOTYPE_POWER,
+        shrinkage: float = DEFAULT_PROTOTYPE_SHRINKAGE,
+        num_classes: Optional[int] = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        progress: bool = False,
+        all_reduce: bool = False,
+) -> 'OrderedDict[str, torch.Tensor]':
+    """Compute a task's prototype statistics from its training data and store them in the task.
+
+    Runs the frozen, unmodulated backbone (the ``base`` task, eval mode, no autograd) over ``data`` and fits the
+    Gaussian model of ``prototype_statistics`` to its pre-logits features. The statistics are stored as the task's
+    ``proto_*`` statistics (saved in its adapter file; other statistics of the task are kept). The model is otherwise
+    unchanged: its active task, train/eval modes, parameters and BatchNorm statistics stay as they were. Evaluation
+    transforms give the best statistics; training augmentation is tolerated.
+
+    Args:
+        model: A modcl model with a timm ``forward_features`` / ``forward_head``.
+        task: The task the data belongs to.
+        data: A Dataset or DataLoader of ``(image, label)`` (images preprocessed as for the task), or a pair of
+            tensors ``(images, labels)``.
+        rank, power, shrinkage: See ``prototype_statistics``.
+        num_classes: Number of classes (default: the task's; needed for a task without head).
+        batch_size, num_workers: For the DataLoader made from a Dataset.
+        progress: Show a tqdm progress bar.
+        all_reduce: Sum the statistics over the processes of the default ``torch.distributed`` group (every
+            process must call this with its shard of the data).
+
+    Returns:
+        The new statistics (the task's own tensors).
+
+    Raises:
+        TaskNotFoundError: for an unknown task.
+        TaskError: bad hyper-parameters, or a task without classes and no ``num_classes``.
+        DataError: for unusable data (not image/label pairs, labels out of range, no samples).
+        UnsupportedModelError: for a model without ``forward_features`` / ``forward_head(pre_logits=True)``.
+    """
+    state = model._task(task)
+    _check_hyper(rank, power, shrinkage)
+    if num_classes is None:
+        num_classes = int(state.num_classes)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise TaskError(f'task {task!r} has no classes: pass num_classes= for its prototype statistics')
+    if state.num_classes and num_classes != state.num_classes:
+        raise TaskError(f'task {task!r} has {state.num_classes} classes, got num_classes={num_classes}')
+    if all_reduce:
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            raise TaskError('all_reduce=True needs an initialised torch.distributed process group')
+    _feature_fn(model)
+    loader = _batches(data, batch_size, num_workers)
+    moments: Optional[_Moments] = None
+    from tqdm.auto import tqdm
+    ref = model._ref_tensor()
+    with model._serving():
+        model._bind(BASE_TASK)
+        for batch in tqdm(loader, desc=f'{task} prototypes', disable=not progress, leave=False):
+            x, y = _unpack(batch, 'data')
+            _check_label_range(y, num_classes)
+            if x.is_floating_point():
+                x = x.to(ref.device, ref.dtype)
+            f = model._base_features(x)
+            if not torch.isfinite(f).all():
+                raise DataError('the backbone gave NaN or Inf features for the data')
+            if moments is None:
+                moments = _Moments(num_classes, f.shape[1])
+            moments.add(_power(f.to(torch.float64), float(power)), y)
+    if moments is None:
+        moments = _Moments(num_classes, 1)
+    if all_reduce:
+        moments.all_reduce()
+    stats = moments.finish(rank, float(power), float(shrinkage))
+    stats = OrderedDict((k, v.to(ref.device, ref.dtype if ref.is_floating_point() else torch.float32))
+                        for k, v in stats.items())
+    state.stats.update(stats)
+    return stats
+
+
+def _feature_fn(model: nn.Module) -> None:
+    if not (callable(getattr(model, 'forward_features', None)) and callable(getattr(model, 'forward_head', None))):
+        raise UnsupportedModelError(
+            f'{type(model).__name__} has no forward_features / forward_head(pre_logits=True): the prototype scorer '
+            f'needs the pre-logits features of a timm classification model')
+
+
+# ---------------------------------------------------------------------------------------------------- mixin
 class ServingMixin:
-    """Multi-task inference methods of modcl models."""
+    """Multi-task inference methods of modcl models: ``forward_tasks``, ``predict_task_agnostic``,
+    ``prototype_features``, ``compute_task_statistics`` (see the module docstring)."""
+
+    @contextlib.contextmanager
+    def _serving(self) -> Iterator[None]:
+        """Eval mode without autograd; restores the active task and every module's train/eval flag afterwards."""
+        st = self._modcl
+        active = st.active
+        modes = [(m, m.training) for m in self.modules()]
+        try:
+            if any(flag for _, flag in modes):
+                self.eval()
+            with torch.no_grad():
+                yield
+        finally:
+            for m, flag in modes:
+                m.training = flag
+            if st.active != active or st.cache.active != active:
+                self._bind(active)
+
+    def _check_batch(self, x: Any) -> int:
+        if not isinstance(x, torch.Tensor) or x.ndim < 1:
+            raise InputError(f'expected a batch tensor, got {type(x).__name__ if not isinstance(x, torch.Tensor) else "a scalar"}')
+        layers = self._modcl.weight_layers
+        if layers:  # serving runs in eval mode
+            validate_input(next(iter(layers.values())), x, training=False)
+        return int(x.shape[0])
+
+    def _task_groups(self, tasks: Any, n: int) -> 'OrderedDict[str, List[int]]':
+        if isinstance(tasks, str) or not isinstance(tasks, Iterable):
+            raise InputError(f'tasks must be a list of task names, one per sample, got {type(tasks).__name__}')
+        names = list(tasks)
+        if len(names) != n:
+            raise InputError(f'got {len(names)} task names for a batch of {n} samples (one name per sample)')
+        known = self._modcl.tasks
+        unknown = [(i, t) for i, t in enumerate(names) if not isinstance(t, str) or t not in known]
+        if unknown:
+            from .errors import TaskNotFoundError
+            shown = ', '.join(f'{t!r} (sample {i})' for i, t in unknown[:5])
+            raise TaskNotFoundError(f'unknown task(s) {shown}{" ..." if len(unknown) > 5 else ""}; the model has '
+                                    f'tasks: {", ".join(map(repr, known))}')
+        groups: 'OrderedDict[str, List[int]]' = OrderedDict()
+        for i, t in enumerate(names):
+            groups.setdefault(t, []).append(i)
+        return groups
+
+    def _schedule(self, names: Iterable[str]) -> List[str]:
+        """Order tasks so the cache serves as many as it can: cached ones first (before uncached tasks can evict
+        them), then the others, and the active task last (no switch back afterwards)."""
+        names = list(names)
+        st = self._modcl
+        cached = [t for t in st.cache.cached_tasks() if t in names and t != st.active]
+        rest = [t for t in names if t not in cached and t != st.active]
+        return cached + rest + ([st.active] if st.active in names else [])
+
+    def forward_tasks(self, x: torch.Tensor, tasks: Sequence[str]) -> List[torch.Tensor]:
+        """Run a batch whose samples belong to different tasks: sample ``i`` under task ``tasks[i]``.
+
+        The samples are grouped by task and each group runs as one batch under its task, in eval mode without
+        autograd. Outputs are bit-identical to running each task's samples (in batch order) as one batch under
+        ``use_task`` in eval mode; to running a sample alone they are equal up to float rounding (CPU kernels depend
+        on the batch size). The active task and all train/eval flags are restored afterwards.
+
+        Args:
+            x: Input batch ``(N, ...)`` as the model takes it.
+            tasks: ``N`` task names, one per sample.
+
+        Returns:
+            A list of ``N`` tensors, in input order: sample ``i``'s output (logits, or features for a task without
+            head) for its own task. Heads differ in size, so the outputs are not stacked.
+
+        Raises:
+            InputError: ``x`` is not a batch the model takes (channels, dtype), or ``tasks`` is not a list of ``N``
+                names.
+            TaskNotFoundError: a name is not a task of the model.
+            UnsupportedModelError: the model's forward does not return one tensor.
+            The model is unchanged on error.
+        """
+        n = self._check_batch(x)
+        groups = self._task_groups(tasks, n)
+        out: List[Optional[torch.Tensor]] = [None] * n
+        with self._serving():
+            for name in self._schedule(groups):
+                idx = groups[name]
+                self._bind(name)
+                y = self(x if len(idx) == n else x[torch.tensor(idx, device=x.device)])
+                if not isinstance(y, torch.Tensor):
+                    raise UnsupportedModelError(f'forward_tasks needs a model whose forward returns one tensor, '
+                                                f'got {type(y).__name__}')
+                for j, i in enumerate(idx):
+                    out[i] = y[j]
+        return out  # type: ignore[return-value]
+
+    def _base_features(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.forward_head(self.forward_features(x), pre_logits=True)
+        if not isinstance(f, torch.Tensor) or f.ndim != 2:
+            raise UnsupportedModelError(f'forward_head(pre_logits=True) must give (N, D) features, got '
+                                        f'{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}')
+        return f
+
+    def prototype_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-logits features of the frozen, unmodulated backbone (the ``base`` task, eval mode): what the prototype
+        statistics describe. ``(N, D)``; the model is unchanged afterwards.
+
+        Raises:
+            InputError: ``x`` is not a batch the model takes.
+            UnsupportedModelError: the model has no ``forward_features`` / ``forward_head(pre_logits=True)``.
+        """
+        self._check_batch(x)
+        _feature_fn(self)
+        with self._serving():
+            self._bind(BASE_TASK)
+            return self._base_features(x)
+
+    def compute_task_statistics(self, task: str, data, **kwargs) -> 'OrderedDict[str, torch.Tensor]':
+        """Compute and store a task's prototype statistics; see ``timm_modcl.serving.compute_task_statistics``."""
+        return compute_task_statistics(self, task, data, **kwargs)
+
+    def _candidates(self, tasks: Optional[Sequence[str]], scorer: str) -> List[str]:
+        st = self._modcl
+        if scorer not in SCORERS:
+            raise TaskError(f'unknown scorer {scorer!r}; choose one of {", ".join(SCORERS)}')
+        if tasks is None:
+            names = [n for n in st.tasks if n != BASE_TASK]
+            if not names:
+                raise TaskError('the model has no learned tasks to choose from (only the base task); add and train '
+                                'tasks first')
+        else:
+            if isinstance(tasks, str) or not isinstance(tasks, Iterable):
+                raise TaskError(f'tasks must be a list of task names, got {type(tasks).__name__}')
+            names = list(dict.fromkeys(tasks))
+            if not names:
+                raise TaskError('tasks is empty: give at least one task to choose from')
+            for n in names:
+                self._task(n)
+        if scorer == 'prototype':
+            missing = [n for n in names if not has_prototypes(self, n)]
+            if missing:
+                raise StatisticsError(
+                    f'task(s) {", ".join(map(repr, missing[:5]))} have no prototype statistics; compute them with '
+                    f'compute_task_statistics(model, task, train_data) (or train with train_task(..., '
+                    f'prototypes=True)), or use scorer="energy"')
+            _feature_fn(self)
+        else:
+            headless = [n for n in names if st.tasks[n].num_classes < 1]
+            if headless:
+                raise TaskError(f'task(s) {", ".join(map(repr, headless[:5]))} have no head; the {scorer!r} scorer '
+                                f'scores heads (use scorer="prototype")')
+        return names
+
+    def predict_task_agnostic(
+            self, x: torch.Tensor, scorer: str = 'prototype', tasks: Optional[Sequence[str]] = None,
+    ) -> TaskPrediction:
+        """Predict task and class of images whose task is unknown.
+
+        Scores every candidate task with ``scorer`` (see the module docstring), picks the best task per sample and
+        classifies the sample with that task's head (eval mode, no autograd).
+
+        Args:
+            x: Input batch ``(N, C, H, W)``, preprocessed as the tasks expect (for ``'prototype'``: as the data the
+                statistics were computed from).
+            scorer: ``'prototype'`` (one base forward for all tasks, then one grouped forward), ``'energy'`` or
+                ``'max_softmax'`` (one forward per candidate task).
+            tasks: Candidate tasks (default: every task but ``base``).
+
+        Returns:
+            A ``TaskPrediction`` (tasks, labels, class names, probabilities, task scores).
+
+        Raises:
+            TaskError: unknown scorer, no learned tasks, an empty candidate list, or (head scorers) a task without
+                head.
+            TaskNotFoundError: a candidate is not a task of the model.
+            StatisticsError: (``'prototype'``) a candidate has no or unusable prototype statistics.
+            InputError: ``x`` is not a batch the model takes.
+            The model is unchanged on error.
+        """
+        n = self._check_batch(x)
+        names = self._candidates(tasks, scorer)
+        gaussians = self._gaussians(names) if scorer == 'prototype' else []
+        st = self._modcl
+        with self._serving():
+            if scorer == 'prototype':
+                task_scores, class_post = self._prototype_scores(x, gaussians)
+                best = task_scores.argmax(1)
+                chosen = [names[i] for i in best.tolist()]
+                heads = [i for i in range(n) if st.tasks[chosen[i]].num_classes > 0]
+                logits: List[torch.Tensor] = [class_post[t][i] for i, t in enumerate(best.tolist())]
+                if heads:
+                    sub = self.forward_tasks(x[torch.tensor(heads, device=x.device)], [chosen[i] for i in heads])
+                    for j, i in enumerate(heads):
+                        logits[i] = sub[j]
+            else:
+                per_task = []
+                for name in self._schedule(names):
+                    self._bind(name)
+                    per_task.append((name, self(x)))
+                order = {name: z for name, z in per_task}
+                task_scores = torch.stack([_head_score(order[nm].float(), scorer) for nm in names], 1)
+                best = task_scores.argmax(1)
+                chosen = [names[i] for i in best.tolist()]
+                logits = [order[chosen[i]][i] for i in range(n)]
+        labels, class_names, probs = [], [], []
+        for i, z in enumerate(logits):
+            p = z.float().softmax(0)
+            c = int(p.argmax())
+            labels.append(c)
+            probs.append(float(p[c]))
+            cn = st.tasks[chosen[i]].class_names
+            class_names.append(None if cn is None or c >= len(cn) else cn[c])
+        return TaskPrediction(
+            scorer=scorer, candidates=tuple(names), task_scores=task_scores.float().cpu(), task_index=best.cpu(),
+            tasks=chosen, labels=torch.tensor(labels, dtype=torch.long), class_names=class_names,
+            class_probs=torch.tensor(probs, dtype=torch.float32), logits=logits)
+
+    def _gaussians(self, names: List[str]) -> List[_TaskGaussian]:
+        st = self._modcl
+        return [_TaskGaussian(n, st.tasks[n].stats, st.tasks[n].num_classes) for n in names]
+
+    def _prototype_scores(self, x: torch.Tensor, gaussians: List[_TaskGaussian]
+                          ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Task log-likelihoods ``(N, T)`` and, per task, the class log-posterior within the task ``(N, C_t)``."""
+        self._bind(BASE_TASK)
+        return _score(self._base_features(x).to('cpu', torch.float64), gaussians)
+
+
+def _head_score(z: torch.Tensor, scorer: str) -> torch.Tensor:
+    """Confidence of a head's logits ``(N, K)``, normalised for the head size ``K`` (higher is more confident)."""
+    k = z.shape[1]
+    if scorer == 'energy':
+        return z.logsumexp(1) - math.log(k)
+    p = z.softmax(1).amax(1)
+    return (p - 1.0 / k) / (1.0 - 1.0 / k) if k > 1 else torch.zeros_like(p)

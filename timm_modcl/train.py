@@ -246,6 +246,7 @@ def train_task(
         sync_bn: bool = False,
         checkpoint: Optional[Union[str, os.PathLike]] = None,
         resume: bool = False,
+        prototypes: bool = True,
 ) -> TrainHistory:
     """Train one existing task of a modcl model; all other tasks stay bit-identical.
 
@@ -316,6 +317,10 @@ def train_task(
         resume: Continue from ``checkpoint`` if it exists (else start from scratch): same arguments, same task
             configuration and backbone, same number of processes. The result equals an uninterrupted run (exactly
             on CPU). Only epoch ends are checkpointed: an epoch killed midway is trained again.
+        prototypes: After training, store the task's prototype statistics for task-agnostic prediction
+            (``timm_modcl.serving.compute_task_statistics`` over ``train_data``: class means and a low-rank shared
+            covariance of the frozen backbone's features, never images; under DDP summed over all processes). One
+            forward pass of the frozen backbone over the training data.
 
     Returns:
         The ``TrainHistory`` (per-epoch loss, accuracy, validation accuracy, learning rate, time).
@@ -543,6 +548,10 @@ def train_task(
             net = model  # drop the DDP wrapper (and its reducer) before the layers swap back
         if recalibrate_bn and history.epochs:
             _recalibrate_bn(model, train_loader, device, model_dtype, show, task, comm if ddp else None)
+        if prototypes and history.epochs:
+            from .serving import compute_task_statistics
+            compute_task_statistics(model, task, train_loader, num_workers=num_workers, progress=show,
+                                    all_reduce=ddp)
     finally:
         optimizer.zero_grad(set_to_none=True)
         net = None
