@@ -16,7 +16,6 @@ touched, and only the trained task's tensors are restored: other tasks are never
 import json
 import os
 import random
-import stat
 import struct
 from collections import OrderedDict
 from pathlib import Path
@@ -26,7 +25,8 @@ import torch
 import torch.nn as nn
 
 from ._io import atomic_write_bytes
-from .errors import CheckpointError
+from .adapter import read_file
+from .errors import AdapterError, CheckpointError
 from .version import __version__
 
 __all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_FORMAT_VERSION', 'TrainCheckpoint', 'checkpoint_bytes',
@@ -207,32 +207,15 @@ def read_checkpoint_bytes(path: _PathLike) -> Optional[bytes]:
     """The bytes of a checkpoint file, or ``None`` if it does not exist.
 
     Raises:
-        CheckpointError: the path is a folder, not a regular file, or unreadable.
+        CheckpointError: the path is a folder, not a regular file (a device, FIFO), or unreadable.
     """
     path = Path(path)
-    label = repr(str(path))
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         return None
-    except IsADirectoryError:
-        raise CheckpointError(f'checkpoint {label} is a folder, not a file') from None
-    except OSError as e:
-        raise CheckpointError(f'could not open checkpoint {label}: {e.strerror or e}') from None
     try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise CheckpointError(f'checkpoint {label} is a folder, not a file')
-        if not stat.S_ISREG(info.st_mode):
-            raise CheckpointError(f'checkpoint {label} is not a regular file')
-        with os.fdopen(fd, 'rb') as f:
-            fd = None
-            return f.read()
-    except OSError as e:
-        raise CheckpointError(f'could not read checkpoint {label}: {e.strerror or e}') from None
-    finally:
-        if fd is not None:
-            os.close(fd)
+        return read_file(path, what='checkpoint file')
+    except AdapterError as e:
+        raise CheckpointError(str(e)) from None
 
 
 class TrainCheckpoint:

@@ -186,18 +186,23 @@ def barrier() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- collectives
-def _flat_all_reduce_(tensors: Sequence[torch.Tensor], device: torch.device, op=dist.ReduceOp.SUM) -> None:
-    """All-reduce several tensors of one dtype in place with a single collective."""
+def _flat_collective_(tensors: Sequence[torch.Tensor], device: torch.device, collective) -> None:
+    """Run ``collective`` on the tensors (all of one dtype) flattened into one buffer, and copy the result back."""
     if not tensors:
         return
     flat = torch.cat([t.detach().reshape(-1).to(device) for t in tensors])
-    dist.all_reduce(flat, op=op)
+    collective(flat)
     offset = 0
     with torch.no_grad():
         for t in tensors:
             n = t.numel()
             t.copy_(flat[offset:offset + n].view_as(t).to(t.device))
             offset += n
+
+
+def _flat_all_reduce_(tensors: Sequence[torch.Tensor], device: torch.device, op=dist.ReduceOp.SUM) -> None:
+    """All-reduce several tensors of one dtype in place with a single collective."""
+    _flat_collective_(tensors, device, lambda flat: dist.all_reduce(flat, op=op))
 
 
 def all_reduce_numbers(values: Sequence[float], device: torch.device, op: str = 'sum') -> List[float]:
@@ -217,14 +222,7 @@ def broadcast_tensors_(tensors: Sequence[torch.Tensor], device: torch.device, sr
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
     for group in by_dtype.values():
-        flat = torch.cat([t.detach().reshape(-1).to(device) for t in group])
-        dist.broadcast(flat, src=src)
-        offset = 0
-        with torch.no_grad():
-            for t in group:
-                n = t.numel()
-                t.copy_(flat[offset:offset + n].view_as(t).to(t.device))
-                offset += n
+        _flat_collective_(group, device, lambda flat: dist.broadcast(flat, src=src))
 
 
 def broadcast_int(value: int, device: torch.device, src: int = 0) -> int:
