@@ -371,7 +371,8 @@ class Method:
             hist["epoch_s"].append(time.perf_counter() - t0)
             if self.ctx.on_epoch is not None:
                 self.ctx.on_epoch({"task": t, "epoch": epoch + 1, **{k: v[-1] for k, v in hist.items()}})
-            self.ctx.check_deadline()
+            if epoch + 1 < recipe.epochs:  # no new epoch after the deadline
+                self.ctx.check_deadline()
         optimizer.zero_grad(set_to_none=True)
         del params
         if self.recalibrate and recipe.epochs:
@@ -863,7 +864,8 @@ class ModCL(Method):
             if ctx.on_epoch is not None:
                 ctx.on_epoch({"task": t, "epoch": history.epochs, "train_loss": history.train_loss[-1],
                               "train_acc": history.train_acc[-1], "epoch_s": history.epoch_time_s[-1]})
-            ctx.check_deadline()
+            if history.epochs < recipe.epochs:
+                ctx.check_deadline()
             return False
 
         h = train_task(self.model, self._name(t), loader, epochs=recipe.epochs, batch_size=recipe.batch_size,
