@@ -191,3 +191,22 @@ def test_ladder_search_extends_past_a_winning_edge(tmp_path):
             next(gen)
     lr, row = stop.value.value
     assert lr == 1e-3 and calls == [3e-3, 1e-2, 3e-2, 1e-3, 3e-4]
+
+
+def test_library_defaults_are_what_the_benchmark_chose():
+    """``DEFAULT_CONFIG`` and ``train_task``'s defaults are the modcl setting chosen on validation by the committed
+    benchmark run (the per-layer patterns may be spelt differently but must give the same modulators)."""
+    import inspect
+    import json
+
+    import timm
+    from timm_modcl import DEFAULT_CONFIG, TaskConfig
+    from timm_modcl.train import train_task
+    chosen = json.loads((BENCH / 'results' / 'accuracy.json').read_text())['methods']['modcl']['chosen']
+    cfg = TaskConfig.from_dict(chosen['hp']['config'])
+    assert (cfg.variant, cfg.bn_affine) == (DEFAULT_CONFIG.variant, DEFAULT_CONFIG.bn_affine)
+    model = timm.create_model('modcl_mobilenetv2_100')
+    assert model._modulator_shapes(cfg) == model._modulator_shapes(DEFAULT_CONFIG)
+    d = {k: p.default for k, p in inspect.signature(train_task).parameters.items()}
+    assert (d['lr'], d['head_lr'], d['sched'], d['warmup_epochs']) == (
+        chosen['lr'], chosen['head_lr'], chosen['sched'], chosen['warmup_epochs'])
