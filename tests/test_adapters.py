@@ -52,7 +52,7 @@ def test_adapter_metadata_and_contents(saved):
     task = json.loads(meta['task'])
     assert task['name'] == 'alpha' and task['class_names'] == ['a', 'b', 'c']
     assert timm_modcl.TaskConfig.from_dict(task['config']) == timm_modcl.DEFAULT_CONFIG and meta['timm_modcl_version']
-    assert set(k.split('.')[0] for k in tensors) == {'modulator', 'bn', 'head'}
+    assert set(k.split('.')[0] for k in tensors) == {'modulator', 'bn', 'norm', 'head'}  # default: BN affine per task
     assert sum(v.numel() for k, v in tensors.items() if k.startswith('modulator.')) == \
         model.tasks['alpha'].num_modulator_params
 
@@ -63,7 +63,7 @@ def test_adapter_sizes_mobilenetv2_100(tmp_path):
     plain = timm.create_model('mobilenetv2_100')
     save_file(plain.state_dict(), str(tmp_path / 'full.safetensors'))
     full = os.path.getsize(tmp_path / 'full.safetensors')
-    model.add_task('t', 10, (4, 4))
+    model.add_task('t', 10, (4, 4), bn_affine=False)
     no_head = os.path.getsize(model.save_task('t', tmp_path / 'a.safetensors', include_head=False))
     no_head16 = os.path.getsize(model.save_task('t', tmp_path / 'b.safetensors', include_head=False,
                                                 dtype=torch.float16))

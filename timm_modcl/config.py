@@ -3,7 +3,7 @@
 A config is a frozen value that round-trips through JSON (``to_dict`` / ``from_dict``), so an adapter file or a state
 dict records exactly how its task was built and a loader can check every tensor against it.
 
-    TaskConfig()                                            # the library default: see DEFAULT_CONFIG
+    TaskConfig()                                            # uniform (4, 4), no BN affine (DEFAULT_CONFIG differs)
     TaskConfig(resolution=(8, 8), layer_resolution={'conv_stem': None, 'blocks.*.conv_dw': (2, 2)})
     TaskConfig(resolution=None)                             # no modulators: norm state + head only
 """
@@ -141,5 +141,12 @@ class TaskConfig:
             raise TaskError(f'invalid task config: {e}') from None
 
 
-#: The configuration ``add_task`` uses when not told otherwise (chosen by the accuracy benchmark, see README).
-DEFAULT_CONFIG = TaskConfig()
+#: The configuration ``add_task`` uses when not told otherwise, chosen on validation by the accuracy benchmark
+#: (``benchmarks/results/accuracy.md``, MobileNetV2): a per-task BN affine, and modulators finer in the stem and the
+#: first four stages, coarser in the last two stages and the head conv. The per-layer patterns name timm's
+#: EfficientNet / MobileNet family (``conv_stem``, ``blocks.<stage>.<block>.conv_*``, ``conv_head``); on other models
+#: they match nothing and every layer gets ``resolution``.
+DEFAULT_CONFIG = TaskConfig(
+    resolution=(4, 4), variant='identity', bn_affine=True,
+    layer_resolution=(('conv_stem', (1, 1)), ('blocks.[0-3].*.conv_*', (2, 2)), ('blocks.[56].*.conv_*', (6, 6)),
+                      ('conv_head', (8, 8))))

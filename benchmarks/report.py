@@ -1,0 +1,316 @@
+"""Tables, plots and README section of the accuracy benchmark, from its JSON.
+
+    python benchmarks/report.py                          # accuracy.md and plots from benchmarks/results/accuracy.json
+    python benchmarks/report.py --readme README.md       # also rewrite README's table between its markers
+
+README's section sits between ``<!-- accuracy-benchmark:start -->`` and ``<!-- accuracy-benchmark:end -->``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+RESULTS = Path(__file__).resolve().parent / "results"
+START, END = "<!-- accuracy-benchmark:start -->", "<!-- accuracy-benchmark:end -->"
+SHORT = {"fashion_mnist": "F-MNIST", "animal_shape": "Animal", "mnist5k": "MNIST-5k", "digits": "digits"}
+
+
+def _pct(x: Optional[float], digits: int = 1) -> str:
+    return "–" if x is None else f"{100 * x:.{digits}f}"
+
+
+def _ms(d: Optional[Dict[str, float]], digits: int = 1) -> str:
+    if not d:
+        return "–"
+    return f"{100 * d['mean']:.{digits}f} ± {100 * d['sd']:.{digits}f}"
+
+
+def _kib(b: Optional[float]) -> str:
+    return "–" if b is None else f"{b / 1024:,.0f} KiB"
+
+
+def _diff(s: Dict[str, Any]) -> str:
+    d = s.get("diff_vs_modcl")
+    if not d:
+        return "(reference)" if s.get("_is_ref") else "–"
+    lo, hi = d["ci"]
+    v = d.get("verdict")
+    tag = "" if v is None else (" **modcl better**" if v == "modcl better" else " **baseline better**")
+    return f"{100 * d['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{tag}"
+
+
+def _lr(row: Optional[Dict[str, Any]]) -> str:
+    if not row:
+        return "–"
+    if abs(row["head_lr"] - row["lr"]) < 1e-12:
+        return f"{row['lr']:g}"
+    return f"{row['lr']:g} / {row['head_lr']:g}"
+
+
+def _config(hp: Dict[str, Any]) -> str:
+    c = hp.get("config")
+    if not c:
+        return ", ".join(f"{k}={v}" for k, v in hp.items()) or "–"
+    parts = [f"resolution {tuple(c['resolution']) if c['resolution'] else None}", f"variant {c['variant']}",
+             f"bn_affine {c['bn_affine']}"]
+    if c.get("layer_resolution"):
+        parts.append("layers " + ", ".join(f"{p}: {tuple(r) if r else None}" for p, r in c["layer_resolution"]))
+    return "; ".join(parts)
+
+
+def main_table(summary: Dict[str, Any], with_tasks: bool = True) -> str:
+    tasks = summary["settings"]["tasks"]
+    head = ["method", "test accuracy, mean ± sd (%)"]
+    if with_tasks:
+        head += [SHORT.get(t, t) for t in tasks]
+    head += ["vs modcl default, points [95 % CI]", "values / task", "bytes / task", "forgetting (points)",
+             "lr / head lr"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in summary["methods"].items():
+        s = dict(s, _is_ref=name == "modcl")
+        rank = (s.get("counts_per_task") or {}).get(tasks[0], {}).get("rank")
+        row = [s["label"] + (f", rank {rank}" if rank else ""), _ms(s.get("test_avg"))]
+        if with_tasks:
+            row += [_ms(s.get("test_per_task", {}).get(t)) for t in tasks]
+        vals = s.get("values_per_task")
+        if s.get("mask_bits_per_task"):
+            vals_s = f"{vals:,} + {s['mask_bits_per_task']:,} mask bits"
+        else:
+            vals_s = "–" if vals is None else f"{vals:,}"
+        forg = s.get("forgetting", {})
+        row += [_diff(s), vals_s, _kib(s.get("bytes_per_task")),
+                f"{100 * forg.get('mean', 0):.1f}" + (f" ± {100 * forg['sd']:.1f}" if forg.get("sd") else ""),
+                _lr(s.get("chosen"))]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def validation_tables(summary: Dict[str, Any]) -> str:
+    out = []
+    for name, s in summary["methods"].items():
+        rows = s.get("validation") or []
+        if not rows:
+            continue
+        out.append(f"\n**{s['label']}** (chosen: lr {_lr(s['chosen'])}, {s['chosen'].get('sched')}"
+                   + (f", warm-up {s['chosen']['warmup_epochs']}" if s['chosen'].get('warmup_epochs') else "")
+                   + (f"; {_config(s['chosen']['hp'])}" if name == "modcl" else "") + ")\n")
+        out.append("| step | lr | head lr | sched | setting | validation accuracy (%) |")
+        out.append("|---|---|---|---|---|---|")
+        for r in rows:
+            setting = _config(r["hp"]) if name == "modcl" else ""
+            if r.get("warmup_epochs"):
+                setting += f" warm-up {r['warmup_epochs']}"
+            out.append(f"| {r['stage']} | {r['lr']:g} | {r['head_lr']:g} | {r['sched']} | {setting} | "
+                       f"{100 * r['val_mean']:.2f} |")
+    return "\n".join(out)
+
+
+def sweep_table(summary: Dict[str, Any]) -> str:
+    sw = summary.get("sweep")
+    if not sw:
+        return ""
+    sizes = sw["sizes"]
+    lines = ["| method | " + " | ".join(f"{n:,} images" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for m, by_n in sw["methods"].items():
+        cells = []
+        for n in sizes:
+            r = by_n.get(str(n), {})
+            cell = _ms(r.get("test_avg"))
+            d = r.get("diff_vs_modcl")
+            if d:
+                cell += f" ({100 * d['diff']:+.1f} [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}])"
+            if r.get("chosen"):
+                cell += f", lr {_lr(r['chosen'])}"
+            cells.append(cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    cross = []
+    for m, c in sw.get("crossings", {}).items():
+        diffs = ", ".join("–" if d is None else f"{100 * d:+.1f}" for d in c["modcl_minus_other"])
+        where = "; crosses " + ", ".join(c["crossings"]) if c["crossings"] else "; no crossing in this range"
+        cross.append(f"- modcl − {m}: {diffs} points at {', '.join(f'{n:,}' for n in sizes)}{where}.")
+    return "\n".join(lines) + ("\n\n" + "\n".join(cross) if cross else "")
+
+
+def target_text(summary: Dict[str, Any]) -> str:
+    t = summary.get("target", {})
+    if not t.get("evaluated"):
+        return "Target not evaluated (incomplete run)."
+    beats = t.get("beats_every_smaller_or_equal_baseline", {})
+    missing = [m for m, ok in beats.items() if not ok]
+    parts = [f"modcl default {_kib(t.get('modcl_bytes'))} per task vs LoRA {_kib(t.get('lora_bytes'))}"]
+    parts.append("better than every baseline of at most LoRA's size (interval excluding 0)" if not missing else
+                 "not shown better than: " + ", ".join(missing))
+    if "full_finetune_minus_modcl" in t:
+        lo, hi = t["full_finetune_minus_modcl_ci"]
+        parts.append(f"full fine-tuning − modcl = {100 * t['full_finetune_minus_modcl']:+.1f} points "
+                     f"[{100 * lo:+.1f}, {100 * hi:+.1f}] (target: at most +1.0)")
+    return ("**Target met.** " if t.get("met") else "**Target not met.** ") + "; ".join(parts) + "."
+
+
+def protocol_text(summary: Dict[str, Any]) -> str:
+    st = summary["settings"]
+    data = summary.get("data", {})
+    sizes = ", ".join(f"{SHORT.get(t, t)} {d.get('train', '?')}/{d.get('val', '?')}/{d.get('test', '?')}"
+                      for t, d in data.items() if t in st["tasks"])
+    dec = summary.get("decisions", {})
+    return (f"{st['size']} px, {st['epochs']} epochs, batch {st['batch_size']}, Adam, schedule "
+            f"`{dec.get('sched', '?')}` (chosen on modcl's validation, used by every method); seeds "
+            f"{', '.join(map(str, st['seeds']))} (training subsets resampled per seed; rates chosen on seed "
+            f"{st['tune_seed']}'s validation split and reused); train / validation / test images per task: {sizes}. "
+            f"Bytes per task: fp32 trainable values (adapter, per-task BN affine, head) + per-task BN statistics, "
+            f"Piggyback's masks as bits. Intervals: paired bootstrap over seeds and test images "
+            f"({st['bootstrap']} replicates).")
+
+
+def markdown(summary: Dict[str, Any], stem: str = "accuracy") -> str:
+    m = summary["machine"]
+    st = summary["settings"]
+    mod = summary["methods"].get("modcl", {})
+    lines = [f"# Accuracy benchmark ({summary['mode']})", "",
+             f"{'Complete' if summary['complete'] else '**Partial** (time budget or interruption)'} run; "
+             f"{m['platform']}, {m['device']}, {m['workers']} worker(s) x {m['torch_threads_per_worker']} torch "
+             f"thread(s); wall {summary['wall_s'] / 60:.1f} min this invocation, "
+             f"{summary.get('cell_wall_s_total', 0) / 3600:.2f} h of cell time in all "
+             f"({summary.get('cells_total', '?')} cells).", "", protocol_text(summary), ""]
+    if mod.get("chosen"):
+        c = mod["chosen"]
+        lines += [f"**modcl default (chosen on validation):** {_config(c['hp'])}; lr {c['lr']:g}, head lr "
+                  f"{c['head_lr']:g}, schedule {c['sched']}, warm-up {c['warmup_epochs']} epoch(s).", ""]
+    lines += [main_table(summary), "", target_text(summary), ""]
+    pig = summary["methods"].get("piggyback", {})
+    if pig.get("piggyback_mask_zero_fraction_range"):
+        lo, hi = pig["piggyback_mask_zero_fraction_range"]
+        lines += [f"Piggyback masks: {100 * lo:.2f}–{100 * hi:.2f} % of the entries flipped to 0 (mask sparsity; "
+                  f"they start all ones), per task and seed.", ""]
+    reruns = {n: s.get("rerun_val_max_abs_diff") for n, s in summary["methods"].items()
+              if s.get("rerun_val_max_abs_diff") is not None}
+    if reruns:
+        worst = max(reruns.values())
+        lines += [f"Reproducibility: the test runs of seed {st['tune_seed']} retrain the chosen setting; their "
+                  f"validation accuracy differs from the tuning run's by at most {100 * worst:.2f} points.", ""]
+    sw = sweep_table(summary)
+    if sw:
+        lines += [f"## Data-size sweep ({SHORT.get(summary['sweep']['task'], summary['sweep']['task'])}, test "
+                  f"accuracy %, mean ± sd over seeds; in brackets the difference from modcl with its 95 % interval)",
+                  "", sw, ""]
+    lines += ["## Validation (seed %d): every setting tried" % st["tune_seed"], validation_tables(summary), ""]
+    lines += ["## Wall time per method (cell seconds: tuning / test runs)", "",
+              "| method | tuning | test runs | cells | training images / s |", "|---|---|---|---|---|"]
+    for name, s in summary["methods"].items():
+        w = s.get("wall_s", {})
+        lines.append(f"| {name} | {w.get('tuning', 0):,.0f} | {w.get('final', 0):,.0f} | {w.get('cells', 0)} | "
+                     f"{s.get('train_images_per_s', 0):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def readme_section(summary: Dict[str, Any]) -> str:
+    st = summary["settings"]
+    lines = [START, "", f"`nice -n 10 python benchmarks/accuracy.py` ({summary.get('cell_wall_s_total', 0) / 3600:.1f} h "
+             f"of cell time, {summary['wall_s'] / 3600:.1f} h wall with {summary['machine']['workers']} worker "
+             f"processes on a {summary['machine']['cpus']}-core CPU machine; `--quick` for a smoke run). "
+             "Fashion-MNIST → Animal-Shape → MNIST-5k → scikit-learn digits on ImageNet MobileNetV2 (offline "
+             "weights), " + protocol_text(summary) + " Every method's rates come from the same staged search on "
+             "validation; test accuracy is computed once per seed for the chosen setting. Full tables (every "
+             "setting tried, per-task numbers, data-size sweep): `benchmarks/results/accuracy.md`; regenerate "
+             "this section with `python benchmarks/report.py --readme README.md`.", ""]
+    mod = summary["methods"].get("modcl", {})
+    if mod.get("chosen"):
+        c = mod["chosen"]
+        lines += [f"modcl default (chosen on validation): {_config(c['hp'])}; lr {c['lr']:g}, head lr "
+                  f"{c['head_lr']:g}, schedule `{c['sched']}`.", ""]
+    lines += [main_table(summary, with_tasks=False), "", target_text(summary), ""]
+    sw = sweep_table(summary)
+    if sw:
+        lines += ["Data-size sweep on Fashion-MNIST (test accuracy %, mean ± sd over seeds; difference from modcl "
+                  "[95 % CI]):", "", sw, ""]
+    lines += ["![accuracy vs bytes](benchmarks/results/accuracy_vs_bytes.png)", "", END]
+    return "\n".join(lines)
+
+
+def update_readme(path: Path, section: str) -> None:
+    text = path.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{path} has no {START} ... {END} markers")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    from timm_modcl._io import atomic_write_bytes
+    atomic_write_bytes(path, (head + section + tail).encode())
+
+
+def plots(summary: Dict[str, Any], out_dir: Path, stem: str = "accuracy") -> List[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    for name, s in summary["methods"].items():
+        if "test_avg" not in s or s.get("bytes_per_task") is None:
+            continue
+        x, y, e = s["bytes_per_task"] / 1024, 100 * s["test_avg"]["mean"], 100 * s["test_avg"]["sd"]
+        forgets = s.get("forgetting", {}).get("mean", 0) > 1e-9
+        color = "tab:blue" if name == "modcl" else ("tab:red" if forgets else "tab:gray")
+        ax.errorbar([x], [y], yerr=[e], fmt="o" if name == "modcl" else "s", color=color, capsize=4, ms=7)
+        ax.annotate(name, (x, y), fontsize=8, xytext=(5, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes stored per task (KiB, log scale)")
+    ax.set_ylabel("average test accuracy after the last task (%)")
+    ax.set_title("Accuracy vs bytes per task (mean ± sd over seeds; blue: modcl, red: forgets)", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    p = out_dir / f"{stem}_vs_bytes.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(p)
+    sw = summary.get("sweep")
+    if sw and sw.get("methods"):
+        fig, ax = plt.subplots(figsize=(7, 4.8))
+        for m, by_n in sw["methods"].items():
+            pts = [(int(n), r["test_avg"]) for n, r in by_n.items() if r.get("test_avg")]
+            pts.sort()
+            if not pts:
+                continue
+            ax.errorbar([n for n, _ in pts], [100 * r["mean"] for _, r in pts], yerr=[100 * r["sd"] for _, r in pts],
+                        marker="o", capsize=3, label=m, lw=2.2 if m == "modcl" else 1.2)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"training images ({sw['task']})")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("Data-size sweep (mean ± sd over seeds)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        p = out_dir / f"{stem}_data_size_sweep.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+    return written
+
+
+def write_all(summary: Dict[str, Any], out_dir: Path, stem: str = "accuracy") -> None:
+    from timm_modcl._io import atomic_write_bytes
+    atomic_write_bytes(Path(out_dir) / f"{stem}.md", markdown(summary, stem).encode())
+    plots(summary, Path(out_dir), stem)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=str(RESULTS / "accuracy.json"))
+    ap.add_argument("--readme", default=None, help="rewrite this README's benchmark section")
+    a = ap.parse_args(argv)
+    path = Path(a.json)
+    summary = json.loads(path.read_text())
+    stem = path.stem
+    write_all(summary, path.parent, stem)
+    if a.readme:
+        update_readme(Path(a.readme), readme_section(summary))
+    print(main_table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())
