@@ -20,7 +20,8 @@ import timm_modcl  # noqa: F401
 SIZE = 32
 LN_ARCH = 'modcl_convnext_atto'
 BN_ARCH = 'modcl_mobilenetv2_050'
-TRAIN = dict(epochs=2, batch_size=4, lr=0.01, milestones=[], seed=0, progress=False)
+TRAIN = dict(epochs=2, batch_size=4, lr=0.01, head_lr=None, sched='step', milestones=[], seed=0,
+             progress=False)  # one constant rate, as the hand-written references
 N_TRAIN, N_VAL = 16, 7  # 7 validation samples on 2 processes: the DistributedSampler pads one
 
 
