@@ -439,6 +439,20 @@ class LinearProbe(Method):
         return self.heads[t](self._features(x))
 
 
+class _SharedNet:
+    """A method whose tasks share one network ``self.net`` (with their own adapters or BN state) under a head each."""
+
+    def train_mode(self, t):
+        self.net.train()
+        self.heads[t].train()
+
+    def forward(self, t, x, idx):
+        return self.heads[t](self.net(x))
+
+    def network(self, t):
+        return self.net
+
+
 class _PerTaskBN:
     """Per-task BN affine and statistics on ``self.net`` (restored from the ImageNet values for every new task)."""
 
@@ -463,7 +477,7 @@ class _PerTaskBN:
         _restore_bn(self.net, self.bn_tasks[t])
 
 
-class BNHead(Method, _PerTaskBN):
+class BNHead(_SharedNet, Method, _PerTaskBN):
     name = "bn_head"
 
     def __init__(self, ctx, hp):
@@ -477,16 +491,6 @@ class BNHead(Method, _PerTaskBN):
         bn = self._bn_begin()
         return self._groups(bn, list(self._new_head(num_classes).parameters()), self.recipe)
 
-    def train_mode(self, t):
-        self.net.train()
-        self.heads[t].train()
-
-    def forward(self, t, x, idx):
-        return self.heads[t](self.net(x))
-
-    def network(self, t):
-        return self.net
-
     def end_task(self, t):
         bn = self._bn_end()
         head = _n(self.heads[t].parameters())
@@ -499,7 +503,7 @@ class BNHead(Method, _PerTaskBN):
         return self.heads[t](self.net(x))
 
 
-class _Peft(Method, _PerTaskBN):
+class _Peft(_SharedNet, Method, _PerTaskBN):
     """A PEFT adapter per task (``add_adapter`` / ``set_adapter``) plus per-task BN and head."""
 
     kind = ""
@@ -528,16 +532,6 @@ class _Peft(Method, _PerTaskBN):
         self.adapter_values = _n(adapter)
         bn = self._bn_begin()
         return self._groups(adapter + bn, list(self._new_head(num_classes).parameters()), self.recipe)
-
-    def train_mode(self, t):
-        self.net.train()
-        self.heads[t].train()
-
-    def forward(self, t, x, idx):
-        return self.heads[t](self.net(x))
-
-    def network(self, t):
-        return self.net
 
     def end_task(self, t):
         bn = self._bn_end()
@@ -624,7 +618,7 @@ class PiggybackConv2d(nn.Module):
         return self.conv._conv_forward(x, self.conv.weight * mask, self.conv.bias)
 
 
-class Piggyback(Method, _PerTaskBN):
+class Piggyback(_SharedNet, Method, _PerTaskBN):
     name = "piggyback"
     MASK_INIT, THRESHOLD = 1e-2, 5e-3
 
@@ -651,16 +645,6 @@ class Piggyback(Method, _PerTaskBN):
         bn = self._bn_begin()
         masks = [layer.mask_real for layer in self.layers]
         return self._groups(masks + bn, list(self._new_head(num_classes).parameters()), self.recipe)
-
-    def train_mode(self, t):
-        self.net.train()
-        self.heads[t].train()
-
-    def forward(self, t, x, idx):
-        return self.heads[t](self.net(x))
-
-    def network(self, t):
-        return self.net
 
     def end_task(self, t):
         masks = [layer.binary_mask().clone() for layer in self.layers]

@@ -143,9 +143,9 @@ class TaskConfig:
 
 #: The configuration ``add_task`` uses when not told otherwise, chosen on validation by the accuracy benchmark
 #: (``benchmarks/results/accuracy.md``, MobileNetV2): a per-task BN affine, and modulators finer in the stem and the
-#: first four stages, coarser in the last two stages and the head conv. The per-layer patterns name timm's
-#: EfficientNet / MobileNet family (``conv_stem``, ``blocks.<stage>.<block>.conv_*``, ``conv_head``); on other models
-#: they match nothing and every layer gets ``resolution``.
+#: first four stages, coarser in the last two stages and the head conv. The per-layer patterns use the layer names of
+#: timm's ``efficientnet`` module (``conv_stem``, ``blocks.<stage>.<block>.conv_*``, ``conv_head``), which MobileNetV2,
+#: EfficientNet and MobileNetV3 share; on other families they match nothing and every layer gets ``resolution``.
 DEFAULT_CONFIG = TaskConfig(
     resolution=(4, 4), variant='identity', bn_affine=True,
     layer_resolution=(('conv_stem', (1, 1)), ('blocks.[0-3].*.conv_*', (2, 2)), ('blocks.[56].*.conv_*', (6, 6)),
