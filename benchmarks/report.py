@@ -210,9 +210,11 @@ def markdown(summary: Dict[str, Any], stem: str = "accuracy") -> str:
 
 def readme_section(summary: Dict[str, Any]) -> str:
     st = summary["settings"]
-    lines = [START, "", f"`nice -n 10 python benchmarks/accuracy.py` ({summary.get('cell_wall_s_total', 0) / 3600:.1f} h "
-             f"of cell time, {summary['wall_s'] / 3600:.1f} h wall with {summary['machine']['workers']} worker "
-             f"processes on a {summary['machine']['cpus']}-core CPU machine; `--quick` for a smoke run). "
+    cell_h, workers = summary.get('cell_wall_s_total', 0) / 3600, summary['machine']['workers']
+    lines = [START, "", f"`nice -n 10 python benchmarks/accuracy.py` ({cell_h:.1f} h of cell time with {workers} "
+             f"worker processes on a {summary['machine']['cpus']}-core CPU machine, about {cell_h / workers:.1f} h "
+             f"wall in one go; the invocation that finished it took {summary['wall_s'] / 3600:.1f} h, the saved "
+             "cells of earlier, interrupted ones reused; `--quick` for a smoke run). "
              "Fashion-MNIST → Animal-Shape → MNIST-5k → scikit-learn digits on ImageNet MobileNetV2 (offline "
              "weights), " + protocol_text(summary) + " Every method's rates come from the same staged search on "
              "validation; test accuracy is computed once per seed for the chosen setting. Full tables (every "
