@@ -105,21 +105,29 @@ class ImageSet(Dataset):
         return self.x[i], self.y[i], i
 
 
+_MEAN = torch.tensor(_fetch.IMAGENET_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(_fetch.IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def to_input(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 gray images ``(N, H, W)`` to the model's input: resized (bilinear) to ``size``, 3 channels,
+    ImageNet-normalised float32 ``(N, 3, size, size)``."""
+    x = images.unsqueeze(1).float().div_(255.0)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+    return (x - _MEAN) / _STD
+
+
 class Preprocess:
-    """Collate function: stack a batch, resize it (bilinear) to ``size``, gray to 3 channels, ImageNet-normalise."""
+    """Collate function: stack a batch of ``ImageSet`` items and turn it into model input (:func:`to_input`)."""
 
     def __init__(self, size: int) -> None:
         self.size = int(size)
-        self.mean = torch.tensor(_fetch.IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(_fetch.IMAGENET_STD).view(1, 3, 1, 1)
 
     def __call__(self, items):
-        x = torch.stack([it[0] for it in items]).unsqueeze(1).float().div_(255.0)
         y = torch.stack([torch.as_tensor(it[1]) for it in items])
         idx = torch.as_tensor([int(it[2]) for it in items])
-        if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
-        return (x - self.mean) / self.std, y, idx
+        return to_input(torch.stack([it[0] for it in items]), self.size), y, idx
 
 
 def make_loader(ds: ImageSet, size: int, batch_size: int, shuffle: bool, seed: int = 0,

@@ -45,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _fetch  # noqa: E402
+from baselines import to_input  # noqa: E402
 
 import timm  # noqa: E402
 import timm_modcl  # noqa: E402
@@ -105,11 +106,25 @@ def split_train_val(y: np.ndarray, n_train: int, n_val: int, seed: int) -> Tuple
     return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
 
 
-def make_split(x: np.ndarray, y: np.ndarray, idx: np.ndarray, classes: Sequence[str], size: int, name: str,
-               label_map: Optional[Dict[int, int]] = None) -> _fetch.TensorTaskDataset:
+class TaskData(torch.utils.data.Dataset):
+    """One split of one task in memory: model input ``x`` (N, 3, S, S) and labels ``y`` (N,)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def make_split(x: np.ndarray, y: np.ndarray, idx: np.ndarray, size: int,
+               label_map: Optional[Dict[int, int]] = None) -> TaskData:
     labels = y[idx] if label_map is None else np.array([label_map[int(v)] for v in y[idx]], dtype=np.int64)
-    return _fetch.TensorTaskDataset(_fetch._to_tensor(x[idx], size), torch.from_numpy(labels.astype(np.int64)),
-                                    classes, name)
+    images = torch.from_numpy(np.ascontiguousarray(x[idx]))
+    return TaskData(torch.cat([to_input(images[s:s + 2048], size) for s in range(0, len(images), 2048)]),
+                    torch.from_numpy(labels.astype(np.int64)))
 
 
 def sequence_benchmark(args) -> List[Tuple[str, List[str], object, object, object]]:
@@ -118,9 +133,8 @@ def sequence_benchmark(args) -> List[Tuple[str, List[str], object, object, objec
         x_tr, y_tr, x_te, y_te, classes = _fetch.LOADERS[name](args.cache)
         tr, va = split_train_val(y_tr, args.train_n, args.val_n, args.seed)
         te = _fetch.balanced_subset(y_te, args.test_n, args.seed)
-        out.append((name, list(classes), make_split(x_tr, y_tr, tr, classes, args.size, name),
-                    make_split(x_tr, y_tr, va, classes, args.size, name),
-                    make_split(x_te, y_te, te, classes, args.size, name)))
+        out.append((name, list(classes), make_split(x_tr, y_tr, tr, args.size), make_split(x_tr, y_tr, va, args.size),
+                    make_split(x_te, y_te, te, args.size)))
         log(f'benchmark/{name}: {len(tr)} train / {len(va)} val / {len(te)} test')
     return out
 
@@ -137,9 +151,9 @@ def sequence_split_fashion(args) -> List[Tuple[str, List[str], object, object, o
         tr, va = split_train_val(y_tr[ix_tr], args.train_n, args.val_n, args.seed)
         te = _fetch.balanced_subset(y_te[ix_te], args.test_n, args.seed)
         name = f'fashion{pair[0]}{pair[1]}'
-        out.append((name, names, make_split(x_tr, y_tr, ix_tr[tr], names, args.size, name, label_map),
-                    make_split(x_tr, y_tr, ix_tr[va], names, args.size, name, label_map),
-                    make_split(x_te, y_te, ix_te[te], names, args.size, name, label_map)))
+        out.append((name, names, make_split(x_tr, y_tr, ix_tr[tr], args.size, label_map),
+                    make_split(x_tr, y_tr, ix_tr[va], args.size, label_map),
+                    make_split(x_te, y_te, ix_te[te], args.size, label_map)))
         log(f'split_fashion/{name} ({" / ".join(names)}): {len(tr)} train / {len(va)} val / {len(te)} test')
     return out
 
@@ -219,7 +233,8 @@ def full_covariance_stats(f: torch.Tensor, y: torch.Tensor, num_classes: int, po
     centred = (g - mean[y]).numpy()
     cov, alpha = ledoit_wolf(centred, assume_centered=True)
     mu = float(np.trace(cov)) / cov.shape[0]  # shrinkage target: mu * I (ledoit_wolf's)
-    evals, evecs = torch.linalg.eigh(torch.from_numpy(cov) - alpha * mu * torch.eye(cov.shape[0], dtype=torch.float64))
+    # numpy's LAPACK: torch's eigh fails to converge on this rank-deficient matrix when features are constant zero
+    evals, evecs = (torch.from_numpy(a) for a in np.linalg.eigh(cov - alpha * mu * np.eye(cov.shape[0])))
     keep = evals > 1e-9 * float(evals.max())
     out = dict(base)
     out['proto_basis'] = evecs[:, keep].float()

@@ -248,6 +248,39 @@ def test_prototype_statistics_with_full_rank_recover_the_within_class_covariance
     assert float(s['proto_power']) == 1.0
 
 
+@pytest.mark.parametrize('failures', [1, 2, 3])
+def test_prototype_statistics_when_lapack_eigh_does_not_converge(monkeypatch, failures):
+    """torch's eigh can fail to converge on a rank-deficient covariance (features that are always 0, fewer samples
+    than features, as on small inputs); it is retried with a tiny ridge (same statistics up to rounding), and a
+    covariance that still fails gives a StatisticsError, not LAPACK's error."""
+    g = torch.Generator().manual_seed(2)
+    f = torch.relu(torch.randn(30, 40, generator=g))
+    f[:, :10] = 0  # dead channels: zero rows and columns in the covariance
+    y = torch.arange(30) % 3
+    want = prototype_statistics(f, y, 3, rank=8, power=0.5)
+    real = torch.linalg.eigh
+    calls = []
+
+    def flaky(a, *args, **kwargs):
+        calls.append(a)
+        if len(calls) <= failures:
+            raise torch.linalg.LinAlgError('linalg.eigh: The algorithm failed to converge')
+        return real(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, 'eigh', flaky)
+    if failures == 3:
+        with pytest.raises(StatisticsError, match='could not be decomposed'):
+            prototype_statistics(f, y, 3, rank=8, power=0.5)
+        return
+    got = prototype_statistics(f, y, 3, rank=8, power=0.5)
+    assert len(calls) == failures + 1 and set(got) == set(want)
+    for k in want:
+        if k == 'proto_basis':  # eigenvectors are defined up to sign
+            torch.testing.assert_close(got[k].abs(), want[k].abs(), rtol=1e-4, atol=1e-5)
+        else:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
 def test_prototype_statistics_bad_input():
     f = torch.randn(10, 4)
     with pytest.raises(timm_modcl.DataError, match='out of range'):

@@ -65,6 +65,25 @@ DEFAULT_PROTOTYPE_POWER = 0.5
 #: The residual diagonal ``psi`` is shrunk towards its mean by this fraction (chosen on validation data).
 DEFAULT_PROTOTYPE_SHRINKAGE = 0.9
 _NOISE_FLOOR = 1e-4          # psi >= this fraction of the mean feature variance (and >= 1e-12)
+
+
+def _eigh(cov: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of a covariance; LAPACK can fail to converge on a rank-deficient one (fewer samples than
+    features), so a failure is retried with a small multiple of the identity added (1e-10, then 1e-7 of ``scale``,
+    the mean variance), which moves every eigenvalue by that much and leaves the eigenvectors a valid basis."""
+    try:
+        return torch.linalg.eigh(cov)
+    except torch.linalg.LinAlgError:
+        pass
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+    for rel in (1e-10, 1e-7):
+        try:
+            evals, evecs = torch.linalg.eigh(cov + eye * (rel * max(scale, 1e-12)))
+        except torch.linalg.LinAlgError:
+            continue
+        return evals - rel * max(scale, 1e-12), evecs
+    raise StatisticsError('prototype statistics: the feature covariance could not be decomposed (LAPACK eigh did '
+                          'not converge); use more samples or rank=0')
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -165,7 +184,7 @@ class _Moments:
         floor = max(_NOISE_FLOOR * float(var.mean()), 1e-12)
         k = min(rank, cov.shape[0])
         if k:
-            evals, evecs = torch.linalg.eigh(cov)
+            evals, evecs = _eigh(cov, float(var.mean()))
             evals, evecs = evals.flip(0)[:k], evecs.flip(1)[:, :k]
             keep = evals > max(float(evals[0]) if len(evals) else 0.0, 0.0) * 1e-9
             evals, evecs = evals[keep], evecs[:, keep]
