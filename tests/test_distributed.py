@@ -2,8 +2,6 @@
 swapping, DDP-wrapped models, sharded evaluation."""
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,8 @@ from torch.utils.data.distributed import DistributedSampler
 import timm
 import timm_modcl
 from timm_modcl import DistributedError, load_tasks
+
+from _subproc import run_bounded
 from timm_modcl import distributed as D
 from timm_modcl.checkpoint import checkpoint_info
 from timm_modcl.layers import TaskNorm
@@ -28,21 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 #: the order of the gradient averaging: DDP sums g/2 over ranks, the reference computes (g0 + g1) / 2, or sums the
 #: loss over 8 samples at once; Adam then amplifies nothing beyond that).
 RTOL, ATOL = 1e-4, 1e-5
-
-
-def run_bounded(cmd, timeout, env=None, cwd=None):
-    """Run a command in its own process group; on timeout kill that group (no stray workers) and fail."""
-    env = dict(os.environ if env is None else env)
-    env.setdefault('OMP_NUM_THREADS', '1')
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f'{cmd[:6]} ... did not finish in {timeout} s:\n{out[-4000:]}')
-    return proc.returncode, out
 
 
 def torchrun(args, timeout=240, env=None, cwd=None):

@@ -5,7 +5,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import textwrap
 
@@ -20,6 +19,8 @@ import timm_modcl  # noqa: F401
 from timm_modcl import CheckpointError, TaskError
 from timm_modcl.checkpoint import checkpoint_info
 from timm_modcl.train import train_task
+
+from _subproc import run_bounded
 
 SIZE = 24
 ARGS = dict(epochs=3, batch_size=4, lr=0.01, seed=0, progress=False)  # milestones: the default [1]
@@ -172,19 +173,11 @@ _KILLER = textwrap.dedent('''
 
 
 def _cli(args, kill_at=None, timeout=180):
-    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env = dict(os.environ)
     cmd = [sys.executable, '-m', 'timm_modcl'] if kill_at is None else [sys.executable, '-c', _KILLER]
     if kill_at is not None:
         env['KILL_AT_STEP'] = str(kill_at)
-    proc = subprocess.Popen(cmd + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f'modcl {args[:2]} did not finish in {timeout} s:\n{out[-3000:]}')
-    return proc.returncode, out
+    return run_bounded(cmd + list(args), timeout, env=env)
 
 
 def _main(args):
