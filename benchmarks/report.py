@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -209,7 +208,6 @@ def markdown(summary: Dict[str, Any], stem: str = "accuracy") -> str:
 
 
 def readme_section(summary: Dict[str, Any]) -> str:
-    st = summary["settings"]
     cell_h, workers = summary.get('cell_wall_s_total', 0) / 3600, summary['machine']['workers']
     lines = [START, "", f"`nice -n 10 python benchmarks/accuracy.py` ({cell_h:.1f} h of cell time with {workers} "
              f"worker processes on a {summary['machine']['cpus']}-core CPU machine, about {cell_h / workers:.1f} h "

@@ -6,7 +6,6 @@ affine; (8, 8) with the first layer unmodulated), trains each a little, and then
 (state dict, safetensors, adapter files and folders, Hub) with bit-identical logits, export to a plain timm model,
 TorchScript and device/dtype moves.
 """
-import pytest
 import torch
 
 import timm

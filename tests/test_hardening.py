@@ -147,7 +147,6 @@ def test_saved_files_get_the_usual_permissions(adapter, tmp_path):
     {'class_names': 'abc'}, {'name': '../x'}, {'metadata': {'a': [1]}},
 ])
 def test_cli_info_and_load_task_reject_malformed_fields_alike(adapter, tmp_path, task_update):
-    from timm_modcl import cli
     model = _model()
     model.add_task('t1', 3, (8, 8))
     folder = model.save_tasks(tmp_path / 'ad')

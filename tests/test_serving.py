@@ -9,7 +9,7 @@ import torch
 import timm
 import timm_modcl
 from timm_modcl import (
-    InputError, ModCLError, StatisticsError, TaskError, TaskNotFoundError, UnsupportedModelError,
+    InputError, ModCLError, StatisticsError, TaskError, TaskNotFoundError,
 )
 from timm_modcl.adapter import describe_adapter, read_adapter
 from timm_modcl.serving import (

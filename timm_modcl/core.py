@@ -16,7 +16,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import math
 import re
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -30,7 +29,7 @@ from .errors import (
     ResolutionError, StateDictError, TaskError, TaskExistsError, TaskNotFoundError, UnsupportedModelError,
 )
 from .layers import (
-    ModulatedWeight, TaskNorm, WeightCache, check_input, is_norm_layer, is_weight_layer, modulate_layer,
+    WeightCache, check_input, is_norm_layer, is_weight_layer, modulate_layer,
     modulator_shape, unmodulate_layer,
 )
 from .task import BASE_TASK, BN_STATS, TaskInfo, TaskState, validate_metadata, validate_task_name

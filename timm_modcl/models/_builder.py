@@ -2,7 +2,7 @@
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch.nn as nn
 from timm.models import get_pretrained_cfg
