@@ -4,7 +4,6 @@ import io
 import json
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -313,19 +312,32 @@ def test_demo_quick_offline_falls_back_and_forgets_nothing(tmp_path, monkeypatch
     monkeypatch.delenv('MODCL_WEIGHTS', raising=False)
     monkeypatch.setattr(cli, '_cached_weights', lambda name: None)
     monkeypatch.setattr(cli, '_reachable', lambda name, timeout=3.0: 'cannot reach huggingface.co (test)')
-    t0 = time.perf_counter()
     rc, out, err = _run(['demo', '--quick', '--out', tmp_path / 'demo', '--no-progress'])
     assert rc == 0, err
-    assert time.perf_counter() - t0 < 60
     assert ('could not download pretrained weights (cannot reach huggingface.co (test)); '
             'falling back to random initialisation') in out
-    assert 'forgetting: 0.0 (per task: digits-0-1 0.0)' in out
+    assert 'forgetting per task (fraction): digits-0-1 0.0\n' in out
     assert 'bit-identical at the end to right after it was learned: yes' in out
     assert 'wall time:' in out
     matrix = json.loads((tmp_path / 'demo' / 'accuracy_matrix.json').read_text())
     assert matrix['tasks'] == ['digits-0-1', 'digits-2-3'] and matrix['mean_forgetting'] == 0.0
     assert matrix['matrix'][1][0] == matrix['matrix'][0][0]
     assert read_index(tmp_path / 'demo')['tasks'] == ['digits-0-1', 'digits-2-3']
+
+
+def test_demo_is_reproducible_whatever_the_global_rng_state(tmp_path, monkeypatch):
+    """The same --seed gives the same adapters byte for byte, even though torch seeds its global RNG differently in
+    every process (the first task's head used to be initialised from it)."""
+    monkeypatch.setattr(cli, '_cached_weights', lambda name: None)
+    monkeypatch.setattr(cli, '_reachable', lambda name, timeout=3.0: 'offline (test)')
+    files = []
+    for run, global_seed in enumerate((1, 2)):
+        torch.manual_seed(global_seed)
+        rc, _, err = _run(['demo', '--quick', '--out', tmp_path / f'd{run}', '--no-progress'])
+        assert rc == 0, err
+        files.append({p.relative_to(tmp_path / f'd{run}'): p.read_bytes()
+                      for p in sorted((tmp_path / f'd{run}').rglob('*.safetensors'))})
+    assert len(files[0]) == 2 and files[0] == files[1]
 
 
 def test_demo_weights_file_missing_is_an_error(tmp_path):

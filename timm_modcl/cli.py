@@ -747,8 +747,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     for i, t in enumerate(tasks):
         t0 = time.perf_counter()
-        model.add_task(t.name, len(t.class_names), class_names=t.class_names,
-                       metadata={'input_size': str(size), 'backbone': source, 'data': 'sklearn-digits'})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed + i)  # each new head's initialisation: --seed makes the demo reproducible
+            model.add_task(t.name, len(t.class_names), class_names=t.class_names,
+                           metadata={'input_size': str(size), 'backbone': source, 'data': 'sklearn-digits'})
         train_task(model, t.name, t.train, epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                    device=device, progress=_progress(args))
         row = [evaluate(model, tasks[j].test, tasks[j].name, device=device) for j in range(i + 1)]
@@ -762,8 +764,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _say('')
     _say('accuracy (%) on each task (columns) after learning each task (rows):')
     _say(matrix.format_table())
-    per_task = ', '.join(f'{k} {v!r}' for k, v in matrix.forgetting.items())
-    _say(f'forgetting: {matrix.mean_forgetting!r} (' + (f'per task: {per_task})' if per_task else 'a single task)'))
+    if matrix.forgetting:  # exact values (repr), not rounded: zero means zero
+        _say('forgetting per task (fraction): ' + ', '.join(f'{k} {v!r}' for k, v in matrix.forgetting.items()))
     _say(f'outputs of every task bit-identical at the end to right after it was learned: {"yes" if unchanged else "NO"}')
     save_tasks(model, out)
     matrix.to_json(out / 'accuracy_matrix.json')
@@ -972,7 +974,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='image size (default: 48; quick: 32)')
     p.add_argument('--batch-size', type=_positive_int, default=32)
     p.add_argument('--lr', type=_positive_float, default=0.01)
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0, help='seed of the split, the heads and the training (default: 0)')
     p.add_argument('--device', default=None)
     p.add_argument('--quick', action='store_true', help='a tiny run (a few seconds): 2 tasks, few images, 1 epoch')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
