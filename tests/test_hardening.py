@@ -458,3 +458,108 @@ def test_fuzz_thousands_of_mutated_adapters(adapter):
     print(f'fuzz: {counts}, {len(foreign)} foreign errors or state changes, {elapsed:.1f} s')
     assert not foreign, foreign[:5]
     assert counts['refused'] > 1500
+
+
+# ---------------------------------------------------------------- found in the 0.2 review
+def test_save_tasks_writes_nothing_when_a_later_task_cannot_be_saved(tmp_path):
+    model = _model()
+    model.add_task('a', 3)
+    model.add_task('b', 3)
+    with torch.no_grad():
+        model._task('b').head.weight[0, 0] = 1e6  # overflows float16
+    with pytest.raises(AdapterError):
+        model.save_tasks(tmp_path / 'out', dtype=torch.float16)
+    assert not (tmp_path / 'out').exists() or not any((tmp_path / 'out').rglob('*'))
+
+
+def test_merge_refuses_an_adapter_with_a_corrupt_task_header(tmp_path):
+    model = _model()
+    model.add_task('a', 3)
+    src = model.save_tasks(tmp_path / 'src')
+    path = src / 'a' / ADAPTER_FILE
+    good = path.read_bytes()
+    for task in (None, 'not json', '[]'):
+        meta, tensors = read_adapter(good)
+        meta = dict(meta)
+        if task is None:
+            meta.pop('task')
+        else:
+            meta['task'] = task
+        path.write_bytes(st_save(dict(tensors), metadata=meta))
+        with pytest.raises(AdapterFormatError):
+            timm_modcl.merge_adapter_folders([src], tmp_path / f'dest_{task is None}')
+
+
+def test_failed_load_of_a_folder_with_a_headless_task_leaves_the_random_state(tmp_path):
+    model = _model()
+    model.add_task('a', 3)
+    model.add_task('b', 3)
+    folder = model.save_tasks(tmp_path / 'ad', include_head=False)
+    (folder / 'b' / ADAPTER_FILE).write_bytes(b'garbage' * 10)
+    fresh = _model()
+    before = _state(fresh)
+    with pytest.raises(AdapterFormatError), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        fresh.load_tasks(folder)
+    _assert_same(fresh, before)
+
+
+@pytest.mark.parametrize('timeout', [float('inf'), float('nan'), 0])
+def test_hub_timeout_must_be_finite(hub, timeout):
+    model = _model()
+    with pytest.raises(HubError, match='finite number of seconds'):
+        model.load_tasks_from_hub('alice/ad', endpoint=hub.url, timeout=timeout)
+    with pytest.raises(HubError, match='not found'):  # a huge finite timeout works (no OverflowError in the wait)
+        model.load_tasks_from_hub('alice/ad', endpoint=hub.url, timeout=1e300)
+
+
+def test_hub_timeout_from_the_environment_must_be_finite(hub, monkeypatch):
+    monkeypatch.setenv('MODCL_HUB_TIMEOUT', 'inf')
+    with pytest.raises(HubError, match='MODCL_HUB_TIMEOUT'):
+        _model().load_tasks_from_hub('alice/ad', endpoint=hub.url)
+
+
+def test_push_with_bad_input_creates_no_repo_or_branch(hub):
+    from huggingface_hub import HfApi
+    model = _model()
+    model.add_task('a', 3)
+    with pytest.raises(AdapterError):
+        model.push_tasks_to_hub('alice/new', token=hub.alice, endpoint=hub.url, revision='dev', dtype=torch.int8)
+    assert not HfApi(endpoint=hub.url, token=hub.alice).repo_exists('alice/new')
+
+
+def test_reset_classifier_checks_num_classes_and_keeps_shared_pooling():
+    model = _model()
+    for bad in ('x', 2.5, -1, True):
+        with pytest.raises(TaskError, match='num_classes'):
+            model.reset_classifier(bad)
+    assert model.num_classes == 1000
+    model.add_task('a', 3)
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), model.use_task('base'):
+        base = model(x)
+    with pytest.raises(TaskError, match='pooling of every task'):
+        model.reset_classifier(5, global_pool='max')
+    model.reset_classifier(5)  # the active task's head, pooling as it was
+    assert model._task('a').num_classes == 5
+    with torch.no_grad(), model.use_task('base'):
+        assert torch.equal(model(x), base)
+
+
+def test_adding_a_task_keeps_hooks_on_the_pooling():
+    model = _model()
+    calls = []
+    model.global_pool.register_forward_hook(lambda *a: calls.append(1))
+    pool = model.global_pool
+    model.add_task('a', 3)
+    assert model.global_pool is pool
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert calls == [1]
+
+
+def test_a_layer_resolution_callable_is_applied_to_every_layer():
+    model = _model()
+    model.add_task('a', 3, layer_resolution=lambda name, shape: (4, 4))
+    config = model._task('a').config
+    assert {config.layer(n) for n in model.modulated_layers} == {(4, 4)}

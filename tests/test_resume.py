@@ -155,6 +155,42 @@ def test_bad_checkpoints_are_refused_before_anything_changes(tmp_path):
     refused(tmp_path, 'is a folder')
 
 
+def test_checkpoints_with_malformed_optimizer_scheduler_or_random_state_change_nothing(tmp_path):
+    """Parts that only fail when loaded (optimizer scalars, scheduler, random states) are refused before any task
+    tensor, the optimizer or the active task changes."""
+    from timm_modcl.checkpoint import _load, _save
+    data = _data()
+    ck = tmp_path / 'ck.safetensors'
+    train_task(_model(), 't', data, checkpoint=ck, **dict(ARGS, epochs=1))
+    tensors, meta = _load(ck.read_bytes(), 'ck')
+
+    def rng_with(key, value):
+        rt, rm = _load(tensors['rng.0'].numpy().tobytes(), 'rng')
+        rt = dict(rt, **{key: value})
+        return torch.frombuffer(bytearray(_save(rt, rm)), dtype=torch.uint8)
+
+    cases = {
+        'scalars': lambda t, s: s['optimizer'].__setitem__('scalars', {'abc': {}}),
+        'scalars_list': lambda t, s: s['optimizer'].__setitem__('scalars', [1]),
+        'scheduler': lambda t, s: s.__setitem__('scheduler', [1, 2]),
+        'param_groups': lambda t, s: s['optimizer'].__setitem__('param_groups', s['optimizer']['param_groups'] + [7]),
+        'torch_rng': lambda t, s: t.__setitem__('rng.0', rng_with('torch', torch.zeros(10, dtype=torch.uint8))),
+        'generator': lambda t, s: t.__setitem__('rng.0', rng_with('generator', torch.zeros(3))),
+    }
+    for name, change in cases.items():
+        t2, s2 = dict(tensors), json.loads(meta['state'])
+        change(t2, s2)
+        path = tmp_path / f'{name}.safetensors'
+        path.write_bytes(_save(t2, dict(meta, state=json.dumps(s2))))
+        model = _model()
+        before = {t: _tensors(model, t) for t in ('other', 't')}
+        with pytest.raises(CheckpointError):
+            train_task(model, 't', data, checkpoint=path, resume=True, **dict(ARGS, epochs=1))
+        assert model.active_task == 'other', name
+        for t, ts in before.items():
+            assert all(torch.equal(v, _tensors(model, t)[k]) for k, v in ts.items()), (name, t)
+
+
 # ------------------------------------------------------------------------------------------ modcl train, killed
 _KILLER = textwrap.dedent('''
     import os, signal, sys

@@ -8,6 +8,7 @@ read by ``huggingface_hub`` itself.
 ``MODCL_WEIGHT_CACHE_BYTES``: memory limit of a model's cache of effective weights (see ``WeightCache``);
 default 256 MiB.
 """
+import math
 import os
 from typing import Optional
 
@@ -52,5 +53,5 @@ def weight_cache_bytes() -> int:
 
 def hub_timeout() -> float:
     """Seconds a Hub push or pull may take in all (``MODCL_HUB_TIMEOUT``, default 120)."""
-    return _env_number('MODCL_HUB_TIMEOUT', DEFAULT_HUB_TIMEOUT, float, lambda t: t > 0,
-                       'a positive number of seconds', 'HubError')
+    return _env_number('MODCL_HUB_TIMEOUT', DEFAULT_HUB_TIMEOUT, float, lambda t: 0 < t < math.inf,
+                       'a positive, finite number of seconds', 'HubError')

@@ -368,7 +368,8 @@ def build_task(
         tensors.update({f'head.{k}': torch.zeros(s) for k, s in shapes.items()})
     task = model._task_from_tensors(task_meta, tensors, error=AdapterFormatError)
     if headless and num_classes:
-        task.head = model._new_head(num_classes)
+        with torch.random.fork_rng(devices=[]):  # a load, even a failed one, leaves the global random state alone
+            task.head = model._new_head(num_classes)
         warnings.warn(f'{label} has no head; task {task.name!r} gets a new, untrained head', stacklevel=3)
     return task
 
@@ -488,15 +489,17 @@ def save_tasks(
         old = read_index(directory)
         if old.get('architecture') == arch and old.get('backbone_fingerprint') == fingerprint:
             index_tasks = [t for t in old.get('tasks', []) if (directory / t / ADAPTER_FILE).is_file()]
+    # every task serialised first: one that cannot be (an fp16 overflow) fails before any file is written
+    files = {n: (adapter_bytes(model, n, dtype=dtype, include_head=include_head),
+                 _json_bytes(dict(model._task(n).meta(), architecture=arch, pretrained_tag=tag,
+                                  backbone_fingerprint=fingerprint, timm_modcl_version=__version__,
+                                  format=ADAPTER_FORMAT, format_version=ADAPTER_FORMAT_VERSION,
+                                  dtype=str(dtype or torch.float32).replace('torch.', ''))))
+             for n in names}
     try:
-        for n in names:
-            data = adapter_bytes(model, n, dtype=dtype, include_head=include_head)
+        for n, (data, config) in files.items():
             atomic_write_bytes(_task_file(directory, n), data)
-            config = dict(model._task(n).meta(), architecture=arch, pretrained_tag=tag,
-                          backbone_fingerprint=fingerprint, timm_modcl_version=__version__,
-                          format=ADAPTER_FORMAT, format_version=ADAPTER_FORMAT_VERSION,
-                          dtype=str(dtype or torch.float32).replace('torch.', ''))
-            atomic_write_bytes(directory / n / ADAPTER_CONFIG_FILE, _json_bytes(config))
+            atomic_write_bytes(directory / n / ADAPTER_CONFIG_FILE, config)
             if n not in index_tasks:
                 index_tasks.append(n)
         write_index(model, directory, index_tasks)
@@ -683,7 +686,7 @@ def merge_adapter_folders(sources: Iterable[_PathLike], destination: _PathLike, 
             if meta.get('backbone_fingerprint') != index['backbone_fingerprint'] or \
                     meta.get('architecture') != index['architecture']:
                 raise AdapterFormatError(f'{str(folder)!r}: the adapter of task {n!r} does not match its index')
-            if json.loads(meta['task']).get('name') != n:
+            if _task_json(meta, f'{folder}/{n}/{ADAPTER_FILE}').get('name') != n:
                 raise AdapterFormatError(f'{str(folder)!r}: the adapter of task {n!r} is named otherwise')
             config_path = folder / n / ADAPTER_CONFIG_FILE
             config = read_file(config_path, inside=folder, max_bytes=_MAX_JSON_FILE) if config_path.exists() else b''

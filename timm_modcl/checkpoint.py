@@ -13,6 +13,7 @@ A checkpoint is one safetensors file, written atomically (temporary file, fsync,
 Nothing is pickled. Resuming validates everything against the model and the run's arguments before any tensor is
 touched, and only the trained task's tensors are restored: other tasks are never read or written.
 """
+import copy
 import json
 import os
 import random
@@ -131,7 +132,10 @@ def _check_rng_blob(data: bytes, label: str) -> None:
     t = tensors.get('torch')
     if t is None or t.dtype != torch.uint8 or t.ndim != 1:
         raise CheckpointError(f'{label}: no torch random state')
-    try:
+    try:  # each state is set on a throwaway generator: what restore_rng_state will set cannot fail there
+        torch.Generator().set_state(t)
+        if 'generator' in tensors:
+            torch.Generator().set_state(tensors['generator'])
         if 'python' in meta:
             state = _decode(json.loads(meta['python']))
             random.Random().setstate(state)
@@ -139,7 +143,7 @@ def _check_rng_blob(data: bytes, label: str) -> None:
             import numpy as np
             name, keys, pos, has_gauss, gauss = json.loads(meta['numpy'])
             np.random.RandomState().set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f'{label}: bad random state ({e})') from None
 
 
@@ -317,24 +321,35 @@ class TrainCheckpoint:
     # -------------------------------------------------------------- restore
     def restore(self, model: nn.Module, task: str, optimizer: torch.optim.Optimizer, scheduler: Any,
                 scaler: Any) -> None:
-        """Copy the task tensors into the task (in place) and restore the optimizer, scheduler and scaler."""
+        """Restore the optimizer, scheduler and scaler, then copy the task tensors into the task (in place).
+
+        All or nothing: a part that does not load puts the others back as they were and raises CheckpointError
+        before any task tensor changes.
+        """
+        parts = [(o, sd) for o, sd in ((optimizer, None), (scheduler, 'scheduler'), (scaler, 'scaler'))
+                 if o is not None and (sd is None or self.state.get(sd) is not None)]
+        before = [(o, copy.deepcopy(o.state_dict())) for o, _ in parts]
+        try:
+            state: Dict[int, Dict[str, Any]] = {}
+            for k, v in self.tensors.items():
+                if k.startswith('optimizer.'):
+                    idx, _, key = k[len('optimizer.'):].partition('.')
+                    state.setdefault(int(idx), {})[key] = v.clone()
+            opt = self.state['optimizer']
+            for idx, scalars in opt.get('scalars', {}).items():
+                state.setdefault(int(idx), {}).update(scalars)
+            optimizer.load_state_dict({'state': state, 'param_groups': [dict(g) for g in opt['param_groups']]})
+            for o, key in parts[1:]:
+                o.load_state_dict(dict(self.state[key]))
+        except Exception as e:  # noqa: BLE001 - any malformed part of a foreign or corrupt checkpoint
+            for o, sd in before:
+                o.load_state_dict(sd)
+            raise CheckpointError(f'{self.label}: the optimizer, scheduler or scaler state does not load '
+                                  f'({type(e).__name__}: {e})') from None
         current = model._task(task).tensors(stats=False)
         with torch.no_grad():
             for k, t in current.items():
                 t.copy_(self.tensors[f'task.{k}'])
-        state: Dict[int, Dict[str, Any]] = {}
-        for k, v in self.tensors.items():
-            if k.startswith('optimizer.'):
-                idx, _, key = k[len('optimizer.'):].partition('.')
-                state.setdefault(int(idx), {})[key] = v.clone()
-        opt = self.state['optimizer']
-        for idx, scalars in opt.get('scalars', {}).items():
-            state.setdefault(int(idx), {}).update(scalars)
-        optimizer.load_state_dict({'state': state, 'param_groups': [dict(g) for g in opt['param_groups']]})
-        if scheduler is not None and self.state.get('scheduler') is not None:
-            scheduler.load_state_dict(dict(self.state['scheduler']))
-        if scaler is not None and self.state.get('scaler') is not None:
-            scaler.load_state_dict(dict(self.state['scaler']))
 
 
 def parse_checkpoint(data: bytes, label: str = 'checkpoint') -> TrainCheckpoint:

@@ -93,7 +93,7 @@ class TaskConfig:
             for name, shape in shapes.items():
                 res = layer_resolution(name, tuple(shape))
                 res = None if res is None else validate_resolution(res, f'resolution of layer {name!r}')
-                if res != self.resolution:
+                if res != self.layer(name):  # what the config (with its own per-layer profile) would give
                     pairs.append((name, res))
             return replace(self, layer_resolution=self.layer_resolution + tuple(pairs))
         if not isinstance(layer_resolution, Mapping):

@@ -509,10 +509,18 @@ class ModCLMixin:
         old, old_num = self._get_head(), getattr(self, 'num_classes', None)
         if not callable(getattr(st.base, 'reset_classifier', None)):  # not a timm model: a head like the base task's
             return _like(st.tasks[BASE_TASK].head if st.tasks else old, num_classes, st.head)
+        # timm's reset_classifier may also replace modules beside the head (a new global_pool): put them back, so
+        # making a head changes nothing of the live model (hooks on the pooling stay)
+        parent = st.head.rpartition('.')[0]
+        saved = [(m, OrderedDict(m._modules)) for m in {id(m): m for m in (
+            self, self.get_submodule(parent) if parent else self)}.values()]
         try:
             st.base.reset_classifier(self, num_classes)
             head = self._get_head()
         finally:
+            for m, modules in saved:
+                m._modules.clear()
+                m._modules.update(modules)
             self._set_head(old)
             if old_num is not None:
                 self.num_classes = old_num
@@ -616,8 +624,18 @@ class ModCLMixin:
 
     # ------------------------------------------------------------------ timm methods that change the structure
     def _modcl_reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, *args, **kwargs) -> None:
-        """timm's head reset, applied to the active task's head."""
+        """timm's head reset, applied to the active task's head.
+
+        Raises:
+            TaskError: for a bad ``num_classes``, or a new ``global_pool`` once the model has tasks beside ``'base'``
+                (the pooling is shared by every task: changing it would change their outputs).
+        """
         st = self._modcl
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 0 <= num_classes <= MAX_CLASSES:
+            raise TaskError(f'num_classes must be an integer from 0 to {MAX_CLASSES:,}, got {num_classes!r}')
+        if global_pool is not None and len(st.tasks) > 1:
+            raise TaskError(f'reset_classifier(global_pool={global_pool!r}) would change the pooling of every task '
+                            f'({", ".join(st.tasks)}); choose the pooling before adding tasks')
         if global_pool is None:  # keep the class's own default (timm keeps the current pooling)
             st.base.reset_classifier(self, num_classes, *args, **kwargs)
         else:

@@ -81,8 +81,8 @@ def _is_transport_error(e: BaseException) -> bool:
 
 def _deadline(timeout: Optional[float]) -> float:
     timeout = hub_timeout() if timeout is None else timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0 or math.isnan(timeout):
-        raise HubError(f'timeout must be a positive number of seconds, got {timeout!r}')
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise HubError(f'timeout must be a positive, finite number of seconds, got {timeout!r}')
     return time.monotonic() + float(timeout)
 
 
@@ -103,7 +103,7 @@ def _within(deadline: float, fn, what: str, repo_id: str, revision: Optional[str
     thread = threading.Thread(target=target, name='timm_modcl-hub', daemon=True)
     started = time.monotonic()
     thread.start()
-    thread.join(max(0.0, deadline - started))
+    thread.join(min(max(0.0, deadline - started), threading.TIMEOUT_MAX))
     if thread.is_alive():
         raise HubError(f'the Hub did not answer in time while getting the {what} of {repo_id!r} (gave up after '
                        f'{time.monotonic() - started:.0f} s); nothing was loaded{late}. Retry later, or allow more '
@@ -224,10 +224,10 @@ def push_tasks(
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
 
-    _within(deadline, create, 'repository', repo_id, revision)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        out = save_tasks(model, folder / 'out', names=names, dtype=dtype)
+        out = save_tasks(model, folder / 'out', names=names, dtype=dtype)  # bad input fails before the Hub changes
+        _within(deadline, create, 'repository', repo_id, revision)
         listed = list(names)
 
         def old_index() -> Optional[str]:  # keep the tasks the repo already lists
