@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 import timm
-import timm_modcl  # noqa: F401
+import timm_modcl
 from timm_modcl import DataError, TaskError, TaskNotFoundError
 from timm_modcl.data import digits_tasks, image_folder_datasets, scan_image_folder
 from timm_modcl.metrics import AccuracyMatrix
@@ -350,3 +350,74 @@ def test_train_task_amp_bfloat16_on_cpu_keeps_other_tasks():
     assert all(np.isfinite(hist.train_loss))
     assert torch.equal(_logits(model, x, 'other'), before)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------ found in the 0.2 review
+def _snapshot(model):
+    return (model.active_task, {t: {k: v.detach().clone() for k, v in model._task(t).tensors().items()}
+                                for t in model.tasks})
+
+
+def _unchanged(model, before):
+    active, tensors = before
+    assert model.active_task == active
+    for t, ts in tensors.items():
+        now = model._task(t).tensors()
+        assert all(torch.equal(v, now[k]) for k, v in ts.items()), t
+
+
+@pytest.mark.parametrize('labels, match', [
+    (torch.tensor([0.7, 1.7, 0.2, 1.2]), 'integer class indices'),
+    (torch.eye(2)[[0, 1, 0, 1]].long(), 'one class index per image'),
+    (torch.tensor([True, False, True, False]), 'integer class indices'),
+])
+def test_labels_that_are_not_class_indices_are_refused(labels, match):
+    model = _model()
+    model.add_task('a', 2)
+    model.add_task('b', 2)
+    model.set_task('a')
+    before = _snapshot(model)
+    data = TensorDataset(_toy_data(4).tensors[0], labels)
+    with pytest.raises(DataError, match=match):
+        train_task(model, 'b', data, epochs=1, batch_size=4, progress=False, seed=0)
+    with pytest.raises(DataError, match=match):
+        evaluate(model, data, 'b')
+    with pytest.raises(DataError, match=match):
+        timm_modcl.compute_task_statistics(model, 'b', data)
+    _unchanged(model, before)
+
+
+@pytest.mark.parametrize('kwargs, error', [
+    (dict(opt='bogus'), TaskError), (dict(opt=3), TaskError), (dict(weight_decay='x'), TaskError),
+    (dict(gamma='x'), TaskError), (dict(num_workers=-1), TaskError), (dict(milestones=['x']), TaskError),
+    (dict(milestones=5), TaskError), (dict(label_smoothing=2), TaskError), (dict(grad_clip='x'), TaskError),
+    (dict(batch_size=0), DataError), (dict(val_data=[1, 2]), DataError),
+])
+def test_bad_training_arguments_leave_the_model_as_it_was(kwargs, error):
+    model = _model()
+    model.add_task('a', 2)
+    model.add_task('b', 2)
+    model.set_task('a')
+    before = _snapshot(model)
+    with pytest.raises(error):
+        train_task(model, 'b', _toy_data(8), **dict(dict(epochs=1, batch_size=4, progress=False, seed=0), **kwargs))
+    _unchanged(model, before)
+
+
+def test_image_folder_dataset_ends(tmp_path):
+    for c in ('a', 'b'):
+        for i in range(2):
+            (tmp_path / 'd' / c).mkdir(parents=True, exist_ok=True)
+            Image.new('RGB', (8, 8), (40 * i, 0, 0)).save(tmp_path / 'd' / c / f'{i}.png')
+    train = image_folder_datasets(tmp_path / "d", timm.create_model("modcl_mobilenetv2_050"), input_size=32, val_fraction=0.0).train
+    assert len(list(train)) == len(train) == 4
+    with pytest.raises(IndexError):
+        train[len(train)]
+
+
+def test_accuracy_matrix_errors_are_typed():
+    for bad in ([], ['a', 'a'], 'abc'):
+        with pytest.raises(DataError):
+            AccuracyMatrix(bad)
+    with pytest.raises(DataError):
+        AccuracyMatrix.from_dict({'tasks': 'abc', 'matrix': []})

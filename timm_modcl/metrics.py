@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from ._io import atomic_write_json
+from .errors import DataError
 
 __all__ = ['AccuracyMatrix']
 
@@ -25,7 +26,7 @@ Row = Union[Sequence[Optional[float]], Mapping[str, float]]
 
 def _check_acc(v: Any, where: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
-        raise ValueError(f'{where}: accuracy must be a number in [0, 1], got {v!r}')
+        raise DataError(f'{where}: accuracy must be a number in [0, 1], got {v!r}')
     return float(v)
 
 
@@ -37,15 +38,17 @@ class AccuracyMatrix:
         rows: Optional rows to start with (as for ``add_row``).
 
     Raises:
-        ValueError: on duplicate task names or bad rows.
+        DataError (a ValueError): on duplicate task names or bad rows.
     """
 
     def __init__(self, tasks: Sequence[str], rows: Optional[Sequence[Row]] = None) -> None:
+        if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Sequence):
+            raise DataError(f'tasks must be a list of task names, got {tasks!r}')
         tasks = [str(t) for t in tasks]
         if not tasks:
-            raise ValueError('an accuracy matrix needs at least one task')
+            raise DataError('an accuracy matrix needs at least one task')
         if len(set(tasks)) != len(tasks):
-            raise ValueError(f'task names must be unique, got {tasks}')
+            raise DataError(f'task names must be unique, got {tasks}')
         self.tasks: List[str] = tasks
         self.rows: List[List[Optional[float]]] = []
         for row in rows or ():
@@ -61,22 +64,22 @@ class AccuracyMatrix:
         """
         i = len(self.rows)
         if i >= len(self.tasks):
-            raise ValueError(f'the matrix already has a row for each of its {len(self.tasks)} tasks')
+            raise DataError(f'the matrix already has a row for each of its {len(self.tasks)} tasks')
         if isinstance(row, Mapping):
             unknown = [k for k in row if k not in self.tasks]
             if unknown:
-                raise ValueError(f'row {i}: unknown tasks {unknown}')
+                raise DataError(f'row {i}: unknown tasks {unknown}')
             values = [row.get(t) for t in self.tasks]
         else:
             values = list(row)
             if len(values) > len(self.tasks):
-                raise ValueError(f'row {i} has {len(values)} values for {len(self.tasks)} tasks')
+                raise DataError(f'row {i} has {len(values)} values for {len(self.tasks)} tasks')
             values += [None] * (len(self.tasks) - len(values))
         out: List[Optional[float]] = []
         for j, v in enumerate(values):
             if v is None:
                 if j <= i:
-                    raise ValueError(f'row {i} (after learning {self.tasks[i]!r}) has no accuracy for task '
+                    raise DataError(f'row {i} (after learning {self.tasks[i]!r}) has no accuracy for task '
                                      f'{self.tasks[j]!r}, which has been learned')
                 out.append(None)
             else:
@@ -94,7 +97,7 @@ class AccuracyMatrix:
 
     def _require_rows(self) -> int:
         if not self.rows:
-            raise ValueError('the accuracy matrix has no rows yet')
+            raise DataError('the accuracy matrix has no rows yet')
         return len(self.rows) - 1
 
     # ------------------------------------------------------------------ metrics
@@ -156,7 +159,7 @@ class AccuracyMatrix:
     def from_dict(cls, d: Mapping[str, Any]) -> 'AccuracyMatrix':
         """Inverse of ``to_dict`` (the derived metrics in ``d`` are ignored and recomputed)."""
         if not isinstance(d, Mapping) or 'tasks' not in d:
-            raise ValueError('not an accuracy matrix dict: expected keys "tasks" and "matrix"')
+            raise DataError('not an accuracy matrix dict: expected keys "tasks" and "matrix"')
         return cls(d['tasks'], d.get('matrix') or [])
 
     def to_json(self, path: Union[str, os.PathLike]) -> Path:

@@ -44,6 +44,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
+from .data import check_labels, unpack_batch
 from .errors import DataError, InputError, StatisticsError, TaskError, UnsupportedModelError
 from .layers import validate_input
 from .task import BASE_TASK
@@ -232,18 +233,12 @@ def prototype_statistics(
     labels = torch.as_tensor(labels)
     if labels.shape != features.shape[:1]:
         raise DataError(f'got {labels.shape[0] if labels.ndim else "no"} labels for {features.shape[0]} features')
-    _check_label_range(labels, num_classes)
+    check_labels(labels, num_classes, images=features.shape[0])
     if not torch.isfinite(features).all():
         raise DataError('features contain NaN or Inf values')
     moments = _Moments(num_classes, features.shape[1])
     moments.add(_power(features.to(torch.float64), float(power)), labels)
     return moments.finish(rank, float(power), float(shrinkage))
-
-
-def _check_label_range(y: torch.Tensor, num_classes: int) -> None:
-    if y.numel() and (y.is_floating_point() or int(y.min()) < 0 or int(y.max()) >= num_classes):
-        bad = y.min() if int(y.min()) < 0 else y.max()
-        raise DataError(f'label {bad.item()} is out of range for {num_classes} classes (labels 0..{num_classes - 1})')
 
 
 def has_prototypes(model, name: str) -> bool:
@@ -375,12 +370,6 @@ def _batches(data, batch_size: int, num_workers: int, what: str = 'data') -> Ite
     return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
-def _unpack(batch, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-        raise DataError(f'{what} must yield (image, label) pairs, got {type(batch).__name__}')
-    return batch[0], torch.as_tensor(batch[1])
-
-
 def compute_task_statistics(
         model: nn.Module,
         task: str,
@@ -444,8 +433,8 @@ def compute_task_statistics(
     with model._serving():
         model._bind(BASE_TASK)
         for batch in tqdm(loader, desc=f'{task} prototypes', disable=not progress, leave=False):
-            x, y = _unpack(batch, 'data')
-            _check_label_range(y, num_classes)
+            x, y = unpack_batch(batch, 'data')
+            check_labels(y, num_classes, task, images=len(x))
             if x.is_floating_point():
                 x = x.to(ref.device, ref.dtype)
             f = model._base_features(x)

@@ -29,6 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from . import distributed as _dist
 from ._io import atomic_write_json
+from .data import check_labels, unpack_batch
 from .errors import CheckpointError, DataError, DistributedError, TaskError
 from .metrics import AccuracyMatrix
 from .model import is_modcl_model
@@ -151,21 +152,6 @@ def _loader(data: DataLike, batch_size: int, shuffle: bool, seed: Optional[int],
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       generator=generator, num_workers=num_workers, drop_last=drop_last,
                       pin_memory=device.type == 'cuda')
-
-
-def _unpack(batch, what: str):
-    if isinstance(batch, dict):
-        raise DataError(f'{what} yields dicts; expected (image, label) pairs')
-    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-        raise DataError(f'{what} must yield (image, label) pairs, got {type(batch).__name__}')
-    return batch[0], batch[1]
-
-
-def _check_labels(y: torch.Tensor, num_classes: int, task: str) -> None:
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
-        raise DataError(f'label {bad} is out of range for task {task!r}, which has {num_classes} classes '
-                        f'(labels 0..{num_classes - 1})')
 
 
 def _amp_context(device: torch.device, enabled: bool):
@@ -334,6 +320,9 @@ def train_task(
         DistributedError: DDP asked for without a process group, SyncBatchNorm on CPU, NCCL with a CPU model,
             different backbones or batch counts on the processes.
         CheckpointError: a checkpoint to resume from that is corrupt or from another run; or it cannot be written.
+
+    After any error the model's active task is the one it had before the call; an error raised before the first
+    training step (bad arguments, data, checkpoint) leaves every task's tensors unchanged too.
     """
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
@@ -358,9 +347,25 @@ def train_task(
     for name, v in (('lr', lr), ('head_lr', head_lr)):
         if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
             raise TaskError(f'{name} must be a positive number, got {v!r}')
+    for name, v, ok, expected in (
+            ('weight_decay', weight_decay, lambda v: v >= 0, 'a non-negative number'),
+            ('gamma', gamma, lambda v: v > 0, 'a positive number'),
+            ('label_smoothing', label_smoothing, lambda v: 0 <= v < 1, 'a number from 0 to below 1'),
+            ('grad_clip', grad_clip, lambda v: v > 0, 'None or a positive number')):
+        if v is None and name == 'grad_clip':
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+            raise TaskError(f'{name} must be {expected}, got {v!r}')
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise TaskError(f'num_workers must be a non-negative integer, got {num_workers!r}')
+    if not isinstance(opt, str):
+        raise TaskError(f'opt must be the name of a timm optimizer (e.g. \'adam\'), got {opt!r}')
     if milestones is None:
         milestones = [epochs // 2] if epochs >= 2 else []
-    milestones = sorted(int(m) for m in milestones)
+    try:
+        milestones = sorted(int(m) for m in milestones if not isinstance(m, bool))
+    except (TypeError, ValueError):
+        raise TaskError(f'milestones must be a list of epochs, got {milestones!r}') from None
     if any(m < 0 for m in milestones):
         raise TaskError(f'milestones must be non-negative epochs, got {milestones}')
     if sched not in ('step', 'cosine'):
@@ -410,53 +415,63 @@ def train_task(
             ck.validate(model, task, run, [g['params'] for g in groups])
             history_resumed = TrainHistory.from_dict(ck.history)
 
-    model.set_task(task)  # before any DDP wrapping: DDP keeps the Parameter objects of the task bound now
-    device = target
-    model.to(device)
-    if ddp:
-        _dist.check_same_backbone(model, comm)
-        seed_all = _dist.rng_seed_for_run(seed, comm)
-        if ck is not None and ck.shuffle_seed is not None:  # the interrupted run's (drawn when seed is None)
-            seed_all = ck.shuffle_seed
-    else:
-        seed_all = seed
-    if seed is not None:
-        _seed_everything(seed + rank)
-    amp_dtype, scaler = _amp_context(device, amp)
-    train_loader = _loader(train_data, batch_size, True, seed_all, num_workers, device, 'train_data', shard=ddp)
-    generator = train_loader.generator
-    val_loader = None
-    if val_data is not None:
-        val_loader = _loader(val_data, batch_size, False, None, num_workers, device, 'val_data', shard=ddp)
-    if ddp:
-        if isinstance(train_data, DataLoader) and not isinstance(train_data.sampler, DistributedSampler) and main:
-            warnings.warn(f'train_data is a DataLoader without a DistributedSampler: each of the {world} processes '
-                          f'trains on all of it (pass a Dataset to have it sharded)', stacklevel=2)
-        _dist.check_same_batches(_loader_len(train_loader), comm, 'train_data')
+    previous_task, previous_device = model.active_task, _model_device(model)
+    try:  # set-up: a failure here (bad data, optimizer, checkpoint) leaves the model as it was given
+        model.set_task(task)  # before any DDP wrapping: DDP keeps the Parameter objects of the task bound now
+        device = target
+        model.to(device)
+        if ddp:
+            _dist.check_same_backbone(model, comm)
+            seed_all = _dist.rng_seed_for_run(seed, comm)
+            if ck is not None and ck.shuffle_seed is not None:  # the interrupted run's (drawn when seed is None)
+                seed_all = ck.shuffle_seed
+        else:
+            seed_all = seed
+        if seed is not None:
+            _seed_everything(seed + rank)
+        amp_dtype, scaler = _amp_context(device, amp)
+        train_loader = _loader(train_data, batch_size, True, seed_all, num_workers, device, 'train_data', shard=ddp)
+        generator = train_loader.generator
+        val_loader = None
+        if val_data is not None:
+            val_loader = _loader(val_data, batch_size, False, None, num_workers, device, 'val_data', shard=ddp)
+        if ddp:
+            if isinstance(train_data, DataLoader) and not isinstance(train_data.sampler, DistributedSampler) and main:
+                warnings.warn(f'train_data is a DataLoader without a DistributedSampler: each of the {world} processes '
+                              f'trains on all of it (pass a Dataset to have it sharded)', stacklevel=2)
+            _dist.check_same_batches(_loader_len(train_loader), comm, 'train_data')
 
-    optimizer = create_optimizer_v2(groups, opt=opt, lr=float(lr), weight_decay=float(weight_decay))
-    # timm applies a milestone m at schedule index m - 1; +1 gives torch's MultiStepLR timing (the paper's recipe)
-    # (milestones are absolute epochs; a cosine decays over the epochs after the warm-up)
-    cosine = sched == 'cosine'
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched='cosine' if cosine else 'multistep',
-        num_epochs=max(epochs - warmup_epochs, 1) if cosine else max(epochs, 1),
-        decay_milestones=[m + 1 for m in milestones] or [max(epochs, 1) + 1], decay_rate=gamma,
-        warmup_epochs=warmup_epochs, warmup_lr=float(lr) * 1e-5, warmup_prefix=cosine, min_lr=0.0)
-    params = [p for g in groups for p in g['params']]
-    model_dtype = _model_dtype(model)
+        try:
+            optimizer = create_optimizer_v2(groups, opt=opt, lr=float(lr), weight_decay=float(weight_decay))
+        except (ValueError, TypeError, KeyError, AssertionError) as e:
+            raise TaskError(f'cannot build the optimizer {opt!r}: {e}') from None
+        # timm applies a milestone m at schedule index m - 1; +1 gives torch's MultiStepLR timing (the paper's recipe)
+        # (milestones are absolute epochs; a cosine decays over the epochs after the warm-up)
+        cosine = sched == 'cosine'
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched='cosine' if cosine else 'multistep',
+            num_epochs=max(epochs - warmup_epochs, 1) if cosine else max(epochs, 1),
+            decay_milestones=[m + 1 for m in milestones] or [max(epochs, 1) + 1], decay_rate=gamma,
+            warmup_epochs=warmup_epochs, warmup_lr=float(lr) * 1e-5, warmup_prefix=cosine, min_lr=0.0)
+        params = [p for g in groups for p in g['params']]
+        model_dtype = _model_dtype(model)
 
-    history = TrainHistory(task=task)
-    start_epoch, done = 0, False
-    if ck is not None:
-        ck.restore(model, task, optimizer, scheduler, scaler)
-        restore_rng_state(ck.rng(rank), generator, device)
-        history, start_epoch, done = history_resumed, ck.epoch, ck.done
-        if main and progress:
-            tqdm.write(f'{task}: resuming from {checkpoint} after epoch {start_epoch}/{epochs}')
-    elif ddp:  # DDP broadcasts rank 0's parameters; the task's BN statistics are buffers: once, here
-        _dist.broadcast_tensors_(_dist.task_bn_stats(model, task, kinds=('running_mean', 'running_var',
-                                                                        'num_batches_tracked')), comm)
+        history = TrainHistory(task=task)
+        start_epoch, done = 0, False
+        if ck is not None:
+            ck.restore(model, task, optimizer, scheduler, scaler)
+            restore_rng_state(ck.rng(rank), generator, device)
+            history, start_epoch, done = history_resumed, ck.epoch, ck.done
+            if main and progress:
+                tqdm.write(f'{task}: resuming from {checkpoint} after epoch {start_epoch}/{epochs}')
+        elif ddp:  # DDP broadcasts rank 0's parameters; the task's BN statistics are buffers: once, here
+            _dist.broadcast_tensors_(_dist.task_bn_stats(model, task, kinds=('running_mean', 'running_var',
+                                                                            'num_batches_tracked')), comm)
+    except BaseException:
+        if previous_task in model.tasks and model.active_task != previous_task:
+            model.set_task(previous_task)
+        model.to(previous_device)
+        raise
 
     def save_checkpoint(epochs_done: int, finished: bool) -> None:
         blob = rng_state_bytes(generator, device)
@@ -486,9 +501,8 @@ def train_task(
                 bar = tqdm(train_loader, desc=f'{task} {epoch + 1}/{epochs}', disable=not show, leave=True,
                            dynamic_ncols=True)
                 for batch in bar:
-                    x, y = _unpack(batch, 'train_data')
-                    y = torch.as_tensor(y)
-                    _check_labels(y, num_classes, task)
+                    x, y = unpack_batch(batch, 'train_data')
+                    check_labels(y, num_classes, task, images=len(x))
                     x = x.to(device, non_blocking=True)
                     if x.is_floating_point():
                         x = x.to(model_dtype)
@@ -554,6 +568,11 @@ def train_task(
             from .serving import compute_task_statistics
             compute_task_statistics(model, task, train_loader, num_workers=num_workers, progress=show,
                                     all_reduce=ddp)
+    except BaseException:  # what was trained stays in the task; the model's active task is the one it was given
+        net = None
+        if previous_task in model.tasks and model.active_task != previous_task:
+            model.set_task(previous_task)
+        raise
     finally:
         optimizer.zero_grad(set_to_none=True)
         net = None
@@ -577,7 +596,7 @@ def _recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device, 
             bn.momentum = None        # cumulative moving average
         with torch.no_grad():
             for batch in tqdm(loader, desc=f'{task} BN statistics', disable=not progress, leave=False):
-                x, _ = _unpack(batch, 'train_data')
+                x, _ = unpack_batch(batch, 'train_data')
                 if x.shape[0] < 2:
                     continue
                 x = x.to(device, non_blocking=True)
@@ -625,9 +644,8 @@ def _accuracy(model: nn.Module, loader: DataLoader, task: Optional[str], device:
     with _eval_mode(model, task):
         num_classes = int(model.num_classes)
         for batch in loader:
-            x, y = _unpack(batch, 'data')
-            y = torch.as_tensor(y)
-            _check_labels(y, num_classes, name)
+            x, y = unpack_batch(batch, 'data')
+            check_labels(y, num_classes, name, images=len(x))
             x = x.to(device)
             if x.is_floating_point():
                 x = x.to(dtype)
