@@ -106,6 +106,36 @@ def test_train_twice_adds_a_task_and_keeps_the_first_unchanged(trained):
     assert history['task'] == 'shapes' and len(history['train_loss']) == 1
 
 
+def test_train_uses_the_library_defaults(trained, data, tmp_path, monkeypatch):
+    """Without --resolution / --head-lr, modcl train trains what train_task and add_task do by default."""
+    import timm_modcl.train as train_module
+    from timm_modcl import DEFAULT_CONFIG
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cli.RANDOM_INIT_SEED)
+        model = timm.create_model(read_index(trained.out)['architecture'])
+    load_tasks(model, trained.out, names=['pets'])
+    model.add_task('reference', 2)
+    assert model._task('pets').config == model._task('reference').config
+    assert model._task('pets').config.layer_resolution == DEFAULT_CONFIG.layer_resolution
+    seen = {}
+    real = train_module.train_task
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, 'train_task', spy)
+    rc, _, err = _run(['train', '--data', data / 'shapes', '--task', 'shapes', '--out', tmp_path / 'o',
+                       '--no-pretrained', '--epochs', '0', '--input-size', str(SIZE), '--no-progress'])
+    assert rc == 0, err
+    assert 'head_lr' not in seen  # train_task's own default
+    rc, _, err = _run(['train', '--data', data / 'shapes', '--task', 'shapes', '--out', tmp_path / 'o', '--replace',
+                       '--no-pretrained', '--epochs', '0', '--input-size', str(SIZE), '--no-progress',
+                       '--head-lr', '0.002'])
+    assert rc == 0, err
+    assert seen['head_lr'] == 0.002
+
+
 def test_train_existing_task_needs_replace(trained, data):
     args = ['train', '--data', data / 'pets', '--task', 'pets', '--out', trained.out, *TRAIN]
     rc, _, err = _run(args)
@@ -338,6 +368,12 @@ def test_demo_is_reproducible_whatever_the_global_rng_state(tmp_path, monkeypatc
         files.append({p.relative_to(tmp_path / f'd{run}'): p.read_bytes()
                       for p in sorted((tmp_path / f'd{run}').rglob('*.safetensors'))})
     assert len(files[0]) == 2 and files[0] == files[1]
+
+
+def test_demo_refuses_more_tasks_than_digits(tmp_path):
+    rc, _, err = _run(['demo', '--quick', '--tasks', '11', '--out', tmp_path / 'd'])
+    _assert_one_line_error(rc, err, '--tasks 11', 'at most 10')
+    assert not (tmp_path / 'd').exists()
 
 
 def test_demo_weights_file_missing_is_an_error(tmp_path):

@@ -379,13 +379,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)  # the new head's initialisation: --seed makes the whole run reproducible
         model.add_task(
-            args.task, len(classes), tuple(args.resolution), variant=args.variant, class_names=classes,
+            args.task, len(classes), tuple(args.resolution) if args.resolution else 'default', variant=args.variant,
+            class_names=classes,
             metadata={'input_size': str(size), 'backbone': source, 'data': Path(args.data).name,
                       'epochs': str(args.epochs)},
             replace=True)
     history = train_task(
         model, args.task, train_ds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        head_lr=args.head_lr, weight_decay=args.weight_decay, device=args.device, seed=args.seed,
+        **({} if args.head_lr is None else {'head_lr': args.head_lr}), weight_decay=args.weight_decay, device=args.device, seed=args.seed,
         num_workers=args.workers, progress=_progress(args), sync_bn=args.sync_bn, checkpoint=args.checkpoint,
         resume=args.resume)
     acc = evaluate(model, val_ds, args.task, batch_size=args.batch_size, num_workers=args.workers,
@@ -714,6 +715,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     quick = args.quick
     num_tasks = args.tasks or (2 if quick else 5)
+    if num_tasks > 10:
+        raise UsageError(f'--tasks {num_tasks}: the ten digits make at most 10 tasks')
     size = args.input_size or (32 if quick else 48)
     epochs = args.epochs if args.epochs is not None else (1 if quick else 5)
     name = args.model
@@ -730,7 +733,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     device = torch.device(args.device) if args.device else torch.device('cpu')
     model.to(device)
     if quick:  # the first two-class tasks, few images
-        tasks = digits_tasks(5, size, seed=args.seed, max_train_per_class=24)[:num_tasks]
+        tasks = digits_tasks(max(5, num_tasks), size, seed=args.seed, max_train_per_class=24)[:num_tasks]
     else:
         tasks = digits_tasks(num_tasks, size, seed=args.seed)
     if quick:  # a small test set as well
@@ -848,14 +851,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', required=True, metavar='DIR', help='adapter folder (created, or extended)')
     p.add_argument('--model', metavar='NAME', default=None,
                    help=f'modcl model (default: the one of the adapters in --out, else {DEFAULT_MODEL})')
-    p.add_argument('--resolution', type=_positive_int, nargs=2, default=[4, 4], metavar=('M1', 'M2'),
-                   help='modulation resolution (default: 4 4)')
+    p.add_argument('--resolution', type=_positive_int, nargs=2, default=None, metavar=('M1', 'M2'),
+                   help='one modulation resolution for every layer (default: the library\'s per-layer default '
+                        'configuration, timm_modcl.DEFAULT_CONFIG)')
     p.add_argument('--variant', choices=sorted(MODULATION_VARIANTS), default=DEFAULT_VARIANT,
                    help=f'modulation variant (default: {DEFAULT_VARIANT})')
     p.add_argument('--epochs', type=_non_negative_int, default=30, help='epochs (default: 30, as the paper)')
     p.add_argument('--batch-size', type=_positive_int, default=32, help='batch size (default: 32)')
     p.add_argument('--lr', type=_positive_float, default=0.01, help='learning rate (Adam; default: 0.01)')
-    p.add_argument('--head-lr', type=_positive_float, default=None, help='learning rate of the head (default: --lr)')
+    p.add_argument('--head-lr', type=_positive_float, default=None, help='learning rate of the head (default: 3e-4, as train_task)')
     p.add_argument('--weight-decay', type=float, default=0.0, help='weight decay (default: 0)')
     p.add_argument('--input-size', type=_positive_int, default=None, metavar='PX',
                    help='input size in pixels (default: the model\'s, 224)')
