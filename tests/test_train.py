@@ -358,6 +358,14 @@ def _snapshot(model):
                                 for t in model.tasks})
 
 
+def _two_tasks_a_active():
+    model = _model()
+    model.add_task('a', 2)
+    model.add_task('b', 2)
+    model.set_task('a')
+    return model, _snapshot(model)
+
+
 def _unchanged(model, before):
     active, tensors = before
     assert model.active_task == active
@@ -372,11 +380,7 @@ def _unchanged(model, before):
     (torch.tensor([True, False, True, False]), 'integer class indices'),
 ])
 def test_labels_that_are_not_class_indices_are_refused(labels, match):
-    model = _model()
-    model.add_task('a', 2)
-    model.add_task('b', 2)
-    model.set_task('a')
-    before = _snapshot(model)
+    model, before = _two_tasks_a_active()
     data = TensorDataset(_toy_data(4).tensors[0], labels)
     with pytest.raises(DataError, match=match):
         train_task(model, 'b', data, epochs=1, batch_size=4, progress=False, seed=0)
@@ -394,11 +398,7 @@ def test_labels_that_are_not_class_indices_are_refused(labels, match):
     (dict(batch_size=0), DataError), (dict(val_data=[1, 2]), DataError),
 ])
 def test_bad_training_arguments_leave_the_model_as_it_was(kwargs, error):
-    model = _model()
-    model.add_task('a', 2)
-    model.add_task('b', 2)
-    model.set_task('a')
-    before = _snapshot(model)
+    model, before = _two_tasks_a_active()
     with pytest.raises(error):
         train_task(model, 'b', _toy_data(8), **dict(dict(epochs=1, batch_size=4, progress=False, seed=0), **kwargs))
     _unchanged(model, before)
