@@ -379,14 +379,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)  # the new head's initialisation: --seed makes the whole run reproducible
         model.add_task(
-            args.task, len(classes), tuple(args.resolution) if args.resolution else 'default', variant=args.variant,
-            class_names=classes,
+            args.task, len(classes), tuple(args.resolution) if args.resolution else 'default',
+            variant=args.variant, class_names=classes,
             metadata={'input_size': str(size), 'backbone': source, 'data': Path(args.data).name,
                       'epochs': str(args.epochs)},
             replace=True)
+    head_lr = {} if args.head_lr is None else {'head_lr': args.head_lr}  # else train_task's default
     history = train_task(
-        model, args.task, train_ds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        **({} if args.head_lr is None else {'head_lr': args.head_lr}), weight_decay=args.weight_decay, device=args.device, seed=args.seed,
+        model, args.task, train_ds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, **head_lr,
+        weight_decay=args.weight_decay, device=args.device, seed=args.seed,
         num_workers=args.workers, progress=_progress(args), sync_bn=args.sync_bn, checkpoint=args.checkpoint,
         resume=args.resume)
     acc = evaluate(model, val_ds, args.task, batch_size=args.batch_size, num_workers=args.workers,
@@ -859,7 +860,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--epochs', type=_non_negative_int, default=30, help='epochs (default: 30, as the paper)')
     p.add_argument('--batch-size', type=_positive_int, default=32, help='batch size (default: 32)')
     p.add_argument('--lr', type=_positive_float, default=0.01, help='learning rate (Adam; default: 0.01)')
-    p.add_argument('--head-lr', type=_positive_float, default=None, help='learning rate of the head (default: 3e-4, as train_task)')
+    p.add_argument('--head-lr', type=_positive_float, default=None,
+                   help='learning rate of the head (default: 3e-4, as train_task)')
     p.add_argument('--weight-decay', type=float, default=0.0, help='weight decay (default: 0)')
     p.add_argument('--input-size', type=_positive_int, default=None, metavar='PX',
                    help='input size in pixels (default: the model\'s, 224)')

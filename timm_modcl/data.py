@@ -25,7 +25,6 @@ __all__ = [
 _VAL_SYNONYMS = ('val', 'validation', 'valid')
 
 
-
 # ---------------------------------------------------------------------------------------------------- batches
 def unpack_batch(batch, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(images, labels)`` of a batch that a Dataset or DataLoader yields, or a DataError naming ``what``."""
@@ -53,6 +52,7 @@ def check_labels(y: torch.Tensor, num_classes: int, task: Optional[str] = None, 
         bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
         raise DataError(f'label {bad} is out of range{whose}, which has {num_classes} classes '
                         f'(labels 0..{num_classes - 1})')
+
 
 class FolderDatasets(NamedTuple):
     """What ``image_folder_datasets`` returns; unpacks as ``train, val, class_names``.
@@ -214,7 +214,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int):
         from PIL import Image
         n = len(self.samples)
-        if not -n <= index < n:  # the end of the dataset for iteration; a failed image stands in for by the next
+        if not -n <= index < n:  # ends iteration; within range, an image that fails to decode is replaced by the next
             raise IndexError(f'index {index} is out of range for {n} images')
         index %= n
         for attempt in range(min(n, self._MAX_CONSECUTIVE_FAILURES)):

@@ -321,7 +321,7 @@ def train_task(
             different backbones or batch counts on the processes.
         CheckpointError: a checkpoint to resume from that is corrupt or from another run; or it cannot be written.
 
-    After any error the model's active task is the one it had before the call; an error raised before the first
+    After any error the model's active task and device are the ones it had before the call; an error raised before the first
     training step (bad arguments, data, checkpoint) leaves every task's tensors unchanged too.
     """
     from timm.optim import create_optimizer_v2
@@ -344,15 +344,14 @@ def train_task(
         raise TaskError(f'task {task!r} has no classifier head to train')
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise TaskError(f'epochs must be a non-negative integer, got {epochs!r}')
-    for name, v in (('lr', lr), ('head_lr', head_lr)):
-        if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
-            raise TaskError(f'{name} must be a positive number, got {v!r}')
-    for name, v, ok, expected in (
+    for name, v, ok, expected in (  # (name, value, check, what it must be); None passes where that says so
+            ('lr', lr, lambda v: v > 0, 'a positive number'),
+            ('head_lr', head_lr, lambda v: v > 0, 'None or a positive number'),
             ('weight_decay', weight_decay, lambda v: v >= 0, 'a non-negative number'),
             ('gamma', gamma, lambda v: v > 0, 'a positive number'),
             ('label_smoothing', label_smoothing, lambda v: 0 <= v < 1, 'a number from 0 to below 1'),
             ('grad_clip', grad_clip, lambda v: v > 0, 'None or a positive number')):
-        if v is None and name == 'grad_clip':
+        if v is None and expected.startswith('None'):
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
             raise TaskError(f'{name} must be {expected}, got {v!r}')
@@ -416,6 +415,13 @@ def train_task(
             history_resumed = TrainHistory.from_dict(ck.history)
 
     previous_task, previous_device = model.active_task, _model_device(model)
+
+    def give_back() -> None:
+        """After an error: the model's active task and device as the caller gave them."""
+        if previous_task in model.tasks and model.active_task != previous_task:
+            model.set_task(previous_task)
+        model.to(previous_device)
+
     try:  # set-up: a failure here (bad data, optimizer, checkpoint) leaves the model as it was given
         model.set_task(task)  # before any DDP wrapping: DDP keeps the Parameter objects of the task bound now
         device = target
@@ -468,9 +474,7 @@ def train_task(
             _dist.broadcast_tensors_(_dist.task_bn_stats(model, task, kinds=('running_mean', 'running_var',
                                                                             'num_batches_tracked')), comm)
     except BaseException:
-        if previous_task in model.tasks and model.active_task != previous_task:
-            model.set_task(previous_task)
-        model.to(previous_device)
+        give_back()
         raise
 
     def save_checkpoint(epochs_done: int, finished: bool) -> None:
@@ -568,10 +572,9 @@ def train_task(
             from .serving import compute_task_statistics
             compute_task_statistics(model, task, train_loader, num_workers=num_workers, progress=show,
                                     all_reduce=ddp)
-    except BaseException:  # what was trained stays in the task; the model's active task is the one it was given
+    except BaseException:  # what was trained stays in the task
         net = None
-        if previous_task in model.tasks and model.active_task != previous_task:
-            model.set_task(previous_task)
+        give_back()
         raise
     finally:
         optimizer.zero_grad(set_to_none=True)
