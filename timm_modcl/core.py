@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import re
+import threading
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -30,7 +31,7 @@ from .errors import (
 )
 from .layers import (
     WeightCache, check_input, is_norm_layer, is_weight_layer, modulate_layer,
-    modulator_shape, unmodulate_layer,
+    modulator_shape, scoped_head, task_scope, unmodulate_layer,
 )
 from .task import BASE_TASK, BN_STATS, TaskInfo, TaskState, validate_metadata, validate_task_name
 
@@ -141,6 +142,17 @@ class _State:
         self.extra_frozen: List[Tuple[str, str]] = []
         self.head_template: Optional[Dict[str, Tuple[int, ...]]] = None
         self.fingerprint: Optional[Tuple[tuple, str]] = None
+        # held by calls that must change shared state to run (a task_scope on a model in train mode flips it to eval)
+        self.lock = threading.RLock()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state['lock']
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
 
 
 def _json_tensor(obj: Any) -> torch.Tensor:
@@ -228,10 +240,11 @@ class ModCLMixin:
         weight_layers, norm_layers = OrderedDict(), OrderedDict()
         for name, module in layers:
             kind = modulate_layer(module)
+            module.modcl_name = name
+            module.modcl_cache = st.cache
             if kind == 'weight':
                 chunks = CHUNKED_LAYERS.get(name.rsplit('.', 1)[-1], 1)
                 module.modcl_chunks = chunks if module._buffers['weight'].shape[0] % chunks == 0 else 1
-                module.modcl_cache = st.cache
                 weight_layers[name] = module
             else:
                 norm_layers[name] = module
@@ -555,8 +568,35 @@ class ModCLMixin:
         self._bind(name)
 
     @contextlib.contextmanager
+    def task_scope(self, name: str) -> Iterator[None]:
+        """Run this model on task ``name`` in the current thread (or asyncio task) only; thread-safe.
+
+        ``set_task`` / ``use_task`` bind a task into the model for every caller (global state: two threads using them
+        at once get each other's task). Inside a task scope, every layer reads the task's modulators, norm affine,
+        BatchNorm statistics and head from a context variable instead, so any number of threads (or asyncio tasks)
+        can run different tasks on one model at the same time, and nothing shared changes. ``model(x)``,
+        ``forward_features`` and every other forward compute ``name`` inside the scope; ``parameters()`` and
+        ``active_task`` still describe the bound task. Scopes nest. For serving, keep the model in eval mode (in train
+        mode, BatchNorm updates the scoped task's own statistics, and threads must not change modes concurrently);
+        ``forward_task`` / ``forward_tasks`` do that for you.
+
+            model.eval()
+            with torch.no_grad(), model.task_scope('flowers'):
+                logits = model(x)
+
+        Raises:
+            TaskNotFoundError: if there is no such task.
+        """
+        task = self._task(name)
+        with task_scope(self._modcl.cache, task):
+            yield
+
+    @contextlib.contextmanager
     def use_task(self, name: str) -> Iterator[None]:
-        """Context manager that runs the model on ``name`` and restores the previously active task afterwards."""
+        """Context manager that binds ``name`` and restores the previously active task afterwards.
+
+        Like ``set_task``, this changes the model for every caller and is not thread-safe: use ``task_scope`` (or
+        ``forward_task`` / ``forward_tasks``) to run tasks from several threads."""
         previous = self._modcl.active
         self.set_task(name)
         try:
@@ -618,7 +658,11 @@ class ModCLMixin:
             module._parameters['task_weight'] = None if affine is None else affine.get('weight')
             module._parameters['task_bias'] = None if affine is None else affine.get('bias')
         if st.head is not None:
-            self._set_head(task.head)
+            head = task.head
+            head.__dict__['modcl_cache'] = st.cache  # what scoped_head checks (a plain attribute: no submodule)
+            if scoped_head not in head._forward_hooks.values():
+                head.register_forward_hook(scoped_head)
+            self._set_head(head)
             self.num_classes = task.num_classes
         st.active = name
 
@@ -1016,6 +1060,9 @@ class ModCLMixin:
             plain = copy.deepcopy(self, memo)
         for module in plain.modules():
             unmodulate_layer(module)
+            module.__dict__.pop('modcl_cache', None)
+            for k in [k for k, h in module._forward_hooks.items() if h is scoped_head]:
+                del module._forward_hooks[k]
         for module_name, k in st.extra_frozen:
             module = plain.get_submodule(module_name)
             module._parameters[k] = nn.Parameter(module._buffers.pop(k))

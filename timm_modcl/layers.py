@@ -19,11 +19,19 @@ task by the model.
 
 In eval mode without autograd the effective weight is cached in the model's ``WeightCache`` and reused until the
 modulator or the weight changes (tensor version counters), so inference costs what the plain layer costs.
+
+**Tasks per call.** Besides the task the model binds into its layers (``set_task``, one per model: global state), a
+computation can name its task for the current thread or asyncio task only: ``task_scope`` sets a context variable that
+every layer of that model reads (modulator, norm affine, BatchNorm statistics), so any number of threads can run
+different tasks on one model at once without changing anything shared.
 """
+import contextlib
+import contextvars
 import functools
 import math
+import threading
 from collections import OrderedDict
-from typing import Dict, Optional, Tuple, Type
+from typing import Dict, Iterator, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -33,6 +41,9 @@ from .errors import InputError, ResolutionError
 
 __all__ = [
     'MODULATION_VARIANTS',
+    'task_scope',
+    'scoped_task',
+    'scoped_head',
     'ModulatedWeight',
     'TaskNorm',
     'WeightCache',
@@ -48,6 +59,36 @@ __all__ = [
 
 #: Modulation variants and the sign they apply to the upsampled modulator.
 MODULATION_VARIANTS: Dict[str, float] = {'paper': -1.0, 'identity': 1.0}
+
+#: The task of the current thread / asyncio task, per model: ``(the model's WeightCache, TaskState, cache slot)``.
+_SCOPED: 'contextvars.ContextVar[Optional[tuple]]' = contextvars.ContextVar('timm_modcl_task', default=None)
+
+
+@contextlib.contextmanager
+def task_scope(cache: 'WeightCache', task) -> Iterator[None]:
+    """Run the layers bound to ``cache`` (one model's) on ``task`` (a ``TaskState``) in this thread / asyncio task
+    only. Nothing shared changes; nesting restores the outer scope. The model's ``task_scope(name)`` is the public
+    entry point."""
+    token = _SCOPED.set((cache, task, cache.use(task.name)))
+    try:
+        yield
+    finally:
+        _SCOPED.reset(token)
+
+
+def scoped_head(module: nn.Module, args, output):
+    """Forward hook of the head bound in a model: inside a ``task_scope`` of that model, the scope's task's head
+    answers instead (heads are small; the bound head's output is discarded)."""
+    call = _SCOPED.get()
+    if call is not None and call[0] is module.__dict__.get('modcl_cache') and call[1].head is not module:
+        return call[1].head(*args)
+    return None
+
+
+def scoped_task(cache: 'WeightCache'):
+    """The ``TaskState`` that ``task_scope`` set for the model owning ``cache`` in this context, or ``None``."""
+    call = _SCOPED.get()
+    return call[1] if call is not None and call[0] is cache else None
 
 
 def validate_resolution(resolution, what: str = 'resolution') -> Tuple[int, int]:
@@ -138,7 +179,8 @@ class WeightCache:
     always runs at the plain model's eval cost, and switching between a few hot tasks recomputes nothing while they
     fit. Every entry records the identity and version counter of the modulator and of the frozen weight it was made
     from, so a stale weight is never served after an optimizer step, an in-place edit or a load. The model binds the
-    active task's slot (a dict) on every weight layer, which looks its entry up directly.
+    active task's slot (a dict) on every weight layer, which looks its entry up directly; a ``task_scope`` carries the
+    slot of its own task. The cache is safe to use from several threads (one lock around its bookkeeping).
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -147,60 +189,78 @@ class WeightCache:
         self._tasks: 'OrderedDict[str, Dict[nn.Module, tuple]]' = OrderedDict()
         self.bytes = 0
         self.misses = 0
+        self._lock = threading.RLock()
 
     def activate(self, task: str) -> Dict[nn.Module, tuple]:
-        """Make ``task`` the most recently used one and return its slot."""
-        self.active = task
-        slot = self._tasks.setdefault(task, {})
-        self._tasks.move_to_end(task)
-        self._evict()
-        return slot
+        """Make ``task`` the active (never evicted) and most recently used one and return its slot."""
+        with self._lock:
+            self.active = task
+            return self.use(task)
 
-    def put(self, slot: Dict[nn.Module, tuple], layer: nn.Module, entry: tuple) -> None:
-        """Store a layer's entry (whose last item is its size in bytes) in a task's slot."""
-        old = slot.get(layer)
-        if old is not None:
-            self.bytes -= old[-1]
-        slot[layer] = entry
-        self.bytes += entry[-1]
-        self.misses += 1
-        self._evict()
+    def use(self, task: str) -> Dict[nn.Module, tuple]:
+        """Make ``task`` the most recently used one and return its slot (the active task is unchanged)."""
+        with self._lock:
+            slot = self._tasks.setdefault(task, {})
+            self._tasks.move_to_end(task)
+            self._evict()
+            return slot
+
+    def put(self, task: str, slot: Dict[nn.Module, tuple], layer: nn.Module, entry: tuple) -> None:
+        """Store a layer's entry (whose last item is its size in bytes) in ``task``'s slot; nothing is stored when
+        the slot was evicted or dropped meanwhile (another thread's call), so the byte count stays exact."""
+        with self._lock:
+            self.misses += 1
+            if self._tasks.get(task) is not slot:
+                return
+            old = slot.get(layer)
+            if old is not None:
+                self.bytes -= old[-1]
+            slot[layer] = entry
+            self.bytes += entry[-1]
+            self._evict()
 
     def _evict(self) -> None:
-        while self.bytes > self.max_bytes and len(self._tasks) > 1:
-            oldest = next(iter(self._tasks))
-            if oldest == self.active:  # the active task is the most recent after activate(): nothing else left
+        # never the active task, nor the most recently used one (the task of the call that is filling the cache)
+        while self.bytes > self.max_bytes:
+            keep = (self.active, next(reversed(self._tasks), None))
+            victim = next((t for t in self._tasks if t not in keep), None)
+            if victim is None:
                 break
-            self.drop(oldest)
+            self.drop(victim)
 
     def drop(self, task: str) -> None:
         """Forget the cached weights of one task (removed, replaced or reloaded)."""
-        slot = self._tasks.get(task)
-        if slot is None:
-            return
-        self.bytes -= sum(e[-1] for e in slot.values())
-        if task == self.active:
-            slot.clear()  # in place: the layers hold this dict
-        else:
-            del self._tasks[task]
+        with self._lock:
+            slot = self._tasks.get(task)
+            if slot is None:
+                return
+            self.bytes -= sum(e[-1] for e in slot.values())
+            if task == self.active:
+                slot.clear()  # in place: the layers hold this dict
+            else:
+                del self._tasks[task]
 
     def rename(self, old: str, new: str) -> None:
-        if old in self._tasks:
-            self._tasks = OrderedDict((new if k == old else k, v) for k, v in self._tasks.items())
-        if self.active == old:
-            self.active = new
+        with self._lock:
+            if old in self._tasks:
+                self._tasks = OrderedDict((new if k == old else k, v) for k, v in self._tasks.items())
+            if self.active == old:
+                self.active = new
 
     def clear(self) -> None:
-        for task in list(self._tasks):
-            self.drop(task)
+        with self._lock:
+            for task in list(self._tasks):
+                self.drop(task)
 
     def set_limit(self, max_bytes: int) -> None:
-        self.max_bytes = int(max_bytes)
-        self._evict()
+        with self._lock:
+            self.max_bytes = int(max_bytes)
+            self._evict()
 
     def cached_tasks(self) -> Tuple[str, ...]:
         """Tasks with cached weights, least recently used first."""
-        return tuple(t for t, slot in self._tasks.items() if slot)
+        with self._lock:
+            return tuple(t for t, slot in self._tasks.items() if slot)
 
     def __getstate__(self) -> dict:
         # a pickled or deep-copied model starts with an empty cache: the entries are keyed on the identity of this
@@ -208,7 +268,12 @@ class WeightCache:
         state = self.__dict__.copy()
         state['_tasks'] = OrderedDict()
         state['bytes'] = 0
+        del state['_lock']
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         return (f'WeightCache({len(self.cached_tasks())} task(s), {self.bytes / 2 ** 20:.1f} of '
@@ -229,22 +294,28 @@ class ModulatedWeight:
     modcl_sign: float
     modcl_cache: Optional[WeightCache]
     modcl_slot: Dict[nn.Module, tuple]
+    modcl_name: str = ''             # the layer's name in its model (what a task's tensors are keyed by)
 
     @property
     def weight(self) -> torch.Tensor:
         frozen = self._buffers['weight']
-        modulator = self._parameters['modulator']
+        call = _SCOPED.get()
+        if call is not None and call[0] is self.modcl_cache:  # a task_scope of this model: its task, nothing shared
+            task, slot = call[1], call[2]
+            modulator, sign, name = task.modulators.get(self.modcl_name), task.sign, task.name
+        else:
+            modulator, sign, slot = self._parameters['modulator'], self.modcl_sign, self.modcl_slot
+            name = None
         if modulator is None:
             return frozen
         if self.training or (modulator.requires_grad and torch.is_grad_enabled()):
-            return self.modulated_weight(modulator)
+            return self.modulated_weight(modulator, sign)
         # eval without autograd: the cached weight if it was made from these very tensors, at these versions
-        entry = self.modcl_slot.get(self)
+        entry = slot.get(self)
         if (entry is not None and entry[0] is modulator and entry[1] == modulator._version and entry[2] is frozen
-                and entry[3] == frozen._version and entry[4] == self.modcl_sign
-                and entry[5] == modulator.data_ptr()):
+                and entry[3] == frozen._version and entry[4] == sign and entry[5] == modulator.data_ptr()):
             return entry[6]
-        return self._modcl_fill(frozen, modulator)
+        return self._modcl_fill(frozen, modulator, sign, slot, name)
 
     def upsample(self, modulator: torch.Tensor) -> torch.Tensor:
         """``upsample_modulator`` as two small matrix products with cached interpolation matrices.
@@ -288,20 +359,22 @@ class ModulatedWeight:
         frozen = self._buffers['weight']
         return torch.addcmul(frozen, frozen, self.upsample(modulator), value=sign)
 
-    def _modcl_fill(self, frozen: torch.Tensor, modulator: torch.Tensor) -> torch.Tensor:
-        """Compute the effective weight and cache it for the active task (not while compiling or tracing)."""
+    def _modcl_fill(self, frozen: torch.Tensor, modulator: torch.Tensor, sign: float,
+                    slot: Dict[nn.Module, tuple], task: Optional[str]) -> torch.Tensor:
+        """Compute the effective weight and cache it in ``slot`` (``task``'s; ``None``: the bound task's), not while
+        compiling or tracing."""
         cache = self.modcl_cache
         if cache is None or torch.compiler.is_compiling() or _is_tracing():
-            return self.modulated_weight(modulator)
+            return self.modulated_weight(modulator, sign)
         # a plain tensor even under inference_mode, so later no-grad calls can reuse it
         with torch.inference_mode(False), torch.no_grad():
             if not modulator.any():  # an untouched identity task: exactly the frozen weight, nothing to store
                 weight, nbytes = frozen, 0
             else:
-                weight = self.modulated_weight(modulator)
+                weight = self.modulated_weight(modulator, sign)
                 nbytes = weight.numel() * weight.element_size()
-        cache.put(self.modcl_slot, self, (modulator, modulator._version, frozen, frozen._version, self.modcl_sign,
-                                          modulator.data_ptr(), weight, nbytes))
+        cache.put(cache.active if task is None else task, slot, self,
+                  (modulator, modulator._version, frozen, frozen._version, sign, modulator.data_ptr(), weight, nbytes))
         return weight
 
     def __prepare_scriptable__(self) -> nn.Module:
@@ -329,15 +402,24 @@ class TaskNorm:
     """
 
     _modcl_base: Type[nn.Module]
+    modcl_cache: Optional[WeightCache] = None   # the model's cache: identifies the model in a task_scope
+    modcl_name: str = ''
+
+    def _own_affine(self, which: str) -> Optional[torch.Tensor]:
+        call = _SCOPED.get()
+        if call is not None and call[0] is self.modcl_cache:
+            affine = call[1].norm_affine.get(self.modcl_name)
+            return None if affine is None else affine.get(which)
+        return self._parameters[f'task_{which}']
 
     @property
     def weight(self) -> Optional[torch.Tensor]:
-        own = self._parameters['task_weight']
+        own = self._own_affine('weight')
         return self._buffers['weight'] if own is None else own
 
     @property
     def bias(self) -> Optional[torch.Tensor]:
-        own = self._parameters['task_bias']
+        own = self._own_affine('bias')
         return self._buffers['bias'] if own is None else own
 
     def __prepare_scriptable__(self) -> nn.Module:
@@ -345,6 +427,24 @@ class TaskNorm:
 
     def __reduce_ex__(self, protocol):
         return _new_layer, (TaskNorm, self._modcl_base), self.__dict__
+
+
+def _scoped_stat(name: str) -> property:
+    def get(self) -> Optional[torch.Tensor]:
+        call = _SCOPED.get()
+        if call is not None and call[0] is self.modcl_cache:
+            stats = call[1].norm_stats.get(self.modcl_name)
+            if stats is not None:
+                return stats[name]
+        return self._buffers[name]
+    return property(get, doc=f'The {name} of the task of the current ``task_scope``, else the bound task\'s.')
+
+
+class _TaskStats:
+    """Mixed in front of BatchNorm layers' ``TaskNorm`` class: the running statistics of a ``task_scope``'s task."""
+    running_mean = _scoped_stat('running_mean')
+    running_var = _scoped_stat('running_var')
+    num_batches_tracked = _scoped_stat('num_batches_tracked')
 
 
 _CLASSES: Dict[Tuple[type, type], type] = {}
@@ -356,7 +456,9 @@ def _layer_class(mixin: type, base: type) -> type:
     if cls is None:
         from timm.models._features_fx import register_notrace_module
         prefix = 'Modulated' if mixin is ModulatedWeight else 'Task'
-        cls = type(f'{prefix}{base.__name__}', (mixin, base), {'__module__': __name__, '_modcl_base': base})
+        mixins = (_TaskStats, mixin) if mixin is TaskNorm and issubclass(base, nn.modules.batchnorm._BatchNorm) else (
+            mixin,)
+        cls = type(f'{prefix}{base.__name__}', mixins + (base,), {'__module__': __name__, '_modcl_base': base})
         register_notrace_module(cls)  # its caching is Python-side logic: a leaf for feature extraction
         _CLASSES[(mixin, base)] = cls
     return cls
@@ -436,7 +538,7 @@ def modulate_layer(module: nn.Module) -> str:
 
 
 _LAYER_ATTRS = ('modcl_chunks', 'modcl_sign', 'modcl_cache', 'modcl_slot', '_modcl_interp', '_modcl_frozen',
-                'modcl_bn_guard')
+                'modcl_bn_guard', 'modcl_name')
 
 
 def unmodulate_layer(module: nn.Module, copy: bool = False) -> nn.Module:

@@ -430,8 +430,7 @@ def compute_task_statistics(
     moments: Optional[_Moments] = None
     from tqdm.auto import tqdm
     ref = model._ref_tensor()
-    with model._serving():
-        model._bind(BASE_TASK)
+    with model._serving(), model.task_scope(BASE_TASK):
         for batch in tqdm(loader, desc=f'{task} prototypes', disable=not progress, leave=False):
             x, y = unpack_batch(batch, 'data')
             check_labels(y, num_classes, task, images=len(x))
@@ -468,20 +467,20 @@ class ServingMixin:
 
     @contextlib.contextmanager
     def _serving(self) -> Iterator[None]:
-        """Eval mode without autograd; restores the active task and every module's train/eval flag afterwards."""
-        st = self._modcl
-        active = st.active
-        modes = [(m, m.training) for m in self.modules()]
-        try:
-            if any(flag for _, flag in modes):
+        """Eval mode without autograd, for the calls that take their task per call (``task_scope``).
+
+        A model in eval mode is not changed at all, so any number of threads can serve from it at once. A module in
+        train mode is switched to eval for the call and back afterwards, under the model's lock (such calls run one
+        at a time)."""
+        with contextlib.ExitStack() as stack:
+            modes = [(m, m.training) for m in self.modules() if m.training]
+            if modes:
+                stack.enter_context(self._modcl.lock)
+                modes = [(m, m.training) for m in self.modules()]
+                stack.callback(_restore_modes, modes)
                 self.eval()
-            with torch.no_grad():
-                yield
-        finally:
-            for m, flag in modes:
-                m.training = flag
-            if st.active != active or st.cache.active != active:
-                self._bind(active)
+            stack.enter_context(torch.no_grad())
+            yield
 
     def _check_batch(self, x: Any) -> int:
         if not isinstance(x, torch.Tensor) or x.ndim < 1:
@@ -547,14 +546,33 @@ class ServingMixin:
         with self._serving():
             for name in self._schedule(groups):
                 idx = groups[name]
-                self._bind(name)
-                y = self(x if len(idx) == n else x[torch.tensor(idx, device=x.device)])
-                if not isinstance(y, torch.Tensor):
-                    raise UnsupportedModelError(f'forward_tasks needs a model whose forward returns one tensor, '
-                                                f'got {type(y).__name__}')
+                y = self._scoped_forward(x if len(idx) == n else x[torch.tensor(idx, device=x.device)], name)
                 for j, i in enumerate(idx):
                     out[i] = y[j]
         return out  # type: ignore[return-value]
+
+    def forward_task(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        """The output of task ``task`` for a batch, in eval mode without autograd; thread-safe.
+
+        Equal (``torch.equal``) to ``model(x)`` under ``use_task(task)`` in eval mode, but the model is not changed
+        (no task is bound), so threads can call it with different tasks at once.
+
+        Raises:
+            InputError: ``x`` is not a batch the model takes.
+            TaskNotFoundError: ``task`` is not a task of the model.
+        """
+        self._check_batch(x)
+        self._task(task)
+        with self._serving():
+            return self._scoped_forward(x, task)
+
+    def _scoped_forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        with self.task_scope(task):
+            y = self(x)
+        if not isinstance(y, torch.Tensor):
+            raise UnsupportedModelError(f'forward_tasks needs a model whose forward returns one tensor, '
+                                        f'got {type(y).__name__}')
+        return y
 
     def _base_features(self, x: torch.Tensor) -> torch.Tensor:
         f = self.forward_head(self.forward_features(x), pre_logits=True)
@@ -573,8 +591,7 @@ class ServingMixin:
         """
         self._check_batch(x)
         _feature_fn(self)
-        with self._serving():
-            self._bind(BASE_TASK)
+        with self._serving(), self.task_scope(BASE_TASK):
             return self._base_features(x)
 
     def compute_task_statistics(self, task: str, data, **kwargs) -> 'OrderedDict[str, torch.Tensor]':
@@ -657,8 +674,7 @@ class ServingMixin:
             else:
                 per_task = []
                 for name in self._schedule(names):
-                    self._bind(name)
-                    per_task.append((name, self(x)))
+                    per_task.append((name, self._scoped_forward(x, name)))
                 order = {name: z for name, z in per_task}
                 task_scores = torch.stack([_head_score(order[nm].float(), scorer) for nm in names], 1)
                 best = task_scores.argmax(1)
@@ -684,8 +700,14 @@ class ServingMixin:
     def _prototype_scores(self, x: torch.Tensor, gaussians: List[_TaskGaussian]
                           ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Task log-likelihoods ``(N, T)`` and, per task, the class log-posterior within the task ``(N, C_t)``."""
-        self._bind(BASE_TASK)
-        return _score(self._base_features(x).to('cpu', torch.float64), gaussians)
+        with self.task_scope(BASE_TASK):
+            f = self._base_features(x)
+        return _score(f.to('cpu', torch.float64), gaussians)
+
+
+def _restore_modes(modes: Sequence[Tuple[nn.Module, bool]]) -> None:
+    for m, flag in modes:
+        m.training = flag
 
 
 def _head_score(z: torch.Tensor, scorer: str) -> torch.Tensor:

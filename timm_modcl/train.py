@@ -622,17 +622,10 @@ def _recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device, 
 # ------------------------------------------------------------------------------------------ evaluation
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module, task: Optional[str]):
-    """Eval mode with ``task`` active inside; the active task and train/eval mode restored afterwards."""
-    was_training = model.training
-    active = model.active_task
-    model.eval()
-    try:
-        if task is not None:
-            model.set_task(task)
+    """Eval mode with ``task`` (default: the active one) computed inside, per call (``task_scope``): the model is not
+    changed when it is in eval mode already, so threads can evaluate different tasks at once."""
+    with model._serving(), model.task_scope(model.active_task if task is None else task):
         yield
-    finally:
-        model.set_task(active)
-        model.train(was_training)
 
 
 @torch.inference_mode()
@@ -645,7 +638,7 @@ def _accuracy(model: nn.Module, loader: DataLoader, task: Optional[str], device:
     sampler = getattr(loader, 'sampler', None)
     correct = seen = position = 0
     with _eval_mode(model, task):
-        num_classes = int(model.num_classes)
+        num_classes = int(model.tasks[name].num_classes)
         for batch in loader:
             x, y = unpack_batch(batch, 'data')
             check_labels(y, num_classes, name, images=len(x))
@@ -725,7 +718,7 @@ def predict(
     dtype = _model_dtype(model)
     out: List[List[tuple]] = []
     with torch.inference_mode(), _eval_mode(model, task):
-        names = model.tasks[model.active_task].class_names
+        names = model.tasks[model.active_task if task is None else task].class_names
         for start in range(0, images.shape[0], 64):
             probs = model(images[start:start + 64].to(device, dtype)).float().softmax(1).cpu()
             k = max(1, min(int(topk), probs.shape[1]))
