@@ -1,8 +1,10 @@
 """Checks shared by every modcl model (a PEFT-style common tester).
 
-A test class mixes ``ModCLTester`` in and sets ``model_name`` (plus ``model_kwargs`` / ``input_size``). Every check
-builds the same three tasks with different configurations (default; paper variant at (2, 2) with per-task BatchNorm
-affine; (8, 8) with the first layer unmodulated), trains each a little, and then asserts zero forgetting, round trips
+A test class mixes ``ModCLTester`` in and sets ``model_name`` (plus ``model_kwargs`` / ``input_size``, and ``method``
+for the method axis: ``'modulation'`` or ``'lora'``). Every check builds the same three tasks with different
+configurations (default; paper variant at (2, 2) with per-task BatchNorm affine; (8, 8) with the first layer
+unmodulated; with ``method='lora'``: default rank, rank 2 with BN affine, rank 8 with the first layer left out),
+trains each a little, and then asserts zero forgetting, round trips
 (state dict, safetensors, adapter files and folders, Hub) with bit-identical logits, export to a plain timm model,
 TorchScript and device/dtype moves.
 """
@@ -17,6 +19,7 @@ class ModCLTester:
     model_kwargs: dict = {}
     input_size = 32
     atol = 1e-5
+    method = 'modulation'
 
     # ------------------------------------------------------------------ helpers
     def make_model(self, seed: int = 0):
@@ -28,6 +31,12 @@ class ModCLTester:
 
     def task_specs(self, model):
         first = model.modulated_layers[0]
+        if self.method == 'lora':
+            return (
+                ('alpha', 3, dict(method='lora', class_names=['a', 'b', 'c'], metadata={'metric.val_acc': 0.5})),
+                ('beta', 5, dict(method='lora', rank=2, bn_affine=True)),
+                ('gamma', 2, dict(method='lora', rank=8, layer_resolution={first: None})),
+            )
         return (
             ('alpha', 3, dict(class_names=['a', 'b', 'c'], metadata={'metric.val_acc': 0.5})),
             ('beta', 5, dict(resolution=(2, 2), variant='paper', bn_affine=True)),

@@ -1,4 +1,5 @@
-"""The shared checks of ``modcl_tester.ModCLTester`` for the smallest registered model of every family."""
+"""The shared checks of ``modcl_tester.ModCLTester`` for the smallest registered model of every family, and for the
+second task method (per-task LoRA) on a depthwise-conv family, a ConvNeXt and a ViT."""
 from modcl_tester import ModCLTester
 
 
@@ -31,3 +32,15 @@ class TestViT(ModCLTester):
     model_name = 'modcl_vit_tiny_patch16_224'
     model_kwargs = dict(img_size=32)
     atol = 1e-4
+
+
+class TestMobileNetV2LoRA(TestMobileNetV2):
+    method = 'lora'
+
+
+class TestConvNeXtLoRA(TestConvNeXt):
+    method = 'lora'
+
+
+class TestViTLoRA(TestViT):
+    method = 'lora'

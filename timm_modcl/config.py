@@ -6,13 +6,16 @@ dict records exactly how its task was built and a loader can check every tensor 
     TaskConfig()                                            # uniform (4, 4), no BN affine (DEFAULT_CONFIG differs)
     TaskConfig(resolution=(8, 8), layer_resolution={'conv_stem': None, 'blocks.*.conv_dw': (2, 2)})
     TaskConfig(resolution=None)                             # no modulators: norm state + head only
+    TaskConfig(method='lora', rank=8)                       # a per-task low-rank update instead (methods.py)
 """
 import fnmatch
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 from .errors import ResolutionError, TaskError
 from .layers import MODULATION_VARIANTS, validate_resolution
+from .methods import METHODS
 
 __all__ = ['TaskConfig', 'DEFAULT_CONFIG', 'LayerResolution', 'Resolution']
 
@@ -22,6 +25,7 @@ Resolution = Optional[Tuple[int, int]]
 LayerResolution = Union[Mapping[str, Resolution], Callable[[str, Tuple[int, ...]], Resolution]]
 
 _MAX_PATTERNS = 10_000
+_MAX_RANK = 4096
 
 
 @dataclass(frozen=True)
@@ -36,11 +40,20 @@ class TaskConfig:
             over patterns, and among patterns the last match wins.
         bn_affine: Give the task its own BatchNorm affine (gamma, beta), initialised from the pretrained one.
             LayerNorm / GroupNorm / RmsNorm layers always get a per-task affine (they have no running statistics).
+        method: How a task adapts each weight layer (``timm_modcl.methods``): ``"modulation"`` (Adaptive Weight
+            Modulation, the default) or ``"lora"`` (a per-task low-rank update ``W + alpha / r * B @ A``, depthwise
+            convs included). With ``"lora"``, a layer whose resolution is ``None`` is left as it is and every other
+            layer gets rank ``rank``; the resolution values themselves are not used.
+        rank: LoRA rank ``r`` (``method="lora"`` only).
+        alpha: LoRA scale numerator (the update is scaled by ``alpha / r``); default: ``rank`` (a scale of 1).
     """
     resolution: Resolution = (4, 4)
     variant: str = 'identity'
     layer_resolution: Tuple[Tuple[str, Resolution], ...] = field(default_factory=tuple)
     bn_affine: bool = False
+    method: str = 'modulation'
+    rank: int = 8
+    alpha: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.resolution is not None:
@@ -49,6 +62,15 @@ class TaskConfig:
             raise TaskError(f'unknown modulation variant {self.variant!r}; choose one of {sorted(MODULATION_VARIANTS)}')
         if not isinstance(self.bn_affine, bool):
             raise TaskError(f'bn_affine must be True or False, got {self.bn_affine!r}')
+        if self.method not in METHODS:
+            raise TaskError(f'unknown method {self.method!r}; choose one of {", ".join(METHODS)}')
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 1 <= self.rank <= _MAX_RANK:
+            raise TaskError(f'rank must be an integer from 1 to {_MAX_RANK}, got {self.rank!r}')
+        if self.alpha is not None:
+            if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
+                    or not math.isfinite(self.alpha) or not 0 < self.alpha <= 1e6):
+                raise TaskError(f'alpha must be a positive finite number or None, got {self.alpha!r}')
+            object.__setattr__(self, 'alpha', float(self.alpha))
         pairs = self.layer_resolution
         if isinstance(pairs, Mapping):
             pairs = tuple(pairs.items())
@@ -108,6 +130,8 @@ class TaskConfig:
             'variant': self.variant,
             'layer_resolution': [[p, None if r is None else list(r)] for p, r in self.layer_resolution],
             'bn_affine': self.bn_affine,
+            # written only for other methods, so modulation adapters stay as earlier versions wrote them
+            **({} if self.method == 'modulation' else {'method': self.method, 'rank': self.rank, 'alpha': self.alpha}),
         }
 
     @classmethod
@@ -119,7 +143,7 @@ class TaskConfig:
         """
         if not isinstance(d, Mapping):
             raise TaskError(f'a task config must be a mapping, got {type(d).__name__}')
-        unknown = set(d) - {'resolution', 'variant', 'layer_resolution', 'bn_affine'}
+        unknown = set(d) - {'resolution', 'variant', 'layer_resolution', 'bn_affine', 'method', 'rank', 'alpha'}
         if unknown:
             raise TaskError(f'unknown task config keys {sorted(unknown)}')
         res = d.get('resolution', (4, 4))
@@ -136,6 +160,9 @@ class TaskConfig:
                                        and len(p) == 2 and isinstance(p[1], (list, tuple, type(None))) else p
                                        for p in pairs),
                 bn_affine=d.get('bn_affine', False),
+                method=d.get('method', 'modulation'),
+                rank=d.get('rank', 8),
+                alpha=d.get('alpha'),
             )
         except TypeError as e:
             raise TaskError(f'invalid task config: {e}') from None

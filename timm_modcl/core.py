@@ -26,12 +26,14 @@ import torch.nn as nn
 
 from ._settings import weight_cache_bytes
 from .config import DEFAULT_CONFIG, LayerResolution, TaskConfig
+from .methods import method_of
 from .errors import (
-    ResolutionError, StateDictError, TaskError, TaskExistsError, TaskNotFoundError, UnsupportedModelError,
+    FrozenBackboneError, ResolutionError, StateDictError, TaskError, TaskExistsError, TaskNotFoundError,
+    UnsupportedModelError,
 )
 from .layers import (
     WeightCache, check_input, is_norm_layer, is_weight_layer, modulate_layer,
-    modulator_shape, scoped_head, task_scope, unmodulate_layer,
+    scoped_head, task_scope, unmodulate_layer,
 )
 from .task import BASE_TASK, BN_STATS, TaskInfo, TaskState, validate_metadata, validate_task_name
 
@@ -249,6 +251,11 @@ class ModCLMixin:
             else:
                 norm_layers[name] = module
         st.weight_layers, st.norm_layers = weight_layers, norm_layers
+        for task in st.tasks.values():  # layers removed by a structural change: the (base) task forgets them
+            for kept, entries in ((weight_layers, task.modulators), (norm_layers, task.norm_stats),
+                                  (norm_layers, task.norm_affine)):
+                for layer in [n for n in entries if n not in kept]:
+                    del entries[layer]
         st.extra_frozen = [(n, p) for n, p in st.extra_frozen if self._has_buffer(n, p)]
         if weight_layers:
             first = next(iter(weight_layers.values()))
@@ -364,11 +371,12 @@ class ModCLMixin:
 
     def _modulator_shapes(self, config: TaskConfig) -> 'OrderedDict[str, Tuple[int, ...]]':
         shapes: 'OrderedDict[str, Tuple[int, ...]]' = OrderedDict()
+        method = method_of(config)
         for layer, module in self._modcl.weight_layers.items():
             res = config.layer(layer)
             if res is None:
                 continue
-            shape = modulator_shape(tuple(module._buffers['weight'].shape), res, module.modcl_chunks)
+            shape = method.shape(tuple(module._buffers['weight'].shape), res, module.modcl_chunks)
             if shape is not None:
                 shapes[layer] = shape
         return shapes
@@ -396,6 +404,8 @@ class ModCLMixin:
             variant: Optional[str] = None,
             layer_resolution: Optional[LayerResolution] = None,
             bn_affine: Optional[bool] = None,
+            method: Optional[str] = None,
+            rank: Optional[int] = None,
             config: Optional[TaskConfig] = None,
             class_names: Optional[Sequence[str]] = None,
             metadata: Optional[Mapping[str, Any]] = None,
@@ -415,6 +425,9 @@ class ModCLMixin:
                 or a callable ``(layer_name, weight_shape) -> (m1, m2) | None``; ``None`` leaves a layer unmodulated.
                 A callable is evaluated now and stored as the mapping it produced.
             bn_affine: Give the task its own BatchNorm affine (gamma, beta).
+            method: ``"modulation"`` (default) or ``"lora"`` (a per-task low-rank update of the same layers; see
+                ``timm_modcl.methods``).
+            rank: LoRA rank (``method="lora"``).
             config: A whole ``TaskConfig`` to start from (the arguments above override its fields).
             class_names: Optional class names, one per class.
             metadata: Optional free-form metadata; numbers and booleans are stored as strings.
@@ -449,18 +462,16 @@ class ModCLMixin:
         metadata = validate_metadata(metadata)
         if config is not None and not isinstance(config, TaskConfig):
             raise TaskError(f'config must be a TaskConfig, got {type(config).__name__}')
-        config = self._make_config(config, resolution, variant, layer_resolution, bn_affine)
+        config = self._make_config(config, resolution, variant, layer_resolution, bn_affine, method, rank)
 
         ref = self._ref_tensor()
         shapes = self._modulator_shapes(config)
         modulators: Dict[str, nn.Parameter] = OrderedDict()
+        method = method_of(config)
         try:
             for layer, shape in shapes.items():
                 m = torch.empty(shape, device=ref.device, dtype=ref.dtype)
-                if config.variant == 'paper':
-                    nn.init.kaiming_normal_(m)
-                else:
-                    nn.init.zeros_(m)
+                method.init_(m, tuple(st.weight_layers[layer]._buffers['weight'].shape))
                 modulators[layer] = nn.Parameter(m)
             head = self._new_head(num_classes)
         except RuntimeError as e:  # allocation failure: say what was asked
@@ -474,7 +485,8 @@ class ModCLMixin:
         self._insert_task(task, activate=activate)
         return task.info()
 
-    def _make_config(self, config, resolution, variant, layer_resolution, bn_affine) -> TaskConfig:
+    def _make_config(self, config, resolution, variant, layer_resolution, bn_affine, method=None, rank=None
+                     ) -> TaskConfig:
         from dataclasses import replace as dc_replace
         config = config or DEFAULT_CONFIG
         changes: Dict[str, Any] = {}
@@ -484,6 +496,10 @@ class ModCLMixin:
             changes['variant'] = variant
         if bn_affine is not None:
             changes['bn_affine'] = bn_affine
+        if method is not None:
+            changes['method'] = method
+        if rank is not None:
+            changes['rank'] = rank
         if changes:
             if 'resolution' in changes and 'layer_resolution' not in changes and config is DEFAULT_CONFIG:
                 changes['layer_resolution'] = ()  # an explicit resolution replaces the default per-layer profile
@@ -644,11 +660,12 @@ class ModCLMixin:
         """Wire a task's tensors into the layers (modulators, norm statistics and affine, head)."""
         st = self._modcl
         task = st.tasks[name]
-        sign = task.sign
+        sign, method = task.sign, task.method
         slot = st.cache.activate(name)
         for layer, module in st.weight_layers.items():
             module._parameters['modulator'] = task.modulators.get(layer)
             module.modcl_sign = sign
+            module.modcl_method = method
             module.modcl_slot = slot
         for layer, module in st.norm_layers.items():
             stats = task.norm_stats.get(layer)
@@ -694,12 +711,36 @@ class ModCLMixin:
                 task.class_names = None
         self._modcl_scan()
 
+    def _refuse_structural_change(self, what: str) -> None:
+        st = self._modcl
+        learned = [n for n in st.tasks if n != BASE_TASK]
+        if learned:
+            raise FrozenBackboneError(
+                f'{what} would change the layers that the tasks {", ".join(map(repr, learned[:5]))} were learned on '
+                f'(their modulators and norm state describe the current layers); call it before adding tasks, or on '
+                f'a plain model from export_task(name)')
+
     def _modcl_set_input_size(self, *args, **kwargs):
+        """timm's ``set_input_size``. A new input size resamples the frozen, shared position embedding and is allowed
+        at any time; a new ``patch_size`` resamples a modulated weight and is refused once tasks exist.
+
+        Raises:
+            FrozenBackboneError: ``patch_size`` given once tasks beside ``'base'`` exist (nothing changes).
+        """
+        patch_size = kwargs.get('patch_size', args[1] if len(args) > 1 else None)
+        if patch_size is not None:
+            self._refuse_structural_change(f'set_input_size(patch_size={patch_size!r})')
         out = self._modcl.base.set_input_size(self, *args, **kwargs)
         self._modcl_scan()  # a resized position embedding is a new Parameter: freeze it again
         return out
 
     def _modcl_prune_intermediate_layers(self, *args, **kwargs):
+        """timm's ``prune_intermediate_layers``, before tasks exist.
+
+        Raises:
+            FrozenBackboneError: once tasks beside ``'base'`` exist (nothing changes).
+        """
+        self._refuse_structural_change('prune_intermediate_layers()')
         out = self._modcl.base.prune_intermediate_layers(self, *args, **kwargs)
         st = self._modcl
         if st.head is not None and (not self._has_module(st.head) or isinstance(self._get_head(), nn.Identity)):
@@ -851,7 +892,7 @@ class ModCLMixin:
                                  if k.startswith('modulator.'))
         with torch.no_grad():
             for layer, m in modulators.items():
-                if not torch.isfinite(self._modcl.weight_layers[layer].modulated_weight(m, config.sign)).all():
+                if not torch.isfinite(method_of(config).weight(self._modcl.weight_layers[layer], m)).all():
                     raise error(f'task {name!r}: modulator.{layer} makes the layer\'s weights overflow '
                                 f'{ref.dtype} (values up to {float(m.abs().max()):.3g})')
         norm_stats: Dict[str, Dict[str, torch.Tensor]] = OrderedDict()

@@ -16,6 +16,7 @@ __all__ = [
     'HubError',
     'DataError',
     'UnsupportedModelError',
+    'FrozenBackboneError',
     'DistributedError',
     'CheckpointError',
 ]
@@ -84,6 +85,11 @@ class DataError(ModCLError, ValueError):
 class UnsupportedModelError(ModCLError, TypeError):
     """A model cannot be made task-aware as it is: a module type the core does not know holds a parameter (which
     would otherwise stay shared and trainable), or its classifier is not a single Linear layer."""
+
+
+class FrozenBackboneError(UnsupportedModelError):
+    """An operation would change the frozen backbone that every task shares (assigning, deleting, pruning or
+    reparametrizing a frozen weight, or a structural change once tasks exist); nothing was changed."""
 
 
 class DistributedError(ModCLError, RuntimeError):

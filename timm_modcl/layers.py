@@ -37,7 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import InputError, ResolutionError
+from .errors import FrozenBackboneError, InputError, ResolutionError
+from .methods import LayerMethod, Modulation
 
 __all__ = [
     'MODULATION_VARIANTS',
@@ -295,6 +296,7 @@ class ModulatedWeight:
     modcl_cache: Optional[WeightCache]
     modcl_slot: Dict[nn.Module, tuple]
     modcl_name: str = ''             # the layer's name in its model (what a task's tensors are keyed by)
+    modcl_method: LayerMethod = Modulation()   # the bound task's method (``methods.py``)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -302,20 +304,20 @@ class ModulatedWeight:
         call = _SCOPED.get()
         if call is not None and call[0] is self.modcl_cache:  # a task_scope of this model: its task, nothing shared
             task, slot = call[1], call[2]
-            modulator, sign, name = task.modulators.get(self.modcl_name), task.sign, task.name
+            modulator, method, name = task.modulators.get(self.modcl_name), task.method, task.name
         else:
-            modulator, sign, slot = self._parameters['modulator'], self.modcl_sign, self.modcl_slot
+            modulator, method, slot = self._parameters['modulator'], self.modcl_method, self.modcl_slot
             name = None
         if modulator is None:
             return frozen
         if self.training or (modulator.requires_grad and torch.is_grad_enabled()):
-            return self.modulated_weight(modulator, sign)
+            return method.weight(self, modulator)
         # eval without autograd: the cached weight if it was made from these very tensors, at these versions
         entry = slot.get(self)
         if (entry is not None and entry[0] is modulator and entry[1] == modulator._version and entry[2] is frozen
-                and entry[3] == frozen._version and entry[4] == sign and entry[5] == modulator.data_ptr()):
+                and entry[3] == frozen._version and entry[4] is method and entry[5] == modulator.data_ptr()):
             return entry[6]
-        return self._modcl_fill(frozen, modulator, sign, slot, name)
+        return self._modcl_fill(frozen, modulator, method, slot, name)
 
     def upsample(self, modulator: torch.Tensor) -> torch.Tensor:
         """``upsample_modulator`` as two small matrix products with cached interpolation matrices.
@@ -359,22 +361,23 @@ class ModulatedWeight:
         frozen = self._buffers['weight']
         return torch.addcmul(frozen, frozen, self.upsample(modulator), value=sign)
 
-    def _modcl_fill(self, frozen: torch.Tensor, modulator: torch.Tensor, sign: float,
+    def _modcl_fill(self, frozen: torch.Tensor, modulator: torch.Tensor, method,
                     slot: Dict[nn.Module, tuple], task: Optional[str]) -> torch.Tensor:
         """Compute the effective weight and cache it in ``slot`` (``task``'s; ``None``: the bound task's), not while
         compiling or tracing."""
         cache = self.modcl_cache
         if cache is None or torch.compiler.is_compiling() or _is_tracing():
-            return self.modulated_weight(modulator, sign)
+            return method.weight(self, modulator)
         # a plain tensor even under inference_mode, so later no-grad calls can reuse it
         with torch.inference_mode(False), torch.no_grad():
-            if not modulator.any():  # an untouched identity task: exactly the frozen weight, nothing to store
+            if method.is_identity(self, modulator):  # an untouched task: exactly the frozen weight, nothing to store
                 weight, nbytes = frozen, 0
             else:
-                weight = self.modulated_weight(modulator, sign)
+                weight = method.weight(self, modulator)
                 nbytes = weight.numel() * weight.element_size()
         cache.put(cache.active if task is None else task, slot, self,
-                  (modulator, modulator._version, frozen, frozen._version, sign, modulator.data_ptr(), weight, nbytes))
+                  (modulator, modulator._version, frozen, frozen._version, method, modulator.data_ptr(), weight,
+                   nbytes))
         return weight
 
     def __prepare_scriptable__(self) -> nn.Module:
@@ -389,7 +392,7 @@ class ModulatedWeight:
         s = super().extra_repr()
         modulator = self._parameters.get('modulator')
         if modulator is not None:
-            s += f', modulator={tuple(modulator.shape)}, sign={self.modcl_sign:+.0f}'
+            s += f', modulator={tuple(modulator.shape)}, method={self.modcl_method!r}'
         return s
 
 
@@ -447,6 +450,48 @@ class _TaskStats:
     num_batches_tracked = _scoped_stat('num_batches_tracked')
 
 
+class _FrozenGuard:
+    """Refuses module surgery on a layer's frozen tensors (every task shares them): assigning or deleting them
+    (``conv.weight = ...``, ``del conv.weight``), registering new parameters (``torch.nn.utils.prune``), or
+    reparametrizing them (``torch.nn.utils.parametrizations.weight_norm``). Each raises ``FrozenBackboneError``
+    before anything changes, naming the supported way."""
+
+    _modcl_trainable: Tuple[str, ...] = ()
+
+    def _modcl_refuse(self, what: str) -> None:
+        raise FrozenBackboneError(
+            f'{what} on {type(self).__name__} {self.modcl_name!r}: its frozen tensors are shared by every task, so '
+            f'changing them would change the outputs of every task. Train a task (add_task) to adapt the layer; to '
+            f'edit, prune or reparametrize weights, work on a plain model: model.export_task(name)')
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self.__dict__.get('_modcl_frozen', ()):
+            self._modcl_refuse(f'assigning .{name}')
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in self.__dict__.get('_modcl_frozen', ()) or name in type(self)._modcl_trainable:
+            self._modcl_refuse(f'deleting .{name}')
+        super().__delattr__(name)
+
+    def register_parameter(self, name: str, param) -> None:
+        if name not in type(self)._modcl_trainable:
+            self._modcl_refuse(f'registering a new parameter {name!r}')
+        super().register_parameter(name, param)
+
+
+class _LayerParameters(OrderedDict):
+    """The ``_parameters`` of a task-aware layer: deleting a frozen tensor from it (as the deprecated
+    ``torch.nn.utils.weight_norm`` does) is refused like the other surgery, with nothing changed."""
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise FrozenBackboneError(
+                f'deleting parameter {key!r} of a task-aware layer: its frozen tensors are buffers shared by every '
+                f'task; to edit, prune or reparametrize weights, work on a plain model: model.export_task(name)')
+        super().__delitem__(key)
+
+
 _CLASSES: Dict[Tuple[type, type], type] = {}
 
 
@@ -458,7 +503,9 @@ def _layer_class(mixin: type, base: type) -> type:
         prefix = 'Modulated' if mixin is ModulatedWeight else 'Task'
         mixins = (_TaskStats, mixin) if mixin is TaskNorm and issubclass(base, nn.modules.batchnorm._BatchNorm) else (
             mixin,)
-        cls = type(f'{prefix}{base.__name__}', mixins + (base,), {'__module__': __name__, '_modcl_base': base})
+        trainable = ('modulator',) if mixin is ModulatedWeight else ('task_weight', 'task_bias')
+        cls = type(f'{prefix}{base.__name__}', (_FrozenGuard,) + mixins + (base,),
+                   {'__module__': __name__, '_modcl_base': base, '_modcl_trainable': trainable})
         register_notrace_module(cls)  # its caching is Python-side logic: a leaf for feature extraction
         _CLASSES[(mixin, base)] = cls
     return cls
@@ -518,6 +565,7 @@ def modulate_layer(module: nn.Module) -> str:
     if is_weight_layer(module):
         module._modcl_frozen = _freeze(module)            # weight, bias (and a gain): frozen buffers
         module.__class__ = _layer_class(ModulatedWeight, base)
+        module._parameters = _LayerParameters(module._parameters)
         module._parameters['modulator'] = None
         module.modcl_chunks = 1
         module.modcl_sign = 1.0
@@ -531,6 +579,7 @@ def modulate_layer(module: nn.Module) -> str:
             module._buffers.setdefault(name, None)
         module._modcl_frozen = frozen
         module.__class__ = _layer_class(TaskNorm, base)
+        module._parameters = _LayerParameters(module._parameters)
         module._parameters['task_weight'] = None
         module._parameters['task_bias'] = None
         return 'norm'
@@ -538,7 +587,7 @@ def modulate_layer(module: nn.Module) -> str:
 
 
 _LAYER_ATTRS = ('modcl_chunks', 'modcl_sign', 'modcl_cache', 'modcl_slot', '_modcl_interp', '_modcl_frozen',
-                'modcl_bn_guard', 'modcl_name')
+                'modcl_bn_guard', 'modcl_name', 'modcl_method')
 
 
 def unmodulate_layer(module: nn.Module, copy: bool = False) -> nn.Module:

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .config import TaskConfig
 from .errors import InvalidTaskNameError, TaskError
+from .methods import method_of
 
 __all__ = ['BASE_TASK', 'TaskInfo', 'TaskState', 'validate_task_name', 'validate_metadata']
 
@@ -152,6 +153,11 @@ class TaskState:
     @property
     def sign(self) -> float:
         return self.config.sign
+
+    @property
+    def method(self):
+        """The task's ``methods.LayerMethod`` (how its tensor of a layer makes the layer's weight)."""
+        return method_of(self.config)
 
     def tensors(self, stats: bool = True) -> 'OrderedDict[str, torch.Tensor]':
         """All tensors of the task under their flat names (the live tensors, not copies)."""
