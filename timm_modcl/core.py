@@ -33,7 +33,7 @@ from .errors import (
 )
 from .layers import (
     WeightCache, check_input, is_norm_layer, is_weight_layer, modulate_layer,
-    scoped_head, task_scope, unmodulate_layer,
+    scoped_head, scoped_task, task_scope, unmodulate_layer,
 )
 from .task import BASE_TASK, BN_STATS, TaskInfo, TaskState, validate_metadata, validate_task_name
 
@@ -270,6 +270,28 @@ class ModCLMixin:
             self._modules['_modcl_frozen'] = holders.train(self.training)
         if st.tasks:
             self._bind(st.active)
+
+    def forward(self, *args, **kwargs):
+        """The timm model's own forward; under ``torch.compile`` the effective weights of the bound task are taken
+        from the weight cache first (eagerly, one graph break before the backbone), so the compiled graph uses them
+        as inputs instead of recomputing them per call."""
+        if torch.compiler.is_compiling():
+            self._modcl_prepare()
+        return super().forward(*args, **kwargs)
+
+    @torch.compiler.disable
+    def _modcl_prepare(self) -> None:
+        st = self._modcl
+        if scoped_task(st.cache) is not None:
+            raise UnsupportedModelError(
+                'a compiled modcl model computes its bound task only: use set_task() before calling it, or run '
+                'task_scope / forward_task / forward_tasks on the model itself (eagerly)')
+        cached = not torch.is_grad_enabled()
+        for layer in st.weight_layers.values():
+            eff = None
+            if cached and not layer.training and layer._parameters['modulator'] is not None:
+                eff = layer.weight  # eager: the weight cache's entry, refreshed if the task's tensors changed
+            layer.__dict__['_modcl_eff'] = eff
 
     def __getattr__(self, name: str):
         # torch.fx does not proxy buffers, so a frozen tensor the model's own code reads (ViT's cls token) would be

@@ -80,6 +80,8 @@ def task_scope(cache: 'WeightCache', task) -> Iterator[None]:
 def scoped_head(module: nn.Module, args, output):
     """Forward hook of the head bound in a model: inside a ``task_scope`` of that model, the scope's task's head
     answers instead (heads are small; the bound head's output is discarded)."""
+    if torch.compiler.is_compiling():
+        return None
     call = _SCOPED.get()
     if call is not None and call[0] is module.__dict__.get('modcl_cache') and call[1].head is not module:
         return call[1].head(*args)
@@ -300,6 +302,8 @@ class ModulatedWeight:
 
     @property
     def weight(self) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._modcl_compiled_weight()
         frozen = self._buffers['weight']
         call = _SCOPED.get()
         if call is not None and call[0] is self.modcl_cache:  # a task_scope of this model: its task, nothing shared
@@ -318,6 +322,19 @@ class ModulatedWeight:
                 and entry[3] == frozen._version and entry[4] is method and entry[5] == modulator.data_ptr()):
             return entry[6]
         return self._modcl_fill(frozen, modulator, method, slot, name)
+
+    def _modcl_compiled_weight(self) -> torch.Tensor:
+        """The weight as torch.compile traces it: the bound task only, no Python-side cache logic (no graph break).
+        In eval without autograd, the effective weight the model prepared from its cache before the compiled call
+        (``ModCLMixin._modcl_prepare``); otherwise computed in the graph."""
+        frozen = self._buffers['weight']
+        modulator = self._parameters['modulator']
+        if modulator is None:
+            return frozen
+        prepared = self.__dict__.get('_modcl_eff')
+        if prepared is not None and not self.training and not torch.is_grad_enabled():
+            return prepared
+        return self.modcl_method.weight(self, modulator)
 
     def upsample(self, modulator: torch.Tensor) -> torch.Tensor:
         """``upsample_modulator`` as two small matrix products with cached interpolation matrices.
@@ -409,7 +426,7 @@ class TaskNorm:
     modcl_name: str = ''
 
     def _own_affine(self, which: str) -> Optional[torch.Tensor]:
-        call = _SCOPED.get()
+        call = None if torch.compiler.is_compiling() else _SCOPED.get()
         if call is not None and call[0] is self.modcl_cache:
             affine = call[1].norm_affine.get(self.modcl_name)
             return None if affine is None else affine.get(which)
@@ -434,7 +451,7 @@ class TaskNorm:
 
 def _scoped_stat(name: str) -> property:
     def get(self) -> Optional[torch.Tensor]:
-        call = _SCOPED.get()
+        call = None if torch.compiler.is_compiling() else _SCOPED.get()
         if call is not None and call[0] is self.modcl_cache:
             stats = call[1].norm_stats.get(self.modcl_name)
             if stats is not None:
@@ -587,7 +604,7 @@ def modulate_layer(module: nn.Module) -> str:
 
 
 _LAYER_ATTRS = ('modcl_chunks', 'modcl_sign', 'modcl_cache', 'modcl_slot', '_modcl_interp', '_modcl_frozen',
-                'modcl_bn_guard', 'modcl_name', 'modcl_method')
+                'modcl_bn_guard', 'modcl_name', 'modcl_method', '_modcl_eff')
 
 
 def unmodulate_layer(module: nn.Module, copy: bool = False) -> nn.Module:
