@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.utils.prune  # noqa: F401  (a submodule torch does not import)
 
 import timm
-import timm_modcl
+import timm_modcl  # noqa: F401  (registers the modcl_* models)
 from timm_modcl import FrozenBackboneError
 
 

@@ -6,6 +6,7 @@ Importing the package registers the ``modcl_*`` models in timm (``timm.list_mode
 from .version import __version__
 from .errors import *  # noqa: F401,F403
 from .layers import MODULATION_VARIANTS, ModulatedWeight, TaskNorm, WeightCache, modulator_shape, upsample_modulator
+from .methods import METHODS, LayerMethod, LoRA, Modulation
 from .config import DEFAULT_CONFIG, TaskConfig
 from .task import BASE_TASK, TaskInfo, TaskState, validate_task_name
 from .core import ModCLMixin, register_frozen_parameters

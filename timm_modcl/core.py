@@ -33,7 +33,7 @@ from .errors import (
 )
 from .layers import (
     WeightCache, check_input, is_norm_layer, is_weight_layer, modulate_layer,
-    scoped_head, scoped_task, task_scope, unmodulate_layer,
+    scoped_task, task_scope, unmodulate_layer,
 )
 from .task import BASE_TASK, BN_STATS, TaskInfo, TaskState, validate_metadata, validate_task_name
 
@@ -170,6 +170,12 @@ def _read_json_tensor(t: Any) -> Any:
         raise StateDictError(f'{_META_KEY!r} is not valid JSON: {e}') from None
 
 
+def _prepare_compiled_call(model: nn.Module, args) -> None:
+    """Forward pre-hook of every modcl model: nothing in eager mode; under torch.compile, ``_modcl_prepare``."""
+    if torch.compiler.is_compiling():
+        model._modcl_prepare()
+
+
 def _affine_norm(module: nn.Module) -> bool:
     """Norm layers whose affine is always per task: those without running statistics (LayerNorm, GroupNorm, ...)."""
     return not isinstance(module, nn.modules.batchnorm._BatchNorm)
@@ -196,6 +202,7 @@ class ModCLMixin:
         base_task = self._modcl_base_task()
         self._modcl.tasks[BASE_TASK] = base_task
         self._bind(BASE_TASK)
+        self.register_forward_pre_hook(_prepare_compiled_call)  # last: nothing above may fail after it
 
     def _modcl_plan_scan(self) -> Tuple[List[Tuple[str, nn.Module]], List[Tuple[str, nn.Module, str]]]:
         """Classify every module (nothing changes): layers to modulate, and parameters to freeze. Raises
@@ -271,16 +278,21 @@ class ModCLMixin:
         if st.tasks:
             self._bind(st.active)
 
-    def forward(self, *args, **kwargs):
-        """The timm model's own forward; under ``torch.compile`` the effective weights of the bound task are taken
-        from the weight cache first (eagerly, one graph break before the backbone), so the compiled graph uses them
-        as inputs instead of recomputing them per call."""
-        if torch.compiler.is_compiling():
-            self._modcl_prepare()
-        return super().forward(*args, **kwargs)
+    def _modcl_forward_head(self, x, *args, **kwargs):
+        """timm's ``forward_head``; inside a ``task_scope`` of another task than the bound one, its head classifies
+        the pre-logits features (every timm head computes ``classifier(forward_head(x, pre_logits=True))``)."""
+        if not torch.compiler.is_compiling() and not torch.jit.is_scripting():
+            task = scoped_task(self._modcl.cache)
+            if (task is not None and self._modcl.head is not None and task.head is not self._get_head()
+                    and not (args and args[0]) and not kwargs.get('pre_logits', False)):
+                return task.head(self._modcl.base.forward_head(self, x, *args, **dict(kwargs, pre_logits=True)))
+        return self._modcl.base.forward_head(self, x, *args, **kwargs)
 
     @torch.compiler.disable
     def _modcl_prepare(self) -> None:
+        """Under ``torch.compile`` (a forward pre-hook, ``_prepare_compiled_call``): take the bound task's effective
+        weights from the weight cache, eagerly, so the compiled graph uses them as inputs instead of recomputing
+        them per call."""
         st = self._modcl
         if scoped_task(st.cache) is not None:
             raise UnsupportedModelError(
@@ -613,7 +625,8 @@ class ModCLMixin:
         at once get each other's task). Inside a task scope, every layer reads the task's modulators, norm affine,
         BatchNorm statistics and head from a context variable instead, so any number of threads (or asyncio tasks)
         can run different tasks on one model at the same time, and nothing shared changes. ``model(x)``,
-        ``forward_features`` and every other forward compute ``name`` inside the scope; ``parameters()`` and
+        ``forward_features`` and every other forward compute ``name`` inside the scope (the head too, through timm's
+        ``forward_head``; a model without ``forward_head`` keeps its bound head in ``model(x)``); ``parameters()`` and
         ``active_task`` still describe the bound task. Scopes nest. For serving, keep the model in eval mode (in train
         mode, BatchNorm updates the scoped task's own statistics, and threads must not change modes concurrently);
         ``forward_task`` / ``forward_tasks`` do that for you.
@@ -697,11 +710,7 @@ class ModCLMixin:
             module._parameters['task_weight'] = None if affine is None else affine.get('weight')
             module._parameters['task_bias'] = None if affine is None else affine.get('bias')
         if st.head is not None:
-            head = task.head
-            head.__dict__['modcl_cache'] = st.cache  # what scoped_head checks (a plain attribute: no submodule)
-            if scoped_head not in head._forward_hooks.values():
-                head.register_forward_hook(scoped_head)
-            self._set_head(head)
+            self._set_head(task.head)
             self.num_classes = task.num_classes
         st.active = name
 
@@ -1121,11 +1130,10 @@ class ModCLMixin:
         with self.use_task(task.name):
             memo = {id(st): None, id(st.cache): None}
             plain = copy.deepcopy(self, memo)
+        for k in [k for k, h in plain._forward_pre_hooks.items() if h is _prepare_compiled_call]:
+            del plain._forward_pre_hooks[k]
         for module in plain.modules():
             unmodulate_layer(module)
-            module.__dict__.pop('modcl_cache', None)
-            for k in [k for k, h in module._forward_hooks.items() if h is scoped_head]:
-                del module._forward_hooks[k]
         for module_name, k in st.extra_frozen:
             module = plain.get_submodule(module_name)
             module._parameters[k] = nn.Parameter(module._buffers.pop(k))

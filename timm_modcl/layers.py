@@ -38,13 +38,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import FrozenBackboneError, InputError, ResolutionError
-from .methods import LayerMethod, Modulation
+from .methods import LayerMethod, Modulation, modulator_shape
 
 __all__ = [
     'MODULATION_VARIANTS',
     'task_scope',
     'scoped_task',
-    'scoped_head',
     'ModulatedWeight',
     'TaskNorm',
     'WeightCache',
@@ -77,17 +76,6 @@ def task_scope(cache: 'WeightCache', task) -> Iterator[None]:
         _SCOPED.reset(token)
 
 
-def scoped_head(module: nn.Module, args, output):
-    """Forward hook of the head bound in a model: inside a ``task_scope`` of that model, the scope's task's head
-    answers instead (heads are small; the bound head's output is discarded)."""
-    if torch.compiler.is_compiling():
-        return None
-    call = _SCOPED.get()
-    if call is not None and call[0] is module.__dict__.get('modcl_cache') and call[1].head is not module:
-        return call[1].head(*args)
-    return None
-
-
 def scoped_task(cache: 'WeightCache'):
     """The ``TaskState`` that ``task_scope`` set for the model owning ``cache`` in this context, or ``None``."""
     call = _SCOPED.get()
@@ -110,30 +98,6 @@ def validate_resolution(resolution, what: str = 'resolution') -> Tuple[int, int]
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ResolutionError(f'{what} must be a pair of positive integers (m1, m2), got {resolution!r}')
     return int(m1), int(m2)
-
-
-def modulator_shape(
-        weight_shape: Tuple[int, ...], resolution: Tuple[int, int], chunks: int = 1,
-) -> Optional[Tuple[int, ...]]:
-    """Shape of the modulator of a weight ``(O, I, *kernel)`` at resolution ``(m1, m2)``.
-
-    ``(O // m1, I // m2, *kernel)``; when ``O < m1`` the input dimension takes the whole reduction
-    ``(O, I // (m1 * m2))``; when ``I < m2`` (depthwise convs, a stem) the output dimension takes it,
-    ``(O // (m1 * m2), I)``. With ``chunks > 1`` (a fused projection) the rule applies to each of the ``chunks``
-    equal parts of ``O`` and the parts are stacked. Returns ``None`` when a channel dimension would be zero (the layer
-    is left unmodulated).
-    """
-    out_ch, in_ch = int(weight_shape[0]) // chunks, int(weight_shape[1])
-    m1, m2 = resolution
-    if out_ch < m1:
-        o, i = out_ch, in_ch // (m1 * m2)
-    elif in_ch < m2:
-        o, i = out_ch // (m1 * m2), in_ch
-    else:
-        o, i = out_ch // m1, in_ch // m2
-    if o == 0 or i == 0:
-        return None
-    return (chunks * o, i) + tuple(int(k) for k in weight_shape[2:])
 
 
 def upsample_modulator(modulator: torch.Tensor, out_channels: int, in_channels: int, chunks: int = 1) -> torch.Tensor:

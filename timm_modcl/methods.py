@@ -23,7 +23,31 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ['METHODS', 'LayerMethod', 'Modulation', 'LoRA', 'method_of']
+__all__ = ['METHODS', 'LayerMethod', 'Modulation', 'LoRA', 'method_of', 'modulator_shape']
+
+
+def modulator_shape(
+        weight_shape: Tuple[int, ...], resolution: Tuple[int, int], chunks: int = 1,
+) -> Optional[Tuple[int, ...]]:
+    """Shape of the modulator of a weight ``(O, I, *kernel)`` at resolution ``(m1, m2)``.
+
+    ``(O // m1, I // m2, *kernel)``; when ``O < m1`` the input dimension takes the whole reduction
+    ``(O, I // (m1 * m2))``; when ``I < m2`` (depthwise convs, a stem) the output dimension takes it,
+    ``(O // (m1 * m2), I)``. With ``chunks > 1`` (a fused projection) the rule applies to each of the ``chunks``
+    equal parts of ``O`` and the parts are stacked. Returns ``None`` when a channel dimension would be zero (the layer
+    is left unmodulated).
+    """
+    out_ch, in_ch = int(weight_shape[0]) // chunks, int(weight_shape[1])
+    m1, m2 = resolution
+    if out_ch < m1:
+        o, i = out_ch, in_ch // (m1 * m2)
+    elif in_ch < m2:
+        o, i = out_ch // (m1 * m2), in_ch
+    else:
+        o, i = out_ch // m1, in_ch // m2
+    if o == 0 or i == 0:
+        return None
+    return (chunks * o, i) + tuple(int(k) for k in weight_shape[2:])
 
 
 class LayerMethod:
@@ -59,7 +83,6 @@ class Modulation(LayerMethod):
     name = 'modulation'
 
     def shape(self, weight_shape, resolution, chunks=1):
-        from .layers import modulator_shape
         return None if resolution is None else modulator_shape(tuple(weight_shape), resolution, chunks)
 
     def init_(self, tensor, weight_shape):

@@ -45,7 +45,7 @@ def modcl_class(base: type) -> type:
     if cls is None:
         ns = {'__module__': __name__, '__reduce_ex__': _reduce_ex,
               '__doc__': f'timm {base.__name__} with per-task weight modulation (timm_modcl).'}
-        for name in _STRUCTURAL:
+        for name in _STRUCTURAL + ('forward_head',):
             if callable(getattr(base, name, None)):
                 ns[name] = getattr(ModCLMixin, f'_modcl_{name}')
         cls = type(f'ModCL{base.__name__}', (HubMixin, AdapterMixin, ServingMixin, ModCLMixin, base), ns)

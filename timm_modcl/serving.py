@@ -567,8 +567,14 @@ class ServingMixin:
             return self._scoped_forward(x, task)
 
     def _scoped_forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
-        with self.task_scope(task):
-            y = self(x)
+        st = self._modcl
+        if st.head is not None and not callable(getattr(st.base, 'forward_head', None)):
+            # not a timm model: its head is only switched by binding the task (one call at a time)
+            with st.lock, self.use_task(task):
+                y = self(x)
+        else:
+            with self.task_scope(task):
+                y = self(x)
         if not isinstance(y, torch.Tensor):
             raise UnsupportedModelError(f'forward_tasks needs a model whose forward returns one tensor, '
                                         f'got {type(y).__name__}')
