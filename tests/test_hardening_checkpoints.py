@@ -554,7 +554,7 @@ def _quick_build(header, body, tensors0, tensors, state, meta):
     return len(text).to_bytes(8, 'little') + text + bytes(body)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_fuzz_hundreds_of_checkpoints_mutated_in_their_values(tmp_path):
     """300 checkpoints with one value changed (a JSON state value: NaN, negative, another type, deleted; a tensor
     value: NaN, Inf, huge, negative, a scalar; a random state): each resumes, or raises a ModCLError leaving
@@ -568,6 +568,7 @@ def test_fuzz_hundreds_of_checkpoints_mutated_in_their_values(tmp_path):
     foreign = []
     path = tmp_path / 'fuzzed.safetensors'
     model = _model()
+    pristine = {k: v.detach().clone() for k, v in model._task('t').tensors().items()}
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -596,7 +597,10 @@ def test_fuzz_hundreds_of_checkpoints_mutated_in_their_values(tmp_path):
                        and not torch.isfinite(v).all()]
                 if bad:
                     foreign.append((i, f'resumed into non-finite {bad[:3]}'))
-                model = _model()
+                with torch.no_grad():  # the next case starts from the same model (cheaper than a new one)
+                    for k, v in model._task('t').tensors().items():
+                        v.copy_(pristine[k])
+                model.set_task('other')
     elapsed = time.perf_counter() - t0
     print(f'checkpoint fuzz: {counts}, {len(foreign)} foreign errors or state changes, {elapsed:.1f} s')
     assert not foreign, foreign[:5]

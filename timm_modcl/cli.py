@@ -345,7 +345,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     validate_task_name(args.task)
     index = _read_index_if_any(out)
     if index is not None and args.task in index['tasks'] and not args.replace and args.resume:
-        finished = _finished_run(out, args)
+        finished = _finished_run(out, args, write=is_main_process())
         if finished is not None:
             say(finished)
             return 0
@@ -415,10 +415,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finished_run(out: Path, args: argparse.Namespace) -> Optional[str]:
+def _finished_run(out: Path, args: argparse.Namespace, write: bool = True) -> Optional[str]:
     """What to say when ``--resume`` finds its run finished and its adapter saved in ``out`` (a kill after the save):
     the checkpoint is done, of this task and number of epochs, and the saved adapter holds its trained tensors
-    (modulators, norm affine, head). Writes the history if the kill came before it. ``None``: not this run's.
+    (modulators, norm affine, head). Writes the history if the kill came before it (``write``: this process
+    writes). ``None``: not this run's.
 
     Raises:
         CheckpointError: an unreadable or corrupt checkpoint.
@@ -427,7 +428,7 @@ def _finished_run(out: Path, args: argparse.Namespace) -> Optional[str]:
     import torch
 
     from .adapter import ADAPTER_FILE, read_adapter
-    from .checkpoint import parse_checkpoint, read_checkpoint_bytes
+    from .checkpoint import _check_history, parse_checkpoint, read_checkpoint_bytes
     from .train import TrainHistory
     data = read_checkpoint_bytes(args.checkpoint)
     if data is None:
@@ -439,10 +440,12 @@ def _finished_run(out: Path, args: argparse.Namespace) -> Optional[str]:
     trained = {k[len('task.'):]: v for k, v in ck.tensors.items()
                if k.startswith(('task.modulator.', 'task.norm.', 'task.head.'))}
     if set(trained) != {k for k in saved if k.startswith(('modulator.', 'norm.', 'head.'))} or not all(
-            saved[k].dtype == v.dtype and saved[k].shape == v.shape and torch.equal(saved[k], v) for k, v in trained.items()):
+            saved[k].dtype == v.dtype and saved[k].shape == v.shape and torch.equal(saved[k], v)
+            for k, v in trained.items()):
         return None
     history = out / args.task / 'train_history.json'
-    if not history.is_file():
+    if write and not history.is_file():
+        _check_history(ck.history, args.task, ck.epoch, repr(str(args.checkpoint)))
         TrainHistory.from_dict(ck.history).to_json(history)
     return (f'{args.task}: the run of {args.checkpoint} finished and its adapter is already saved in {out}; '
             f'nothing to resume (pass --replace to train it again)')
