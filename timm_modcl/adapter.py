@@ -162,7 +162,8 @@ def adapter_bytes(model, name: str, dtype: Optional[torch.dtype] = None, include
 
     Raises:
         TaskNotFoundError: if the model has no such task.
-        AdapterError: for an unsupported dtype, or a value that overflows it.
+        AdapterError: for an unsupported dtype, a value that overflows it, or a tensor the loader would refuse
+            (NaN or Inf values, negative BN variances, modulators beyond ``MAX_MODULATOR``).
     """
     task = model._task(name)
     dtype = dtype or torch.float32
@@ -175,6 +176,11 @@ def adapter_bytes(model, name: str, dtype: Optional[torch.dtype] = None, include
         if k.startswith('head.') and not has_head:
             continue
         v = v.detach()
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise AdapterError(f'task {name!r}: {k} has NaN or Inf values (a diverged training run?); such an adapter '
+                               f'would be refused when loaded')
+        if k.endswith('.running_var') and (v < 0).any():
+            raise AdapterError(f'task {name!r}: {k} has negative values; such an adapter would be refused when loaded')
         if k.startswith('modulator.') and v.numel() and float(v.abs().max()) > MAX_MODULATOR:
             raise AdapterError(f'task {name!r}: {k} has values beyond +-{MAX_MODULATOR:g} (a diverged training run?); '
                                f'such an adapter would be refused when loaded')
@@ -206,7 +212,8 @@ def save_task(
 
     Raises:
         TaskNotFoundError: if the model has no such task.
-        AdapterError: for an unsupported dtype or an unwritable path.
+        AdapterError: for an unsupported dtype, an unwritable path, or a tensor the loader would refuse (NaN or
+            Inf values, negative BN variances, modulators beyond ``MAX_MODULATOR``): nothing is written.
     """
     path = Path(path)
     if path.is_dir():
@@ -476,7 +483,8 @@ def save_tasks(
 
     Raises:
         TaskNotFoundError: if a named task does not exist.
-        AdapterError: if the folder cannot be written.
+        AdapterError: if the folder cannot be written, or a task has a tensor the loader would refuse (NaN or Inf
+            values, ...): then nothing is written.
     """
     directory = Path(directory)
     names = [n for n in model._modcl.tasks if n != BASE_TASK] if names is None else task_names(names)

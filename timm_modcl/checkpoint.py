@@ -11,11 +11,17 @@ A checkpoint is one safetensors file, written atomically (temporary file, fsync,
   scheduler and gradient-scaler state, the run's arguments, the task's description and the backbone fingerprint.
 
 Nothing is pickled. Resuming validates everything against the model and the run's arguments before any tensor is
-touched, and only the trained task's tensors are restored: other tasks are never read or written.
+touched, and only the trained task's tensors are restored: other tasks are never read or written. The values are
+checked too, not only the structure: task tensors as the adapter loader checks them; the optimizer's settings and
+per-parameter state against what the run's own optimizer keeps after a step (finite moments, non-negative second
+moments, whole non-negative steps; for Adam-type optimizers a first moment its second moment allows); the scheduler
+state equal to the run's; the history, epoch and random states well-formed.
 """
 import copy
 import json
+import math
 import os
+import re
 import random
 import struct
 from collections import OrderedDict
@@ -143,8 +149,94 @@ def _check_rng_blob(data: bytes, label: str) -> None:
             import numpy as np
             name, keys, pos, has_gauss, gauss = json.loads(meta['numpy'])
             np.random.RandomState().set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f'{label}: bad random state ({e})') from None
+    except Exception as e:  # noqa: BLE001 - any malformed state (IndexError, OverflowError, RecursionError, ...)
+        raise CheckpointError(f'{label}: bad random state ({type(e).__name__}: {str(e)[:200]})') from None
+
+
+# ---------------------------------------------------------------------------------------------------- value checks
+#: optimizer state keys that hold squares, sums of squares or maxima of magnitudes (Adam's ``exp_avg_sq``,
+#: ``max_exp_avg_sq``, RMSprop's ``square_avg``, Adagrad's ``sum``, Adadelta's ``acc_delta``, Adamax's ``exp_inf``)
+_NON_NEGATIVE_STATE = re.compile(r'sq|square|^sum$|^acc_delta$|^exp_inf$')
+
+
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values of equal types all the way down (``1`` is not ``1.0`` or ``True``; NaN equals nothing)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _normalised(obj: Any) -> Any:
+    """``obj`` as a checkpoint stores and reads it back (JSON, tuples kept)."""
+    return _decode(json.loads(json.dumps(_encode(obj))))
+
+
+def _check_history(history: Mapping[str, Any], task: str, epoch: int, label: str) -> None:
+    """The history of ``epoch`` finished epochs: the fields of ``TrainHistory``, one finite value per epoch each."""
+    from dataclasses import fields
+
+    from .train import TrainHistory
+    names = {f.name for f in fields(TrainHistory)}
+    if set(history) != names:
+        odd = sorted(set(history) ^ names)
+        raise CheckpointError(f'{label}: the history does not have the fields of a TrainHistory ({odd[:4]})')
+    if history['task'] != task:
+        raise CheckpointError(f'{label}: the history is of task {history["task"]!r}, not {task!r}')
+    if not isinstance(history['stopped_early'], bool):
+        raise CheckpointError(f'{label}: the history\'s stopped_early is {history["stopped_early"]!r}, not a bool')
+    bounds = {'train_loss': math.inf, 'train_acc': 1.0, 'val_acc': 1.0, 'lr': math.inf, 'head_lr': math.inf,
+              'epoch_time_s': math.inf}
+    for key, top in bounds.items():
+        values = history[key]
+        if not isinstance(values, list) or len(values) != epoch:
+            raise CheckpointError(f'{label}: the history\'s {key} must list {epoch} value(s), one per finished '
+                                  f'epoch')
+        for v in values:
+            if v is None and key == 'val_acc':
+                continue
+            if not _finite_number(v) or not 0 <= v <= top:
+                raise CheckpointError(f'{label}: the history\'s {key} has the value {v!r} (a number from 0 to '
+                                      f'{top:g} expected)')
+
+
+def _adam_bound(optimizer: torch.optim.Optimizer, group: int) -> Optional[float]:
+    """For Adam-type optimizers (exponential averages ``m`` of the gradients and ``v`` of their squares, betas
+    ``b1``, ``b2``): the ``c`` with ``m**2 <= c * v`` for every gradient sequence (Cauchy-Schwarz over the two
+    averages' weights: ``c = (1 - b1)**2 / ((1 - b2) * (1 - b1**2 / b2))``); ``None`` for other optimizers."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam)):
+        return None
+    betas = optimizer.param_groups[group].get('betas')
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_finite_number(b) for b in betas):
+        return None
+    b1, b2 = (float(b) for b in betas)
+    if not (0 <= b1 < 1 and 0 < b2 < 1 and b1 * b1 < b2):
+        return None
+    return (1 - b1) ** 2 / ((1 - b2) * (1 - b1 * b1 / b2))
+
+
+def _state_template(optimizer: torch.optim.Optimizer) -> Optional[Dict[int, Dict[str, Any]]]:
+    """The per-parameter state ``optimizer`` keeps after a step (keys, tensor shapes and dtypes), from one step of
+    a copy on copies of its parameters (the global random state and the parameters are not touched); ``None`` for
+    an optimizer that cannot be stepped that way."""
+    try:
+        with torch.random.fork_rng(devices=[]):
+            dry = copy.deepcopy(optimizer)
+            for group in dry.param_groups:
+                for p in group['params']:
+                    p.grad = torch.ones_like(p)
+            dry.step()
+            state = dry.state_dict()['state']
+        return {int(i): dict(st) for i, st in state.items()}
+    except Exception:  # noqa: BLE001 - e.g. an optimizer that needs a closure: the generic checks remain
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------- write
@@ -317,6 +409,135 @@ class TrainCheckpoint:
                                       f'{tuple(p.shape)}')
         for r in range(self.world_size):
             _check_rng_blob(self.rng(r), f'{label} (random state of rank {r})')
+        # values: every task tensor as the adapter loader checks it (finite, modulators within +-MAX_MODULATOR,
+        # non-negative variances, weights that do not overflow), the epoch, the history, the optimizer scalars
+        try:
+            model._task_from_tensors(mine, given, error=CheckpointError)
+        except CheckpointError as e:
+            raise CheckpointError(f'{label}: {e}') from None
+        epochs = run.get('epochs')
+        if isinstance(epochs, int) and self.epoch > epochs:
+            raise CheckpointError(f'{label}: {self.epoch} epochs finished, but the run has {epochs}')
+        _check_history(self.history, task, self.epoch, label)
+        scalars = opt.get('scalars', {})
+        if not isinstance(scalars, dict):
+            raise CheckpointError(f'{label}: corrupt optimizer scalars')
+        for idx, values in scalars.items():
+            if not idx.isdigit() or int(idx) >= len(params) or not isinstance(values, dict):
+                raise CheckpointError(f'{label}: unexpected optimizer scalars for parameter {idx!r}')
+            for key, v in values.items():
+                if f'optimizer.{idx}.{key}' in self.tensors or not _finite_number(v):
+                    raise CheckpointError(f'{label}: optimizer scalar {key!r} of parameter {idx} is {v!r}')
+
+    def check_state(self, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> None:
+        """Check the optimizer, scheduler and gradient-scaler state against the ones this run just built (changes
+        nothing): the same parameter groups and settings (only the learning rate moves, from 0 to its initial
+        value), per parameter the state the optimizer keeps after a step (same keys, tensor shapes and dtypes;
+        finite; steps whole and non-negative; second moments non-negative), the same scheduler state.
+
+        Raises:
+            CheckpointError: naming the first value that does not fit.
+        """
+        try:
+            self._check_state(optimizer, scheduler, scaler)
+        except RecursionError:
+            raise CheckpointError(f'{self.label}: corrupt state (nested too deeply)') from None
+
+    def _check_state(self, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> None:
+        label, opt = self.label, self.state['optimizer']
+        fresh_groups = _normalised(optimizer.state_dict()['param_groups'])
+        saved_groups = opt['param_groups']
+        if len(saved_groups) != len(fresh_groups) or not all(isinstance(g, dict) for g in saved_groups):
+            raise CheckpointError(f'{label}: the optimizer state does not fit the task\'s parameter groups')
+        for i, (g, f) in enumerate(zip(saved_groups, fresh_groups)):
+            if set(g) != set(f):
+                odd = sorted(set(g) ^ set(f))
+                raise CheckpointError(f'{label}: optimizer group {i} has other settings than the run\'s optimizer '
+                                      f'({odd[:4]})')
+            for key, v0 in f.items():
+                v = g[key]
+                if key == 'lr':
+                    top = max([x for x in (f.get('initial_lr'), v0) if _finite_number(x)] or [0.0])
+                    ok, want = _finite_number(v) and 0 <= v <= top, f'a number from 0 to {top:g}'
+                elif key == 'step' and _finite_number(v0):  # optimizers that count steps per group
+                    ok, want = isinstance(v, int) and not isinstance(v, bool) and v >= 0, 'a whole number >= 0'
+                else:
+                    ok, want = _same(v, v0), repr(v0)
+                if not ok:
+                    shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + '...'
+                    want = want if len(want) <= 60 else want[:57] + '...'
+                    raise CheckpointError(f'{label}: optimizer group {i} has {key}={shown}; this run has {want}')
+        params = [p for group in optimizer.param_groups for p in group['params']]
+        group_of = [i for i, group in enumerate(optimizer.param_groups) for _ in group['params']]
+        state: Dict[int, Dict[str, Any]] = {}
+        for k, v in self.tensors.items():
+            if k.startswith('optimizer.'):
+                idx, _, key = k[len('optimizer.'):].partition('.')
+                state.setdefault(int(idx), {})[key] = v
+        for idx, values in opt.get('scalars', {}).items():
+            state.setdefault(int(idx), {}).update(values)
+        template = _state_template(optimizer)
+        for idx, st in sorted(state.items()):
+            p, want = params[idx], None if template is None else template.get(idx)
+            if want is not None and set(st) != set(want):
+                raise CheckpointError(f'{label}: the optimizer state of parameter {idx} has {sorted(st)}; this '
+                                      f'optimizer keeps {sorted(want)}')
+            for key, v in st.items():
+                w = None if want is None else want[key]
+                name = f'optimizer state {key!r} of parameter {idx}'
+                if isinstance(v, torch.Tensor):
+                    if isinstance(w, torch.Tensor):
+                        if tuple(v.shape) != tuple(w.shape) or v.dtype != w.dtype:
+                            raise CheckpointError(f'{label}: {name} is a {v.dtype} tensor of shape {tuple(v.shape)}; '
+                                                  f'this optimizer keeps {w.dtype} {tuple(w.shape)}')
+                    elif w is not None:
+                        raise CheckpointError(f'{label}: {name} is a tensor; this optimizer keeps a number')
+                    elif tuple(v.shape) != tuple(p.shape) and not (key == 'step' and v.ndim == 0):
+                        raise CheckpointError(f'{label}: {name} has shape {tuple(v.shape)}, its parameter '
+                                              f'{tuple(p.shape)}')
+                    if v.dtype == torch.bool or v.is_complex():
+                        raise CheckpointError(f'{label}: {name} has dtype {v.dtype}')
+                    t = v.detach().to('cpu', torch.float64)
+                    if not torch.isfinite(t).all():
+                        raise CheckpointError(f'{label}: {name} has NaN or Inf values')
+                else:
+                    if isinstance(w, torch.Tensor):
+                        raise CheckpointError(f'{label}: {name} is a number; this optimizer keeps a tensor')
+                    if not _finite_number(v):
+                        raise CheckpointError(f'{label}: {name} is {v!r}, not a finite number')
+                    t = torch.tensor(float(v), dtype=torch.float64)
+                if key == 'step' and not ((t >= 0) & (t == t.round())).all():
+                    raise CheckpointError(f'{label}: {name} must be a whole number >= 0')
+                if _NON_NEGATIVE_STATE.search(key) and (t < 0).any():
+                    raise CheckpointError(f'{label}: {name} has negative values')
+            bound = _adam_bound(optimizer, group_of[idx])
+            if bound is not None and isinstance(st.get('exp_avg'), torch.Tensor) and \
+                    isinstance(st.get('exp_avg_sq'), torch.Tensor):
+                m, v = st['exp_avg'].to(torch.float64), st['exp_avg_sq'].to(torch.float64)
+                if (m * m > bound * v * 1.01 + 1e-30).any():
+                    raise CheckpointError(f'{label}: the first moment (exp_avg) of parameter {idx} is larger than '
+                                          f'its second moment (exp_avg_sq) allows: no gradients give such a state')
+        if scheduler is not None:
+            saved, fresh = self.state.get('scheduler'), _normalised(scheduler.state_dict())
+            if not _same(saved, fresh):
+                odd = (sorted(k for k in set(saved) | set(fresh) if not _same(saved.get(k), fresh.get(k)))
+                       if isinstance(saved, dict) else ['(all)'])
+                raise CheckpointError(f'{label}: the scheduler state differs from this run\'s in {odd[:4]}')
+        saved = self.state.get('scaler')
+        if scaler is not None and saved is not None:
+            fresh = _normalised(scaler.state_dict())
+            if set(saved) != set(fresh):
+                raise CheckpointError(f'{label}: the gradient-scaler state has other fields than this run\'s')
+            for key, v0 in fresh.items():
+                v = saved[key]
+                if key == 'scale':
+                    ok = _finite_number(v) and v > 0
+                elif key == '_growth_tracker':
+                    ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                else:
+                    ok = _same(v, v0)
+                if not ok:
+                    raise CheckpointError(f'{label}: the gradient-scaler state has {key}={v!r}')
 
     # -------------------------------------------------------------- restore
     def restore(self, model: nn.Module, task: str, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -365,8 +586,8 @@ def parse_checkpoint(data: bytes, label: str = 'checkpoint') -> TrainCheckpoint:
         raise CheckpointError(f'{label} has unknown checkpoint format version {meta.get("format_version")!r}')
     try:
         state = _decode(json.loads(meta.get('state', '')))
-    except ValueError as e:
-        raise CheckpointError(f'{label}: corrupt state ({e})') from None
+    except (ValueError, TypeError, RecursionError) as e:
+        raise CheckpointError(f'{label}: corrupt state ({type(e).__name__}: {str(e)[:200]})') from None
     required = {'task': str, 'task_meta': dict, 'backbone_fingerprint': str, 'epoch': int, 'done': bool,
                 'run': dict, 'history': dict, 'optimizer': dict, 'world_size': int}
     if not isinstance(state, dict):
@@ -374,6 +595,12 @@ def parse_checkpoint(data: bytes, label: str = 'checkpoint') -> TrainCheckpoint:
     for k, kind in required.items():
         if not isinstance(state.get(k), kind) or (kind is int and isinstance(state.get(k), bool)):
             raise CheckpointError(f'{label}: corrupt state ({k!r} missing or not a {kind.__name__})')
+    for k in ('scheduler', 'scaler'):
+        if state.get(k) is not None and not isinstance(state[k], dict):
+            raise CheckpointError(f'{label}: corrupt state ({k!r} is not a mapping)')
+    seed = state.get('shuffle_seed')
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64):
+        raise CheckpointError(f'{label}: corrupt state (shuffle_seed {seed!r})')
     if state['epoch'] < 0 or state['world_size'] < 1:
         raise CheckpointError(f'{label}: corrupt state (epoch {state["epoch"]}, world size {state["world_size"]})')
     for r in range(state['world_size']):

@@ -344,6 +344,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     validate_task_name(args.task)
     index = _read_index_if_any(out)
+    if index is not None and args.task in index['tasks'] and not args.replace and args.resume:
+        finished = _finished_run(out, args, write=is_main_process())
+        if finished is not None:
+            say(finished)
+            return 0
     if index is not None and args.task in index['tasks'] and not args.replace:
         raise TaskExistsError(f'task {args.task!r} already exists in {str(out)!r}; pass --replace to train it again '
                               f'(or choose another --task name)')
@@ -408,6 +413,42 @@ def cmd_train(args: argparse.Namespace) -> int:
         + (f'; final training loss {history.train_loss[-1]:.4f}' if history.epochs else '')
         + f'; saved {n_tasks} task(s) to {out} in {time.perf_counter() - t0:.1f} s')
     return 0
+
+
+def _finished_run(out: Path, args: argparse.Namespace, write: bool = True) -> Optional[str]:
+    """What to say when ``--resume`` finds its run finished and its adapter saved in ``out`` (a kill after the save):
+    the checkpoint is done, of this task and number of epochs, and the saved adapter holds its trained tensors
+    (modulators, norm affine, head). Writes the history if the kill came before it (``write``: this process
+    writes). ``None``: not this run's.
+
+    Raises:
+        CheckpointError: an unreadable or corrupt checkpoint.
+        AdapterError: an unreadable adapter.
+    """
+    import torch
+
+    from .adapter import ADAPTER_FILE, read_adapter
+    from .checkpoint import _check_history, parse_checkpoint, read_checkpoint_bytes
+    from .train import TrainHistory
+    data = read_checkpoint_bytes(args.checkpoint)
+    if data is None:
+        return None
+    ck = parse_checkpoint(data, repr(str(args.checkpoint)))
+    if not ck.done or ck.state['task'] != args.task or ck.state['run'].get('epochs') != args.epochs:
+        return None
+    _, saved = read_adapter(out / args.task / ADAPTER_FILE, inside=out)
+    trained = {k[len('task.'):]: v for k, v in ck.tensors.items()
+               if k.startswith(('task.modulator.', 'task.norm.', 'task.head.'))}
+    if set(trained) != {k for k in saved if k.startswith(('modulator.', 'norm.', 'head.'))} or not all(
+            saved[k].dtype == v.dtype and saved[k].shape == v.shape and torch.equal(saved[k], v)
+            for k, v in trained.items()):
+        return None
+    history = out / args.task / 'train_history.json'
+    if write and not history.is_file():
+        _check_history(ck.history, args.task, ck.epoch, repr(str(args.checkpoint)))
+        TrainHistory.from_dict(ck.history).to_json(history)
+    return (f'{args.task}: the run of {args.checkpoint} finished and its adapter is already saved in {out}; '
+            f'nothing to resume (pass --replace to train it again)')
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

@@ -19,6 +19,8 @@ __all__ = [
     'FrozenBackboneError',
     'DistributedError',
     'CheckpointError',
+    'TrainingError',
+    'NonFiniteLossError',
 ]
 
 
@@ -99,3 +101,12 @@ class DistributedError(ModCLError, RuntimeError):
 class CheckpointError(ModCLError, ValueError):
     """A training checkpoint is corrupt, not a checkpoint, or was written by a different run (other task, backbone,
     arguments or number of processes) than the one asked to resume from it."""
+
+
+class TrainingError(ModCLError, RuntimeError):
+    """Training failed while it ran (not because of its arguments): e.g. it diverged."""
+
+
+class NonFiniteLossError(TrainingError, TaskError):
+    """The training loss (or the trained tensors) became NaN or Inf; the task is put back to where the failing epoch
+    began and nothing is stored. (Also a ``TaskError``, which ``train_task`` raised for this before.)"""

@@ -24,13 +24,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from . import distributed as _dist
 from ._io import atomic_write_json
 from .data import check_labels, unpack_batch
-from .errors import CheckpointError, DataError, DistributedError, TaskError
+from .errors import CheckpointError, DataError, DistributedError, NonFiniteLossError, TaskError
 from .metrics import AccuracyMatrix
 from .model import is_modcl_model
 from .task import BASE_TASK
@@ -189,6 +189,62 @@ def _seed_everything(seed: int) -> None:
         pass
 
 
+def _rng_states(device: torch.device) -> tuple:
+    """The global random states ``_seed_everything`` and training change: torch (and CUDA of ``device``), Python,
+    NumPy."""
+    import random
+    cuda = torch.cuda.get_rng_state(device) if device.type == 'cuda' and torch.cuda.is_initialized() else None
+    try:
+        import numpy as np
+        numpy_state = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        numpy_state = None
+    return torch.get_rng_state(), cuda, random.getstate(), numpy_state
+
+
+def _set_rng_states(states: tuple, device: torch.device) -> None:
+    import random
+    cpu, cuda, python, numpy_state = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+    random.setstate(python)
+    if numpy_state is not None:
+        import numpy as np
+        np.random.set_state(numpy_state)
+
+
+def _check_checkpoint_path(checkpoint: Any, task: str) -> None:
+    """A path a checkpoint can be written to: not a folder, under folders (checked before any training)."""
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise CheckpointError(f'checkpoint must be a file path, got {type(checkpoint).__name__}')
+    path = Path(checkpoint)
+    if path.is_dir():
+        raise CheckpointError(f'checkpoint {str(checkpoint)!r} is a folder; pass the path of a file in it (e.g. '
+                              f'{str(path / (task + ".ckpt.safetensors"))!r})')
+    for folder in path.absolute().parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise CheckpointError(f'checkpoint {str(checkpoint)!r}: {str(folder)!r} is not a folder')
+            break
+
+
+def _task_snapshot(model: nn.Module, task: str) -> Dict[str, torch.Tensor]:
+    """Copies of the task's trained tensors and BN statistics (what an epoch changes)."""
+    return {k: v.detach().clone() for k, v in model._task(task).tensors(stats=False).items()}
+
+
+def _put_back(model: nn.Module, task: str, snapshot: Dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for k, v in model._task(task).tensors(stats=False).items():
+            v.copy_(snapshot[k])
+
+
+def _non_finite(model: nn.Module, task: str) -> List[str]:
+    return [k for k, v in model._task(task).tensors(stats=False).items()
+            if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def _data_len(data: DataLike) -> Optional[int]:
     try:
         return len(data.dataset if isinstance(data, DataLoader) else data)
@@ -316,13 +372,21 @@ def train_task(
     Raises:
         TaskNotFoundError: if the model has no task ``task``.
         TaskError: for the ``'base'`` task, a task without a head, or bad arguments.
-        DataError: for empty data, batches that are not ``(image, label)`` pairs or labels out of range.
+        DataError: for empty data, batches that are not ``(image, label)`` pairs or labels out of range, an
+            ``IterableDataset`` (pass a DataLoader over it).
         DistributedError: DDP asked for without a process group, SyncBatchNorm on CPU, NCCL with a CPU model,
             different backbones or batch counts on the processes.
-        CheckpointError: a checkpoint to resume from that is corrupt or from another run; or it cannot be written.
+        CheckpointError: a checkpoint path that is a folder; a checkpoint to resume from that is corrupt, from
+            another run, or has values no run writes (non-finite or negative optimizer moments, other optimizer or
+            scheduler settings, a bad history, random state or epoch, task tensors the adapter loader refuses); or
+            it cannot be written.
+        NonFiniteLossError: the loss (or a task tensor) became NaN or Inf: the task is put back to its last good
+            state (the end of the last finished epoch, or as the call found it) and nothing of the failing epoch
+            is saved. A ``TaskError`` too.
 
-    After any error the model's active task and device are the ones it had before the call; an error raised before the first
-    training step (bad arguments, data, checkpoint) leaves every task's tensors unchanged too.
+    After any error the model's active task and device and the global random states (torch, Python, NumPy) are
+    the ones it had before the call; an error raised before the first training step (bad arguments, data,
+    checkpoint: all checked before ``seed`` reseeds anything) leaves every task's tensors unchanged too.
     """
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
@@ -375,6 +439,15 @@ def train_task(
         raise TaskError(f'distributed must be None, True or False, got {distributed!r}')
     if resume and checkpoint is None:
         raise TaskError('resume=True needs checkpoint=PATH (the checkpoint to resume from)')
+    if checkpoint is not None:
+        _check_checkpoint_path(checkpoint, task)
+    for what, data in (('train_data', train_data), ('val_data', val_data)):
+        if data is not None and not isinstance(data, DataLoader):
+            _check_dataset(data, batch_size, what)
+    if isinstance(train_data, IterableDataset):
+        raise DataError('train_data is an IterableDataset, which train_task can neither shuffle nor shard: pass a '
+                        'map-style Dataset, or a DataLoader over it (used as given; a resume then repeats the '
+                        'stream\'s order only if the stream does)')
 
     ddp = _dist.resolve_distributed(distributed, device if device is not None else _model_device(model))
     target = _target_device(model, device, ddp)
@@ -415,12 +488,19 @@ def train_task(
             history_resumed = TrainHistory.from_dict(ck.history)
 
     previous_task, previous_device = model.active_task, _model_device(model)
+    rng_before = _rng_states(target)
+    # what a divergence puts back: the task as the call found it (a resumed state that diverges at once is undone
+    # with the restore), then the end of the last finished epoch
+    last_good = _task_snapshot(model, task)
 
     def give_back() -> None:
-        """After an error: the model's active task and device as the caller gave them."""
+        """After an error: the model's active task and device, and the global random states, as the caller gave
+        them."""
         if previous_task in model.tasks and model.active_task != previous_task:
             model.set_task(previous_task)
-        model.to(previous_device)
+        if target != previous_device:
+            model.to(previous_device)
+        _set_rng_states(rng_before, target)
 
     try:  # set-up: a failure here (bad data, optimizer, checkpoint) leaves the model as it was given
         model.set_task(task)  # before any DDP wrapping: DDP keeps the Parameter objects of the task bound now
@@ -433,8 +513,6 @@ def train_task(
                 seed_all = ck.shuffle_seed
         else:
             seed_all = seed
-        if seed is not None:
-            _seed_everything(seed + rank)
         amp_dtype, scaler = _amp_context(device, amp)
         train_loader = _loader(train_data, batch_size, True, seed_all, num_workers, device, 'train_data', shard=ddp)
         generator = train_loader.generator
@@ -464,6 +542,10 @@ def train_task(
 
         history = TrainHistory(task=task)
         start_epoch, done = 0, False
+        if ck is not None:  # everything checked (the run's optimizer and scheduler built) before any reseeding
+            ck.check_state(optimizer, scheduler, scaler)
+        if seed is not None:
+            _seed_everything(seed + rank)
         if ck is not None:
             ck.restore(model, task, optimizer, scheduler, scaler)
             restore_rng_state(ck.rng(rank), generator, device)
@@ -514,9 +596,12 @@ def train_task(
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                         logits = net(x)
                         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-                    if not torch.isfinite(loss):
-                        raise TaskError(f'task {task!r}: loss became {loss.item()} in epoch {epoch + 1}; lower the '
-                                        f'learning rate')
+                    if not torch.isfinite(loss):  # the forward in train mode moved the BN statistics already
+                        _put_back(model, task, last_good)
+                        raise NonFiniteLossError(
+                            f'task {task!r}: the loss became {loss.item()} in epoch {epoch + 1}; the task is put back '
+                            f'to its last good state and nothing of it was saved (lower the learning rate, or '
+                            f'look for NaN or Inf values in the data)')
                     optimizer.zero_grad(set_to_none=True)
                     if scaler is not None:
                         scaler.scale(loss).backward()
@@ -542,6 +627,14 @@ def train_task(
                         _dist.average_bn_stats_(model, task, comm)
                 if seen == 0:
                     raise DataError('train_data yielded no batches')
+                bad = _non_finite(model, task)
+                if bad:
+                    _put_back(model, task, last_good)
+                    raise NonFiniteLossError(
+                        f'task {task!r}: {bad[0]} (and {len(bad) - 1} more) became NaN or Inf in epoch {epoch + 1}; '
+                        f'the task is put back to its last good state and nothing of it was saved (lower the learning '
+                        f'rate)')
+                last_good = _task_snapshot(model, task)
                 val_acc = None
                 if val_loader is not None:
                     val_acc = _accuracy(model, val_loader, None, device, reduce=ddp, comm=comm)
