@@ -46,7 +46,7 @@ def folder_adapters(directory, names: Optional[Sequence[str]] = None) -> Dict[st
 class JsonFormatter(logging.Formatter):
     """One JSON object per log line: time, level, message and the record's ``extra`` fields."""
 
-    _skip = set(vars(logging.LogRecord('', 0, '', 0, '', None, None))) | {'message', 'asctime'}
+    _skip = set(vars(logging.LogRecord('', 0, '', 0, '', None, None))) | {'message', 'asctime', 'color_message'}
 
     def format(self, record: logging.LogRecord) -> str:
         out: Dict[str, Any] = {'time': round(record.created, 3), 'level': record.levelname.lower(),
