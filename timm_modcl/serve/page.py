@@ -72,12 +72,17 @@ async function predict(file) {
   }
 }
 $('drop').addEventListener('click', () => $('file').click());
-$('file').addEventListener('change', () => { if ($('file').files.length) predict($('file').files[0]); });
+let last = null;
+$('file').addEventListener('change', () => {
+  if ($('file').files.length) { last = $('file').files[0]; predict(last); }
+  $('file').value = '';  // choosing the same file again fires 'change' again
+});
+$('task').addEventListener('change', () => { if (last) predict(last); });
 $('drop').addEventListener('dragover', (e) => { e.preventDefault(); $('drop').classList.add('over'); });
 $('drop').addEventListener('dragleave', () => $('drop').classList.remove('over'));
 $('drop').addEventListener('drop', (e) => {
   e.preventDefault(); $('drop').classList.remove('over');
-  if (e.dataTransfer.files.length) predict(e.dataTransfer.files[0]);
+  if (e.dataTransfer.files.length) { last = e.dataTransfer.files[0]; predict(last); }
 });
 loadTasks().catch((e) => { $('error').textContent = 'cannot list tasks: ' + e; });
 </script>
