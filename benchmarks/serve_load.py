@@ -208,6 +208,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     task_counts = [1, 16] if args.quick else [1, 16, 100]
     out = Path(args.out) if args.out else ROOT / 'benchmarks' / 'results' / (
         'serve_load_quick.json' if args.quick else 'serve_load.json')
+    torch.set_num_threads(1)  # the clients' core; spinning OpenMP threads on a busy CPU slow small convs down a lot
     t_all = time.time()
     load0 = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix='serve_load_'))
