@@ -313,26 +313,30 @@ def test_hot_add_replace_remove_under_load(adapters, refs, tmp_path):
         threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
         for t in threads:
             t.start()
+        def seen(*pairs):  # wait until the clients got answers from these (task, version) pairs
+            deadline = time.time() + 120
+            while not set(pairs) <= set(answers):
+                assert time.time() < deadline and not errors, (pairs, set(answers), errors[:2])
+                time.sleep(0.05)
+
         with httpx.Client(base_url=s.url, timeout=60) as c:
-            time.sleep(0.5)
+            seen(('birds', 1), ('cats', 1), ('fish', 1))
             blob = (v2 / 'newt' / 'adapter_model.safetensors').read_bytes()
             assert c.put('/v1/tasks/newt', files={'file': ('newt', blob)}).status_code == 201
-            time.sleep(0.3)
+            seen(('newt', 1))
             blob = (v2 / 'birds' / 'adapter_model.safetensors').read_bytes()
             assert c.put('/v1/tasks/birds', files={'file': ('birds', blob)}).json()['version'] == 2
-            time.sleep(0.3)
+            seen(('birds', 2))
             assert c.delete('/v1/tasks/fish').status_code == 200
-            time.sleep(0.5)
+            time.sleep(0.3)
             # re-add fish from the server's folder: version 2, same adapter as version 1
             r = c.put('/v1/tasks/fish', json={'source': 'folder'})
             assert r.status_code == 201 and r.json()['version'] == 2, r.text
-            time.sleep(0.3)
+            seen(('fish', 2))
         stop.set()
         for t in threads:
             t.join(60)
         assert not errors, errors[:3]
-        seen = set(answers)
-        assert {('birds', 1), ('birds', 2), ('newt', 1), ('cats', 1)} <= seen, seen
         assert sorted(v.name for v in s.worker.tasks()) == ['birds', 'cats', 'dogs', 'fish', 'newt']
         assert all(v.refs == 0 for v in s.worker.tasks())
         assert len(s.worker.model.tasks) == 6  # base + five: every replaced or removed version is gone
