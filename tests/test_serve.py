@@ -203,8 +203,8 @@ def test_bad_input_is_a_json_4xx_and_the_server_keeps_serving(adapters, refs, tm
                            headers={'content-type': 'multipart/form-data; boundary=xx'}), 413, 'payload_too_large')
         check_error(c.post('/v1/tasks/cats/predict', json={'images': ['%%% not base64']}), 400)
         check_error(c.post('/v1/tasks/cats/predict', json={'pictures': []}), 400)
-        check_error(c.post('/v1/tasks/cats/predict', content=b'{bad json', headers={'content-type': 'application/json'}),
-                    400)
+        check_error(c.post('/v1/tasks/cats/predict', content=b'{bad json',
+                           headers={'content-type': 'application/json'}), 400)
         check_error(c.post('/v1/tasks/cats/predict', data={'file': 'text'}), 415)  # urlencoded form
         check_error(c.post('/v1/tasks/cats/predict', data={'file': 'text, not a file'},
                            files={'other': ('x', b'1')}), 400, 'invalid_image')

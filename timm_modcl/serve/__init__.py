@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-__all__ = ['ServeConfig', 'create_app', 'folder_adapters', 'download_hub_adapters', 'run', 'setup_logging',
-           'MISSING_EXTRA']
+__all__ = ['ServeConfig', 'create_app', 'folder_adapters', 'download_hub_adapters', 'is_loopback', 'run',
+           'setup_logging', 'JsonFormatter', 'MISSING_EXTRA']
 
 MISSING_EXTRA = 'modcl serve needs FastAPI, uvicorn, python-multipart and prometheus_client: ' \
                 'pip install "timm_modcl[serve]"'

@@ -244,7 +244,7 @@ class ModelServer:
             model.to(config.device)
         self.model_name = getattr(model, 'default_cfg', {}).get('architecture') or type(model).__name__
         self.fingerprint = model.backbone_fingerprint()
-        self._pretrained_model = model  # read only for its data config (pretrained_cfg), never called
+        self._cfg_model = model  # read only for its data config (pretrained_cfg) here; only the worker calls it
         self._transforms: Dict[Optional[int], Any] = {}
         self._tlock = threading.Lock()
         self.worker = InferenceWorker(model, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000,
@@ -257,7 +257,7 @@ class ModelServer:
             t = self._transforms.get(size)
             if t is None:
                 from ..data import eval_transform
-                t = self._transforms[size] = eval_transform(self._pretrained_model, size)
+                t = self._transforms[size] = eval_transform(self._cfg_model, size)
             return t
 
     def cache_bytes(self) -> int:

@@ -13,6 +13,7 @@ on the version it started with; a replaced or removed version is dropped from th
 import collections
 import concurrent.futures as cf
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ __all__ = ['InferenceWorker', 'TaskVersion', 'QueueFullError', 'NotReadyError', 
 
 log = logging.getLogger('timm_modcl.serve')
 
-_PathLike = Union[str, 'os.PathLike[str]']  # noqa: F821
+_PathLike = Union[str, 'os.PathLike[str]']
 
 
 class QueueFullError(ModCLError, RuntimeError):
