@@ -10,6 +10,7 @@
     modcl push --out adapters/ --repo-id me/my-adapters
     modcl pull --repo-id me/my-adapters --out adapters/
     modcl merge --out all/ worker0/ worker1/ worker2/          # tasks learned in parallel, one folder
+    modcl serve --out adapters/ --port 8000                  # HTTP API, batched across tasks
     torchrun --nproc_per_node 4 -m timm_modcl train --data big/ --task big --out adapters/ --device cuda
 
 Errors in what was asked (missing folders, bad images, unknown model or task, ...) end with one line
@@ -825,6 +826,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- parser
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``modcl serve``: the tasks of --out and/or --repo-id over HTTP (see ``timm_modcl.serve``)."""
+    try:
+        from .serve import ServeConfig, create_app, download_hub_adapters, folder_adapters, is_loopback, run, \
+            setup_logging
+    except ImportError as e:
+        raise UsageError(f'{e}' if 'timm_modcl[serve]' in str(e) else
+                         f'modcl serve needs the serve extra ({e}): pip install "timm_modcl[serve]"') from None
+    api_key = args.api_key or os.environ.get('MODCL_API_KEY') or None
+    if not is_loopback(args.host) and not api_key:
+        raise UsageError(f'--host {args.host} accepts connections from other machines: set an API key for the write '
+                         f'endpoints (--api-key KEY or MODCL_API_KEY)')
+    if args.out is None and args.repo_id is None and args.model is None:
+        raise UsageError('give the tasks to serve: --out DIR (an adapter folder) and/or --repo-id ID (a Hub repo), '
+                         'or --model NAME to start without tasks')
+    initial: Dict[str, Any] = {}
+    arch, fingerprint, what = args.model, None, 'the adapters'
+    if args.out is not None:
+        index = _require_index(Path(args.out))
+        arch, fingerprint, what = index['architecture'], index['backbone_fingerprint'], f'the adapters in {args.out!r}'
+        initial.update(folder_adapters(args.out, [n for n in index['tasks'] if not args.task or n in args.task]))
+        if args.task and args.repo_id is None and len(initial) < len(set(args.task)):
+            raise UsageError(f'{args.out!r} has no task {sorted(set(args.task) - set(initial))[0]!r}')
+    if args.repo_id is not None:
+        index, files = download_hub_adapters(args.repo_id, args.task, revision=args.revision,
+                                             subfolder=args.subfolder, endpoint=args.endpoint, token=args.token)
+        if arch is None:
+            arch, fingerprint, what = index['architecture'], index['backbone_fingerprint'], repr(args.repo_id)
+        initial.update(files)
+    _check_model_name(arch)
+    model, source = _backbone(arch, args, fingerprint, what=what)
+    config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                         max_body_bytes=int(args.max_body_mib * 2 ** 20),
+                         max_image_bytes=int(min(args.max_body_mib, 16) * 2 ** 20), max_pixels=args.max_pixels,
+                         input_size=args.input_size, api_key=api_key, adapters_dir=args.out,
+                         hub_endpoint=args.endpoint, hub_token=args.token, device=args.device)
+    if args.cache_mib is not None:
+        model.set_weight_cache_limit(int(args.cache_mib * 2 ** 20))
+    setup_logging(args.log_level)
+    app = create_app(model, config, initial=initial)
+    _say(f'serving {len(initial)} task(s) of {arch} ({source}) on http://{args.host}:{args.port} '
+         f'(OpenAPI: /openapi.json, page: /)')
+    run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def _add_backbone_args(p: argparse.ArgumentParser, train: bool = False) -> None:
     p.add_argument('--weights', metavar='FILE',
                    help='local backbone checkpoint (default: $MODCL_WEIGHTS, else timm\'s pretrained weights)')
@@ -857,6 +904,7 @@ def _number_type(cast, ok, expected: str):
 _positive_int = _number_type(int, lambda v: v >= 1, 'a positive integer')
 _non_negative_int = _number_type(int, lambda v: v >= 0, 'a non-negative integer')
 _fraction = _number_type(float, lambda v: 0.0 <= v < 1.0, 'a number in [0, 1)')
+_non_negative_float = _number_type(float, lambda v: v >= 0.0, 'a non-negative number')
 
 
 def _positive_float(s: str) -> float:
@@ -1028,6 +1076,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_args(p, train=True)
     _add_common(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser('serve', help='serve the tasks over HTTP (batched across tasks, tasks added while serving)',
+                       description='Serve the tasks of an adapter folder and/or a Hub repo over HTTP on one backbone: '
+                                   'POST /v1/tasks/{task}/predict, POST /v1/predict (task chosen), PUT/DELETE '
+                                   '/v1/tasks/{task}, /healthz, /readyz, /metrics, OpenAPI at /openapi.json, a page '
+                                   'at /. Needs pip install "timm_modcl[serve]".')
+    p.add_argument('--out', metavar='DIR', help='adapter folder to serve (also the source of {"source": "folder"} '
+                                                'task additions)')
+    p.add_argument('--repo-id', metavar='ID', help='Hub repo whose tasks are served')
+    p.add_argument('--revision', help='branch, tag or commit of --repo-id')
+    p.add_argument('--subfolder', help='folder inside --repo-id')
+    p.add_argument('--token', help='Hub token')
+    p.add_argument('--endpoint', help='Hub endpoint (default: $HF_ENDPOINT or huggingface.co)')
+    p.add_argument('--task', action='append', metavar='NAME', help='serve only this task (repeatable)')
+    p.add_argument('--model', metavar='NAME', help='modcl model when no adapters give it (start without tasks)')
+    p.add_argument('--host', default='127.0.0.1', help='address to listen on (default: 127.0.0.1)')
+    p.add_argument('--port', type=_non_negative_int, default=8000, help='port (default: 8000)')
+    p.add_argument('--api-key', default=None, metavar='KEY',
+                   help='key the write endpoints (PUT/DELETE /v1/tasks/...) require (default: $MODCL_API_KEY; '
+                        'required unless --host is a loopback address)')
+    p.add_argument('--device', default=None, help='device, e.g. cuda (default: cpu)')
+    p.add_argument('--input-size', type=_positive_int, default=None, metavar='PX',
+                   help='input size of tasks that do not record one (default: the model\'s)')
+    p.add_argument('--max-batch', type=_positive_int, default=32, help='most images per batch (default: 32)')
+    p.add_argument('--max-wait-ms', type=_non_negative_float, default=5.0,
+                   help='how long an image waits for others to join its batch (default: 5)')
+    p.add_argument('--max-queue', type=_positive_int, default=256,
+                   help='most images waiting; more get 429 with Retry-After (default: 256)')
+    p.add_argument('--max-body-mib', type=_positive_float, default=32.0, help='largest request body (default: 32)')
+    p.add_argument('--max-pixels', type=_positive_int, default=40_000_000,
+                   help='largest image in pixels (default: 40,000,000)')
+    p.add_argument('--cache-mib', type=_positive_float, default=None,
+                   help='memory for the effective weights of recently used tasks (default: the model\'s, 256)')
+    p.add_argument('--log-level', choices=['debug', 'info', 'warning', 'error'], default='info')
+    _add_backbone_args(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
