@@ -197,3 +197,267 @@ def test_load_json_bounds_depth_without_recursing():
     for text in ('[' * 65 + ']' * 65, _deep(), '{"a":' * 5000 + '1' + '}' * 5000, '[' * 10 ** 6):
         with pytest.raises(AdapterFormatError, match='nested more than 64 levels|corrupt'):
             load_json(text, AdapterFormatError, 'x')
+
+
+# ---------------------------------------------------------------- item 5: concurrent writers of one folder lose nothing
+def _writer(role, ops, root, barrier, results):
+    """A writer process: for each round, wait for the other writer, then save or merge into the round's folder."""
+    try:
+        torch.set_num_threads(1)
+        model = _model()
+        for r, op in enumerate(ops):
+            if op == 'save':
+                _task(model, f'{role}{r}', seed=r)
+            barrier.wait(60)
+            dest = Path(root) / f'dest{r}'
+            if op == 'save':
+                model.save_tasks(dest, names=[f'{role}{r}'])
+            else:
+                timm_modcl.merge_adapter_folders([Path(root) / f'src_{role}{r}'], dest)
+        results.put((role, 'ok'))
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        results.put((role, f'{type(e).__name__}: {e}'))
+
+
+def test_concurrent_merges_and_saves_in_separate_processes_lose_no_task(tmp_path):
+    pairs = [('merge', 'merge'), ('save', 'save'), ('merge', 'save')]
+    rounds = int(os.environ.get('MODCL_TEST_WRITER_ROUNDS', '8'))  # per pair; 20 for the report's count
+    ops_a, ops_b = [], []
+    for a, b in pairs:
+        ops_a += [a] * rounds
+        ops_b += [b] * rounds
+    source = _model()
+    for r, (a, b) in enumerate(zip(ops_a, ops_b)):
+        for role, op in (('a', a), ('b', b)):
+            if op == 'merge':
+                _task(source, f'{role}{r}', seed=r)
+                source.save_tasks(tmp_path / f'src_{role}{r}', names=[f'{role}{r}'])
+        if r % 2:  # every other round merges / saves into a folder that already holds a task
+            _task(source, f'd{r}', seed=100 + r)
+            source.save_tasks(tmp_path / f'dest{r}', names=[f'd{r}'])
+    ctx = multiprocessing.get_context('spawn')
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(role, ops, str(tmp_path), barrier, results), daemon=True)
+             for role, ops in (('a', ops_a), ('b', ops_b))]
+    for p in procs:
+        p.start()
+    try:
+        outcome = dict(results.get(timeout=240) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    assert outcome == {'a': 'ok', 'b': 'ok'}, outcome
+    lost = []
+    fresh = _model()
+    for r in range(len(ops_a)):
+        expected = {'a%d' % r, 'b%d' % r} | ({'d%d' % r} if r % 2 else set())
+        listed = set(read_index(tmp_path / f'dest{r}')['tasks'])
+        lost += [(pairs[r // rounds], t) for t in expected - listed]
+        assert listed <= expected
+    assert lost == [], f'{len(lost)} task(s) lost in {len(ops_a)} rounds: {lost}'
+    for r in range(len(ops_a)):  # every folder loads as a whole
+        assert len(fresh.load_tasks(tmp_path / f'dest{r}', replace=True)) >= 2
+    print(f'{len(ops_a)} rounds ({rounds} per pair of writers): 0 tasks lost')
+
+
+def test_writers_of_one_folder_serialise_and_the_lock_leaves_no_file(tmp_path):
+    from timm_modcl._io import folder_lock
+    folder = _folder(tmp_path / 'f', ['t1'])
+    before = _snapshot(folder)
+    with folder_lock(folder, AdapterError):
+        with pytest.raises(AdapterError, match='another process has been writing'):
+            with folder_lock(folder, AdapterError, timeout=0.2):
+                pass
+        code = ('import sys; from timm_modcl._io import folder_lock; from timm_modcl import AdapterError\n'
+                'try:\n    with folder_lock(sys.argv[1], AdapterError, timeout=0.5): print("got it")\n'
+                'except AdapterError as e: print("refused:", e)\n')
+        proc = subprocess.run([sys.executable, '-c', code, str(folder)], capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert proc.stdout.startswith('refused: another process'), proc.stdout + proc.stderr
+    with folder_lock(folder, AdapterError, timeout=0.2):
+        pass
+    assert _snapshot(folder) == before  # no lock file
+
+
+# ---------------------------------------------------------------- item 6: merge validates, is atomic, follows no link
+def _bad_sources(good, tmp_path):
+    """Source folders, each holding one good task and one hostile variant of another."""
+    meta, tensors = read_adapter(good)
+    mod = next(k for k in tensors if k.startswith('modulator.'))
+    bn = next(k for k in tensors if k.endswith('running_var'))
+    t = dict(tensors)
+    variants = {
+        'wrong-shape modulator': dict(t, **{mod: torch.zeros(tensors[mod].shape[0] + 1, *tensors[mod].shape[1:])}),
+        'NaN head': dict(t, **{'head.weight': torch.full_like(tensors['head.weight'], float('nan'))}),
+        'Inf running var': dict(t, **{bn: torch.full_like(tensors[bn], float('inf'))}),
+        'modulator of 1e30': dict(t, **{mod: torch.full_like(tensors[mod], 1e30)}),
+        'wrong head classes': dict(t, **{'head.bias': torch.zeros(7)}),
+        'missing modulator': {k: v for k, v in t.items() if k != mod},
+        'integer modulator': dict(t, **{mod: tensors[mod].to(torch.int32)}),
+    }
+    out = {}
+    for i, (what, ts) in enumerate(variants.items()):
+        folder = _folder(tmp_path / f'src{i}', [f'ok{i}', 'bad'], seed=i)
+        (folder / 'bad' / ADAPTER_FILE).write_bytes(st_save(ts, metadata=dict(
+            meta, task=json.dumps(dict(json.loads(meta['task']), name='bad')))))
+        out[what] = folder
+    return out
+
+
+def test_merge_refuses_hostile_tensors_before_writing_and_the_cli_exits_non_zero(adapter_bytes, tmp_path):
+    dest = _folder(tmp_path / 'dest', ['d1'], seed=50)
+    before = _snapshot(dest)
+    for what, src in _bad_sources(adapter_bytes, tmp_path).items():
+        with pytest.raises(AdapterFormatError, match='bad'):
+            timm_modcl.merge_adapter_folders([src], dest)
+        assert _snapshot(dest) == before, what
+        with pytest.raises(AdapterFormatError):
+            timm_modcl.merge_adapter_folders([src], tmp_path / 'new')
+        assert not (tmp_path / 'new').exists(), what
+        assert not [p for p in tmp_path.iterdir() if 'staging' in p.name], what
+        rc, out, err = _run(['merge', src, '--out', dest])
+        assert rc != 0 and 'bad' in err and 'Traceback' not in err, (what, rc, err)
+        assert _snapshot(dest) == before, what
+    # what is merged loads as a whole
+    good = _folder(tmp_path / 'good', ['g1', 'g2'], seed=60)
+    assert timm_modcl.merge_adapter_folders([good], dest) == ['d1', 'g1', 'g2']
+    assert _model().load_tasks(dest) == ['d1', 'g1', 'g2']
+
+
+def test_merge_does_not_follow_a_symlinked_task_folder_or_file_in_the_destination(tmp_path):
+    src = _folder(tmp_path / 'src', ['t1'])
+    outside = tmp_path / 'outside'
+    outside.mkdir()
+    (outside / 'keep.txt').write_text('mine')
+    for link in ('t1', f't1/{ADAPTER_FILE}'):
+        dest = _folder(tmp_path / f'dest_{len(link)}', ['d1'], seed=9)
+        if link == 't1':
+            (dest / 't1').symlink_to(outside, target_is_directory=True)
+        else:
+            (dest / 't1').mkdir()
+            (dest / link).symlink_to(outside / 'keep.txt')
+        before = _snapshot(dest)
+        with pytest.raises(AdapterError, match='symbolic link'):
+            timm_modcl.merge_adapter_folders([src], dest)
+        assert _snapshot(dest) == before
+        assert sorted(p.name for p in outside.iterdir()) == ['keep.txt'] and (outside / 'keep.txt').read_text() == 'mine'
+    # save_tasks refuses it too
+    model = _task(_model(), 't1')
+    with pytest.raises(AdapterError, match='symbolic link'):
+        model.save_tasks(tmp_path / 'dest_2', names=['t1'])
+    assert sorted(p.name for p in outside.iterdir()) == ['keep.txt']
+
+
+_KILL_SCRIPT = r'''
+import json, os, random, signal, sys, time
+import torch
+torch.set_num_threads(1)
+import timm_modcl
+from pathlib import Path
+root, kills, seed = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(seed)
+sources = sorted(p for p in root.iterdir() if p.name.startswith('src'))
+
+def merge(dest):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            timm_modcl.merge_adapter_folders(sources, dest)
+            os._exit(0)
+        except BaseException:
+            os._exit(3)
+    return pid
+
+# the time a whole merge takes, without kills
+t0 = time.perf_counter()
+pid = merge(root / 'probe')
+assert os.waitpid(pid, 0)[1] == 0
+duration = time.perf_counter() - t0
+out = []
+for k in range(kills):
+    dest = root / ('existing%d' % k if k % 2 else 'new%d' % k)
+    # half the kills anywhere, half late (where the files are written)
+    delay = duration * (rng.uniform(0, 1.2) if k % 4 < 2 else rng.uniform(0.6, 1.1))
+    pid = merge(dest)
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)
+    status = os.waitpid(pid, 0)[1]
+    out.append({'dest': str(dest), 'delay': delay, 'finished': os.WIFEXITED(status)})
+print(json.dumps({'duration': duration, 'kills': out}))
+'''
+
+
+def _kill_during_merge(tmp_path, kills):
+    tasks = []
+    for i in range(4):
+        _folder(tmp_path / f'src{i}', [f's{i}a', f's{i}b'], seed=10 * i)
+        tasks += [f's{i}a', f's{i}b']
+    for k in range(1, kills, 2):
+        _folder(tmp_path / f'existing{k}', ['d1'], seed=99)
+    old = _snapshot(tmp_path / 'existing1')
+    script = tmp_path / 'kill.py'
+    script.write_text(_KILL_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(kills), '0'], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    counts = {'as it was': 0, 'complete': 0, 'finished': 0}
+    model = _model()
+    for entry in report['kills']:
+        dest = Path(entry['dest'])
+        counts['finished'] += entry['finished']
+        new = dest.name.startswith('new')
+        visible = sorted(p.name for p in dest.iterdir() if not p.name.startswith('.')) if dest.exists() else None
+        if new and not dest.exists():
+            state = 'as it was'
+        else:
+            listed = read_index(dest)['tasks']
+            want = ([] if new else ['d1'])
+            if listed == want:
+                state = 'as it was'
+                assert visible == sorted(want + [INDEX_FILE]), (entry, visible)  # no unlisted task file
+                if not new:
+                    assert (dest / 'd1' / ADAPTER_FILE).read_bytes() == old[f'd1/{ADAPTER_FILE}']
+            else:
+                assert listed == want + tasks, (entry, listed)
+                state = 'complete'
+                assert visible == sorted(listed + [INDEX_FILE]), (entry, visible)
+            assert model.load_tasks(dest, replace=True) == listed
+            # the next writer cleans up after the killed one and completes the merge
+            assert timm_modcl.merge_adapter_folders(sorted(tmp_path.glob('src*')), dest) == want + tasks
+            assert not [p for p in dest.iterdir() if p.name.startswith('.')]
+        counts[state] += 1
+    return report, counts
+
+
+def test_a_kill_during_a_merge_leaves_the_destination_as_it_was_or_complete(tmp_path):
+    kills = int(os.environ.get('MODCL_TEST_MERGE_KILLS', '16'))  # 75 for the report's count
+    report, counts = _kill_during_merge(tmp_path, kills)
+    assert counts['as it was'] + counts['complete'] == kills
+    print(f'{kills} kills during merges of {report["duration"]:.2f} s: {counts}')
+
+
+# ---------------------------------------------------------------- item 11: a hostile ETag writes nothing outside the cache
+@pytest.mark.parametrize('kind', ['relative', 'absolute'])
+def test_a_hostile_etag_is_refused_and_nothing_is_written_outside_the_cache(hub, tmp_path, kind):
+    model = _task(_model(), 't1')
+    model.push_tasks_to_hub('alice/ad', token=hub.alice, endpoint=hub.url)
+    target = tmp_path / 'victim'
+    hub.etag = lambda method, path, oid: ('../../../victim' if kind == 'relative' else str(target))
+    cache = tmp_path / 'a' / 'b' / 'cache'
+    fresh = _model()
+    with pytest.raises(HubError, match='malformed ETag'):
+        fresh.load_tasks_from_hub('alice/ad', endpoint=hub.url, cache_dir=cache)
+    assert list(fresh.tasks) == ['base']
+    written = [p for p in tmp_path.rglob('*') if p.is_file() and cache not in p.parents]
+    assert written == [], written
+    from timm_modcl.hub import remote_index
+    with pytest.raises(HubError, match='malformed ETag'):
+        remote_index('alice/ad', endpoint=hub.url, cache_dir=cache)
+    assert [p for p in tmp_path.rglob('*') if p.is_file() and cache not in p.parents] == []
+    # huggingface_hub's own calls outside the library are not changed by the check
+    from huggingface_hub import hf_hub_download
+    hub.etag = None
+    assert Path(hf_hub_download('alice/ad', INDEX_FILE, endpoint=hub.url, cache_dir=tmp_path / 'c2')).is_file()
