@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -461,3 +462,114 @@ def test_a_hostile_etag_is_refused_and_nothing_is_written_outside_the_cache(hub,
     from huggingface_hub import hf_hub_download
     hub.etag = None
     assert Path(hf_hub_download('alice/ad', INDEX_FILE, endpoint=hub.url, cache_dir=tmp_path / 'c2')).is_file()
+
+
+# ---------------------------------------------------------------- fuzz: mutated indexes and adapters through merge
+def _mutate_bytes(data, rng):
+    data = bytearray(data)
+    kind = rng.randrange(4)
+    if kind == 0:  # flip a few bytes
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+    elif kind == 1:  # truncate
+        del data[rng.randrange(len(data)):]
+    elif kind == 2:  # insert garbage
+        at = rng.randrange(len(data) + 1)
+        data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+    else:  # flip in the first 256 bytes (the header / the JSON keys)
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(min(256, len(data)))] = rng.randrange(256)
+    return bytes(data)
+
+
+_ODD_VALUES = [None, True, 0, -1, 1e308, float('nan'), '', 'x' * 300, '../x', [], {}, [[[]]], ['t1', 't1'],
+               ['base'], ['a/b'], {'a': 1}, 'modcl_resnet50', '0' * 64, 2, '1']
+
+
+def _mutate_index(index, rng):
+    index = json.loads(json.dumps(index))
+    for _ in range(rng.randint(1, 3)):
+        key = rng.choice(list(index) + ['extra'])
+        if rng.random() < 0.2:
+            index.pop(key, None)
+        elif key == 'tasks' and rng.random() < 0.5:
+            index['tasks'] = index['tasks'] + [rng.choice(['t9', 'base', '', 'x' * 200, 7, None, '.', 't1'])]
+        else:
+            index[key] = rng.choice(_ODD_VALUES)
+    return json.dumps(index, allow_nan=True).encode()
+
+
+def _mutate_tensors(data, rng):
+    meta, tensors = read_adapter(data)
+    tensors = dict(tensors)
+    key = rng.choice(sorted(tensors))
+    t = tensors[key]
+    kind = rng.randrange(7)
+    if kind == 0 and t.is_floating_point():
+        t = t.clone().view(-1)
+        t[rng.randrange(t.numel())] = rng.choice([float('nan'), float('inf'), -float('inf'), 1e30, -1e7])
+        tensors[key] = t.view(tensors[key].shape)
+    elif kind == 1:
+        tensors[key] = torch.zeros(*(s + rng.choice([-1, 1]) for s in t.shape)) if t.ndim else torch.zeros(2)
+    elif kind == 2:
+        tensors[key] = t.to(rng.choice([torch.int32, torch.float64, torch.uint8, torch.float16]))
+    elif kind == 3:
+        del tensors[key]
+    elif kind == 4:
+        tensors['modulator.not_a_layer'] = torch.zeros(3)
+    elif kind == 5:
+        task = json.loads(meta['task'])
+        task[rng.choice(list(task) + ['extra'])] = rng.choice(_ODD_VALUES)
+        meta = dict(meta, task=json.dumps(task, allow_nan=True))
+    else:
+        meta = dict(meta, **{rng.choice(sorted(meta)): rng.choice(['', 'x', '1', '99', 'false', '{}'])})
+    return st_save(tensors, metadata=meta)
+
+
+def test_fuzz_merge_with_mutated_indexes_and_adapters(tmp_path):
+    rng = random.Random(20)
+    n = int(os.environ.get('MODCL_TEST_MERGE_FUZZ', '60'))  # of each kind; 300 for the report's count
+    good = _folder(tmp_path / 'good', ['t1', 't2'])
+    index_bytes, adapter = (good / INDEX_FILE).read_bytes(), (good / 't1' / ADAPTER_FILE).read_bytes()
+    dest = _folder(tmp_path / 'dest', ['d1'], seed=40)
+    before = _snapshot(dest)
+    src = tmp_path / 'src'
+    counts = {'refused': 0, 'merged': 0}
+    untyped = []
+    for i in range(2 * n):
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.copytree(good, src)
+        if i < n:
+            (src / INDEX_FILE).write_bytes(_mutate_bytes(index_bytes, rng) if i % 2 else
+                                           _mutate_index(json.loads(index_bytes), rng))
+        else:
+            (src / 't1' / ADAPTER_FILE).write_bytes(_mutate_bytes(adapter, rng) if i % 2 else
+                                                    _mutate_tensors(adapter, rng))
+        try:
+            names = timm_modcl.merge_adapter_folders([src], dest)
+        except ModCLError:
+            counts['refused'] += 1
+            assert _snapshot(dest) == before, f'mutation {i} changed the destination on error'
+            continue
+        except Exception as e:  # noqa: BLE001 - counted, the test fails below
+            untyped.append((i, f'{type(e).__name__}: {e}'))
+            continue
+        counts['merged'] += 1  # a harmless mutation: what was merged must load as a whole
+        assert _model().load_tasks(dest) == names
+        shutil.rmtree(dest)
+        _folder(dest, ['d1'], seed=40)
+        assert _snapshot(dest) == before
+    assert untyped == [], untyped[:5]
+    print(f'{2 * n} mutated merges: {counts}, 0 untyped errors, destination unchanged on every error')
+
+
+def test_deeply_nested_checkpoint_state_is_a_checkpoint_error():
+    from timm_modcl.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, parse_checkpoint
+    from timm_modcl.errors import CheckpointError
+    for state in (_deep(), '{"a":' * 70 + '1' + '}' * 70):
+        data = st_save({'x': torch.zeros(1)}, metadata={
+            'format': CHECKPOINT_FORMAT, 'format_version': str(CHECKPOINT_FORMAT_VERSION), 'state': state})
+        with pytest.raises(CheckpointError, match='nested more than 64 levels'):
+            parse_checkpoint(data)
+    with pytest.raises(CheckpointError):  # and in the header itself
+        parse_checkpoint(_raw_adapter(data, _deep()))
