@@ -10,7 +10,6 @@ import multiprocessing
 import os
 import random
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from safetensors.torch import save as st_save
 import timm
 import timm_modcl
 from timm_modcl import AdapterError, AdapterFormatError, HubError, ModCLError, StateDictError
-from timm_modcl.adapter import ADAPTER_FILE, INDEX_FILE, read_adapter, read_index
+from timm_modcl.adapter import ADAPTER_FILE, INDEX_FILE, describe_adapter, read_adapter, read_index
 from timm_modcl.cli import main
 
 ARCH = 'modcl_mobilenetv2_050'
@@ -141,8 +140,7 @@ def test_deeply_nested_json_in_an_adapter_header_or_task_metadata_is_an_adapter_
         with pytest.raises(AdapterFormatError, match='nested more than 64 levels|corrupt'):
             model.load_task(data)
         with pytest.raises(AdapterFormatError):
-            timm_modcl.describe_adapter(data) if hasattr(timm_modcl, 'describe_adapter') else \
-                __import__('timm_modcl.adapter').adapter.describe_adapter(data)
+            describe_adapter(data)
         assert list(model.tasks) == before, what
     # and through a folder and a merge
     folder = _folder(tmp_path / 'src', ['t1'])
@@ -404,13 +402,16 @@ def _kill_during_merge(tmp_path, kills):
                           text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1'))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    counts = {'as it was': 0, 'complete': 0, 'finished': 0}
+    counts = {'as it was': 0, 'complete': 0, 'finished': 0, 'killed while writing': 0}
     model = _model()
     for entry in report['kills']:
         dest = Path(entry['dest'])
         counts['finished'] += entry['finished']
         new = dest.name.startswith('new')
         visible = sorted(p.name for p in dest.iterdir() if not p.name.startswith('.')) if dest.exists() else None
+        staged = list(tmp_path.glob(f'.{dest.name}.modcl-staging-*')) + (
+            list(dest.glob('.modcl-staging-*')) if dest.exists() else [])
+        counts['killed while writing'] += bool(staged)  # files were being staged when the kill came
         if new and not dest.exists():
             state = 'as it was'
         else:
@@ -427,7 +428,7 @@ def _kill_during_merge(tmp_path, kills):
                 assert visible == sorted(listed + [INDEX_FILE]), (entry, visible)
             assert model.load_tasks(dest, replace=True) == listed
             # the next writer cleans up after the killed one and completes the merge
-            assert timm_modcl.merge_adapter_folders(sorted(tmp_path.glob('src*')), dest) == want + tasks
+            assert timm_modcl.merge_adapter_folders(sorted(tmp_path.glob('src*')), dest, replace=True) == want + tasks
             assert not [p for p in dest.iterdir() if p.name.startswith('.')]
         counts[state] += 1
     return report, counts

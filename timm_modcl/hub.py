@@ -130,9 +130,9 @@ _GUARD = threading.local()
 _HOOK_LOCK = threading.Lock()
 
 
-def _check_response(response) -> None:
-    """httpx response hook, active only in the library's own Hub threads: refuse an answer whose ETag (or commit id)
-    huggingface_hub would turn into a path outside its cache.
+def _check_response(response, *args, **kwargs) -> None:
+    """HTTP response hook (httpx or requests), active only in the library's own Hub threads: refuse an answer whose
+    ETag (or commit id) huggingface_hub would turn into a path outside its cache.
 
     huggingface_hub (2.4.0, the newest release) names a downloaded blob after the server's ETag without checking
     it, so a hostile endpoint answering ``ETag: "../../x"`` or ``"/home/me/.bashrc"`` makes it write there.
@@ -140,7 +140,8 @@ def _check_response(response) -> None:
     if not getattr(_GUARD, 'active', False):
         return
     request = response.request
-    if request.method != 'HEAD' and 'resolve' not in request.url.path:
+    path = getattr(request.url, 'path', None) or getattr(request, 'path_url', '')  # httpx, requests
+    if request.method != 'HEAD' and 'resolve' not in path:
         return  # only file answers carry the ETag that names a cache file
     for key in ('X-Linked-Etag', 'ETag', 'X-Repo-Commit'):
         value = response.headers.get(key)
@@ -153,11 +154,13 @@ def _check_response(response) -> None:
 
 
 def _install_response_check() -> None:
-    """Add ``_check_response`` to huggingface_hub's shared HTTP client (once per client; a no-op elsewhere)."""
+    """Add ``_check_response`` to huggingface_hub's HTTP client (httpx in huggingface_hub >= 1.0, a requests session
+    before), once per client."""
     try:
         from huggingface_hub.utils import get_session
-        hooks = get_session().event_hooks['response']
-    except (ImportError, AttributeError, KeyError, TypeError):  # another client library: nothing to hook
+        session = get_session()
+        hooks = session.event_hooks['response'] if hasattr(session, 'event_hooks') else session.hooks['response']
+    except (ImportError, AttributeError, KeyError, TypeError):  # an unknown client: nothing to hook
         return
     with _HOOK_LOCK:
         if _check_response not in hooks:
