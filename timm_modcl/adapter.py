@@ -468,14 +468,17 @@ def save_tasks(
 ) -> Path:
     """Save tasks of ``model`` (default: all but ``base``) into a folder with one adapter per task and an index.
 
-    Tasks already in the folder's index that are not saved now stay listed (their files are kept).
+    Tasks already in the folder's index that are not saved now stay listed (their files are kept). Writers of one
+    folder, in any process, serialise on an OS lock of the folder, under which the index is re-read and updated, so
+    concurrent saves and merges lose no task.
 
     Returns:
         The folder.
 
     Raises:
         TaskNotFoundError: if a named task does not exist.
-        AdapterError: if the folder cannot be written.
+        AdapterError: if the folder cannot be written, a task's folder or file in it is a symbolic link, or another
+            writer held the folder for over two minutes.
     """
     directory = Path(directory)
     names = [n for n in model._modcl.tasks if n != BASE_TASK] if names is None else task_names(names)
