@@ -5,11 +5,13 @@ gets the permissions an ordinary ``open(path, 'w')`` would give it (``0o666`` mi
 file it replaces.
 """
 import contextlib
+import errno
 import json
 import os
 import stat
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Type, Union
 
@@ -96,6 +98,7 @@ def load_json(data: Union[bytes, str], error: Type[Exception], label: str, max_d
     return obj
 
 
+_NO_LOCKS = {getattr(errno, n) for n in ('ENOLCK', 'EINVAL', 'EOPNOTSUPP', 'ENOTSUP') if hasattr(errno, n)}
 #: Seconds a writer waits for another writer of the same folder before giving up.
 FOLDER_LOCK_TIMEOUT = 120.0
 
@@ -140,8 +143,13 @@ def folder_lock(folder: _PathLike, error: Type[Exception], timeout: float = FOLD
                         time.sleep(0.01)
                 locked, now = os.fstat(fd), os.stat(folder)
             except OSError as e:
-                raise error(f'could not lock folder {str(folder)!r}: {e.strerror or e}') from None
-            if (locked.st_dev, locked.st_ino) == (now.st_dev, now.st_ino):
+                if e.errno not in _NO_LOCKS:
+                    raise error(f'could not lock folder {str(folder)!r}: {e.strerror or e}') from None
+                # a file system without flock (some network / FUSE mounts): write, but say so
+                warnings.warn(f'{str(folder)!r} cannot be locked ({e.strerror}); concurrent writers of it are not '
+                              f'serialised', stacklevel=3)
+                locked = now = None
+            if locked is None or (locked.st_dev, locked.st_ino) == (now.st_dev, now.st_ino):
                 yield
                 return
             # the folder was replaced (renamed over) while we waited: lock the one that is there now
