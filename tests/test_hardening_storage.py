@@ -355,19 +355,47 @@ import torch
 torch.set_num_threads(1)
 import timm_modcl
 from pathlib import Path
-root, kills, seed = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+root, kills, seed, mode = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 rng = random.Random(seed)
 sources = sorted(p for p in root.iterdir() if p.name.startswith('src'))
+OPS = ('replace', 'rename', 'unlink', 'mkdir', 'rmdir')
 
-def merge(dest):
+
+def merge(dest, kill_at=None, count=None):
+    """Merge in a forked child; with ``kill_at``, it kills itself just before its kill_at-th file-system step."""
     pid = os.fork()
     if pid == 0:
         try:
+            steps = [0]
+            for name in OPS:
+                def step(*a, _real=getattr(os, name), **k):
+                    steps[0] += 1
+                    if steps[0] == kill_at:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return _real(*a, **k)
+                setattr(os, name, step)
             timm_modcl.merge_adapter_folders(sources, dest)
+            if count is not None:
+                Path(count).write_text(str(steps[0]))
             os._exit(0)
         except BaseException:
             os._exit(3)
     return pid
+
+
+if mode == 'steps':  # a kill before every file-system step of a merge into an existing and into a new folder
+    out = []
+    for kind in ('existing', 'new'):
+        pid = merge(root / ('probe_' + kind if kind == 'new' else 'existing_probe'), count=root / 'count')
+        assert os.waitpid(pid, 0)[1] == 0
+        n = int((root / 'count').read_text())
+        for k in range(1, n + 1):
+            dest = root / ('%s_step%d' % (kind, k))
+            pid = merge(dest, kill_at=k)
+            status = os.waitpid(pid, 0)[1]
+            out.append({'dest': str(dest), 'step': k, 'steps': n, 'finished': os.WIFEXITED(status)})
+    print(json.dumps({'duration': 0, 'kills': out}))
+    sys.exit(0)
 
 # the time a whole merge takes, without kills
 t0 = time.perf_counter()
@@ -388,21 +416,25 @@ print(json.dumps({'duration': duration, 'kills': out}))
 '''
 
 
-def _kill_during_merge(tmp_path, kills):
+def _kill_during_merge(tmp_path, kills, mode='random', sources=4):
     tasks = []
-    for i in range(4):
+    for i in range(sources):
         _folder(tmp_path / f'src{i}', [f's{i}a', f's{i}b'], seed=10 * i)
         tasks += [f's{i}a', f's{i}b']
-    for k in range(1, kills, 2):
-        _folder(tmp_path / f'existing{k}', ['d1'], seed=99)
-    old = _snapshot(tmp_path / 'existing1')
+    existing = [f'existing{k}' for k in range(1, kills, 2)] if mode == 'random' else \
+        ['existing_probe'] + [f'existing_step{k}' for k in range(1, 40 * sources)]
+    _folder(tmp_path / existing[0], ['d1'], seed=99)
+    for name in existing[1:]:
+        shutil.copytree(tmp_path / existing[0], tmp_path / name)
+    old = _snapshot(tmp_path / existing[0])
     script = tmp_path / 'kill.py'
     script.write_text(_KILL_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(kills), '0'], capture_output=True,
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(kills), '0', mode], capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1'))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    counts = {'as it was': 0, 'complete': 0, 'finished': 0, 'killed while writing': 0}
+    counts = {'as it was': 0, 'complete': 0, 'committed, finished by the next writer': 0, 'finished': 0,
+              'killed while writing': 0}
     model = _model()
     for entry in report['kills']:
         dest = Path(entry['dest'])
@@ -417,9 +449,18 @@ def _kill_during_merge(tmp_path, kills):
         else:
             listed = read_index(dest)['tasks']
             want = ([] if new else ['d1'])
-            if listed == want:
+            if listed == want and visible != sorted(want + [INDEX_FILE]):
+                # killed in the last renames of a decided merge: the index still lists the old tasks (each listed
+                # file is whole), and the commit record lets the next writer of the folder finish the merge
+                assert any((p / 'COMMIT.json').is_file() for p in staged), (entry, visible)
+                assert model.load_tasks(dest, replace=True) == listed
+                timm_modcl.save_tasks(model, dest, names=[])  # any writer: here a save of nothing
+                listed = read_index(dest)['tasks']
+                assert listed == want + tasks, (entry, listed)
+                assert sorted(p.name for p in dest.iterdir()) == sorted(listed + [INDEX_FILE])
+                state = 'committed, finished by the next writer'
+            elif listed == want:
                 state = 'as it was'
-                assert visible == sorted(want + [INDEX_FILE]), (entry, visible)  # no unlisted task file
                 if not new:
                     assert (dest / 'd1' / ADAPTER_FILE).read_bytes() == old[f'd1/{ADAPTER_FILE}']
             else:
@@ -437,8 +478,17 @@ def _kill_during_merge(tmp_path, kills):
 def test_a_kill_during_a_merge_leaves_the_destination_as_it_was_or_complete(tmp_path):
     kills = int(os.environ.get('MODCL_TEST_MERGE_KILLS', '16'))  # 75 for the report's count
     report, counts = _kill_during_merge(tmp_path, kills)
-    assert counts['as it was'] + counts['complete'] == kills
+    assert counts['as it was'] + counts['complete'] + counts['committed, finished by the next writer'] == kills
     print(f'{kills} kills during merges of {report["duration"]:.2f} s: {counts}')
+
+
+def test_a_kill_before_any_file_system_step_of_a_merge_leaves_the_destination_as_it_was_or_complete(tmp_path):
+    report, counts = _kill_during_merge(tmp_path, 0, mode='steps', sources=1)
+    steps = len(report['kills'])
+    assert steps >= 10
+    assert counts['as it was'] + counts['complete'] + counts['committed, finished by the next writer'] == steps
+    assert counts['finished'] == 0  # every one was killed
+    print(f'a kill before each of the {steps} file-system steps of two merges: {counts}')
 
 
 # ---------------------------------------------------------------- item 11: a hostile ETag writes nothing outside the cache

@@ -18,6 +18,7 @@ human-readable ``<task>/adapter_config.json`` per task, as PEFT lays out its ada
 Reading never unpickles anything and reads only regular files (inside an adapter folder: no links); every write goes
 to a temporary file that is renamed into place.
 """
+import contextlib
 import errno
 import json
 import math
@@ -500,6 +501,7 @@ def save_tasks(
     # writers of one folder (in any process) serialise, and the index is read, changed and written under the lock:
     # a task another writer listed meanwhile stays listed
     with folder_lock(directory, AdapterError):
+        _finish_interrupted(directory)
         _check_task_folders(directory, files)
         index_tasks: List[str] = []
         if (directory / INDEX_FILE).is_file():
@@ -709,6 +711,7 @@ def merge_adapter_folders(sources: Iterable[_PathLike], destination: _PathLike, 
         except FileExistsError:
             pass  # another writer created it meanwhile: merge into it as an existing folder
     with folder_lock(destination, AdapterError):
+        _finish_interrupted(destination)
         if (destination / INDEX_FILE).exists() or (destination / INDEX_FILE).is_symlink():
             read.insert(0, (destination, *_read_folder(destination, checkers)))
         if not read:
@@ -716,36 +719,78 @@ def merge_adapter_folders(sources: Iterable[_PathLike], destination: _PathLike, 
         ref, files, origin = _combine(read, replace)
         new = [n for n in files if origin[n] != destination]
         _check_task_folders(destination, new)
-        _remove_stale_staging(destination)
         staging = destination / f'{_STAGING}{os.getpid()}-{os.urandom(4).hex()}'
         try:
             _write_tasks(staging, {n: files[n] for n in new})  # kill here: the destination is as it was
-            for n in new:  # a few renames: the new files replace the old ones, then the index lists them
-                (destination / n).mkdir(exist_ok=True)
-                for f in (ADAPTER_FILE, ADAPTER_CONFIG_FILE):
-                    if (staging / n / f).exists():
-                        os.replace(staging / n / f, destination / n / f)
-                    elif f == ADAPTER_CONFIG_FILE and (destination / n / f).exists():
-                        (destination / n / f).unlink()  # a stale description of another adapter
-            atomic_write_bytes(destination / INDEX_FILE, _merged_index(ref, files))
+            commit = {'tasks': new, 'configs': [n for n in new if files[n][1]],
+                      'index': _merged_index(ref, files).decode()}
+            atomic_write_bytes(staging / _COMMIT, _json_bytes(commit))  # the merge is decided: kill after here,
+            _apply_staging(destination, staging)  # and the next writer of the folder finishes these renames
         except OSError as e:
-            raise AdapterError(f'could not write adapters to {str(destination)!r}: {e}') from e
-        finally:
             shutil.rmtree(staging, ignore_errors=True)
+            raise AdapterError(f'could not write adapters to {str(destination)!r}: {e}') from e
     return list(files)
 
 
 _STAGING = '.modcl-staging-'
+_COMMIT = 'COMMIT.json'
 
 
-def _remove_stale_staging(folder: Path) -> None:
-    """Remove what writers killed while staging files left behind (called under the folder's lock)."""
+def _apply_staging(folder: Path, staging: Path) -> None:
+    """Move a committed merge's staged files into ``folder`` (files first, the index last) and remove the staging
+    folder. Each step can be repeated, so a merge killed half-way is finished by running this again.
+
+    Raises:
+        OSError: a file cannot be moved. AdapterFormatError: a corrupt commit record. AdapterError: a symbolic link.
+    """
+    commit = load_json(read_file(staging / _COMMIT, inside=folder, max_bytes=_MAX_JSON_FILE), AdapterFormatError,
+                       repr(str(staging / _COMMIT)))
+    if not isinstance(commit, dict) or not isinstance(commit.get('tasks'), list) or \
+            not isinstance(commit.get('configs'), list) or not isinstance(commit.get('index'), str):
+        raise AdapterFormatError(f'{str(staging / _COMMIT)!r} is not a merge record')
+    tasks = [validate_task_name(n) for n in commit['tasks']]
+    index = commit['index'].encode()
+    parse_index(index, str(staging / _COMMIT))
+    _check_task_folders(folder, tasks)
+    for n in tasks:
+        (folder / n).mkdir(exist_ok=True)
+        for f in (ADAPTER_FILE, ADAPTER_CONFIG_FILE):
+            if os.path.lexists(staging / n / f):
+                os.replace(staging / n / f, folder / n / f)
+            elif f == ADAPTER_CONFIG_FILE and n not in commit['configs'] and os.path.lexists(folder / n / f):
+                (folder / n / f).unlink()  # a stale description of another adapter
+    atomic_write_bytes(folder / INDEX_FILE, index)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _finish_interrupted(folder: Path) -> None:
+    """Under the folder's lock: finish the merges that were killed after deciding (they left a commit record), and
+    remove what killed writers left staged or half-written (no other writer of the folder can be running).
+
+    Raises:
+        AdapterError: a committed merge cannot be finished (its record is corrupt, a task folder became a link).
+    """
     try:
         stale = [p for p in folder.iterdir() if p.name.startswith(_STAGING) and not p.is_symlink() and p.is_dir()]
     except OSError:
         return
     for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
+        if os.path.lexists(p / _COMMIT):
+            try:
+                _apply_staging(folder, p)
+            except OSError as e:
+                raise AdapterError(f'could not finish an interrupted merge into {str(folder)!r}: {e}') from e
+            except AdapterError as e:
+                raise AdapterError(f'could not finish an interrupted merge into {str(folder)!r}: {e}') from None
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    leftovers = list(folder.glob(f'.{INDEX_FILE}.*.tmp'))  # the temporary files of atomic_write_bytes
+    for name in (ADAPTER_FILE, ADAPTER_CONFIG_FILE):
+        leftovers += folder.glob(f'[!.]*/.{name}.*.tmp')
+    for p in leftovers:
+        with contextlib.suppress(OSError):
+            if not p.is_symlink() and folder.resolve() in (p.parent.resolve(), p.parent.resolve().parent):
+                p.unlink()
 
 
 def _merge_into_new(read, destination: Path, replace: bool) -> List[str]:
