@@ -668,10 +668,12 @@ def merge_adapter_folders(sources: Iterable[_PathLike], destination: _PathLike, 
     source, is read once.
 
     Writers of one folder serialise (an OS lock on the folder), and the destination's index is re-read under the
-    lock, so concurrent merges and saves lose no task. New files are written under temporary names and renamed
-    into place, the index last; a new destination is built beside its final name and renamed into place whole, so
-    an interrupted merge leaves no new destination at all. Task folders or files in the destination that are
-    symbolic links are refused, not followed.
+    lock, so concurrent merges and saves lose no task. New files are staged in a hidden folder of the destination,
+    then a commit record is written, then they are renamed into place, the index last: a merge killed before the
+    record leaves the destination as it was; one killed after it (in the last renames) leaves the old index, whose
+    files are all whole, and the next writer of the folder (a save or merge) finishes it. A new destination is built
+    beside its final name and renamed into place whole, so an interrupted merge leaves no new destination at all.
+    Task folders or files in the destination that are symbolic links are refused, not followed.
 
     Returns:
         The task names of the merged index, in order.

@@ -4,6 +4,8 @@ A Hub repo (or a ``subfolder`` of one) holds the same layout as ``save_tasks`` w
 ``<task>/adapter_model.safetensors`` + ``<task>/adapter_config.json``, plus a model card ``README.md``. Pushing adds
 tasks to what the repo already lists; pulling downloads only the index and the requested tasks' adapter files (no
 code, no full checkpoint) through the huggingface_hub cache, so pinned revisions and ``HF_HUB_OFFLINE=1`` work.
+Every Hub step runs within one time bound (``timeout=`` / ``MODCL_HUB_TIMEOUT``), and answers whose ETag would name
+a file outside the cache are refused (see ``_check_response``).
 """
 import math
 import re
