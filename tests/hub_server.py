@@ -185,6 +185,9 @@ class FakeHub:
         #: fault injection: called with (method, path) before a request is handled; returning "stall" keeps the
         #: connection open without answering (until stop()), "drop" closes it without an answer
         self.fault: Callable[[str, str], str | None] | None = None
+        #: hostile-server injection: called with (method, path, real etag) for each ``resolve`` answer; a string it
+        #: returns is sent as the ETag instead (e.g. ``"../../../outside"``)
+        self.etag: Callable[[str, str, str], str | None] | None = None
         self._stalled = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -771,7 +774,8 @@ class _HubHandler(BaseHTTPRequestHandler):
             location = f"/{URL_PREFIXES[repo_type]}{repo_id}/resolve/{commit.oid}/{quote(path)}"
             return self._send(307, b"", {**headers, "Location": location, "Content-Type": "text/plain"})
         data = self.hub._blobs[oid]
-        headers.update({"ETag": f'"{oid}"', "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"})
+        etag = self.hub.etag(self.command, self.path, oid) if self.hub.etag is not None else None
+        headers.update({"ETag": f'"{etag or oid}"', "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"})
         status, body = 200, data
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         if match and self.command == "GET":

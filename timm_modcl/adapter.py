@@ -18,11 +18,15 @@ human-readable ``<task>/adapter_config.json`` per task, as PEFT lays out its ada
 Reading never unpickles anything and reads only regular files (inside an adapter folder: no links); every write goes
 to a temporary file that is renamed into place.
 """
+import contextlib
+import errno
 import json
 import math
 import os
+import shutil
 import stat
 import struct
+import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -33,10 +37,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ._io import atomic_write_bytes
+from ._io import _umask, atomic_write_bytes, folder_lock, load_json
 from .config import TaskConfig
 from .core import MAX_CLASSES, MAX_MODULATOR
-from .errors import AdapterError, AdapterFormatError, FingerprintMismatchError, TaskError, TaskExistsError
+from .errors import (
+    AdapterError, AdapterFormatError, FingerprintMismatchError, ModCLError, TaskError, TaskExistsError,
+)
 from .layers import modulator_shape
 from .task import BASE_TASK, TaskInfo, TaskState, validate_metadata, validate_task_name
 from .version import __version__
@@ -235,10 +241,7 @@ def _read_header(data: bytes, source: str) -> Dict[str, Any]:
     (n,) = struct.unpack('<Q', data[:8])
     if n > _MAX_HEADER or 8 + n > len(data):
         raise AdapterFormatError(f'{source} is truncated or not a safetensors file (header length {n})')
-    try:
-        header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, ValueError) as e:
-        raise AdapterFormatError(f'{source} has a corrupt safetensors header: {e}') from None
+    header = load_json(data[8:8 + n], AdapterFormatError, f'the safetensors header of {source}')
     if not isinstance(header, dict):
         raise AdapterFormatError(f'{source} has a corrupt safetensors header')
     return header
@@ -305,10 +308,7 @@ def _v1_config(model, task_meta: Mapping[str, Any], tensors: Mapping[str, torch.
 
 def _task_json(meta: Mapping[str, str], source: str) -> Dict[str, Any]:
     """The ``task`` entry of an adapter header, as a dict."""
-    try:
-        task_meta = json.loads(meta.get('task', ''))
-    except ValueError:
-        raise AdapterFormatError(f'{source} has corrupt task metadata') from None
+    task_meta = load_json(meta.get('task', ''), AdapterFormatError, f'the task metadata of {source}')
     if not isinstance(task_meta, dict):
         raise AdapterFormatError(f'{source} has corrupt task metadata')
     return task_meta
@@ -476,14 +476,17 @@ def save_tasks(
 ) -> Path:
     """Save tasks of ``model`` (default: all but ``base``) into a folder with one adapter per task and an index.
 
-    Tasks already in the folder's index that are not saved now stay listed (their files are kept).
+    Tasks already in the folder's index that are not saved now stay listed (their files are kept). Writers of one
+    folder, in any process, serialise on an OS lock of the folder, under which the index is re-read and updated, so
+    concurrent saves and merges lose no task.
 
     Returns:
         The folder.
 
     Raises:
         TaskNotFoundError: if a named task does not exist.
-        AdapterError: if the folder cannot be written, or a task has a tensor the loader would refuse (NaN or Inf
+        AdapterError: if the folder cannot be written, a task's folder or file in it is a symbolic link, another
+            writer held the folder for over two minutes, or a task has a tensor the loader would refuse (NaN or Inf
             values, ...): then nothing is written.
     """
     directory = Path(directory)
@@ -492,11 +495,6 @@ def save_tasks(
         model._task(n)
     arch, tag = _architecture(model)
     fingerprint = model.backbone_fingerprint()
-    index_tasks: List[str] = []
-    if (directory / INDEX_FILE).is_file():
-        old = read_index(directory)
-        if old.get('architecture') == arch and old.get('backbone_fingerprint') == fingerprint:
-            index_tasks = [t for t in old.get('tasks', []) if (directory / t / ADAPTER_FILE).is_file()]
     # every task serialised first: one that cannot be (an fp16 overflow) fails before any file is written
     files = {n: (adapter_bytes(model, n, dtype=dtype, include_head=include_head),
                  _json_bytes(dict(model._task(n).meta(), architecture=arch, pretrained_tag=tag,
@@ -505,15 +503,52 @@ def save_tasks(
                                   dtype=str(dtype or torch.float32).replace('torch.', ''))))
              for n in names}
     try:
-        for n, (data, config) in files.items():
-            atomic_write_bytes(_task_file(directory, n), data)
-            atomic_write_bytes(directory / n / ADAPTER_CONFIG_FILE, config)
-            if n not in index_tasks:
-                index_tasks.append(n)
-        write_index(model, directory, index_tasks)
+        directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise AdapterError(f'could not write adapters to {str(directory)!r}: {e}') from e
+        raise AdapterError(f'could not create the adapter folder {str(directory)!r}: {e}') from e
+    # writers of one folder (in any process) serialise, and the index is read, changed and written under the lock:
+    # a task another writer listed meanwhile stays listed
+    with folder_lock(directory, AdapterError):
+        _finish_interrupted(directory)
+        _check_task_folders(directory, files)
+        index_tasks: List[str] = []
+        if (directory / INDEX_FILE).is_file():
+            old = read_index(directory)
+            if old.get('architecture') == arch and old.get('backbone_fingerprint') == fingerprint:
+                index_tasks = [t for t in old.get('tasks', []) if (directory / t / ADAPTER_FILE).is_file()]
+        try:
+            for n, (data, config) in files.items():
+                atomic_write_bytes(_task_file(directory, n), data)
+                atomic_write_bytes(directory / n / ADAPTER_CONFIG_FILE, config)
+                if n not in index_tasks:
+                    index_tasks.append(n)
+            write_index(model, directory, index_tasks)
+        except OSError as e:
+            raise AdapterError(f'could not write adapters to {str(directory)!r}: {e}') from e
     return directory
+
+
+def _check_task_folders(directory: Path, names: Iterable[str]) -> None:
+    """Refuse to write a task whose folder (or file) in ``directory`` is a link or not a folder: writing through it
+    would put files outside the adapter folder.
+
+    Raises:
+        AdapterError: naming the first such task.
+    """
+    for n in names:
+        for path, kind in ((directory / n, 'folder'), (directory / n / ADAPTER_FILE, 'file'),
+                           (directory / n / ADAPTER_CONFIG_FILE, 'file')):
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise AdapterError(f'cannot check {str(path)!r}: {e.strerror or e}') from None
+            if stat.S_ISLNK(mode):
+                raise AdapterError(f'{str(path)!r} is a symbolic link; adapter folders are written without following '
+                                   f'links (remove it first); nothing was written')
+            if kind == 'folder' and not stat.S_ISDIR(mode) or kind == 'file' and not stat.S_ISREG(mode):
+                raise AdapterError(f'{str(path)!r} is not a {kind}; nothing was written')
 
 
 def _index(arch: str, tag: str, fingerprint: str, tasks: List[str]) -> Dict[str, Any]:
@@ -555,10 +590,7 @@ def read_index_file(path: _PathLike, label: Optional[str] = None) -> Dict[str, A
 
 def parse_index(data: bytes, label: str) -> Dict[str, Any]:
     """Check the content of a ``modcl_index.json`` (see ``read_index``)."""
-    try:
-        index = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise AdapterFormatError(f'{label!r} is corrupt: {e}') from None
+    index = load_json(data, AdapterFormatError, repr(label))
     if not isinstance(index, dict) or index.get('format') != INDEX_FORMAT:
         raise AdapterFormatError(f'{label!r} is not a timm_modcl adapter index')
     if index.get('format_version') != INDEX_FORMAT_VERSION:
@@ -636,21 +668,32 @@ def load_task_files(
 def merge_adapter_folders(sources: Iterable[_PathLike], destination: _PathLike, replace: bool = False) -> List[str]:
     """Merge adapter folders written from the same backbone (e.g. by workers that each learned some tasks) into one.
 
-    Every source index and adapter is validated first, and all must share the architecture and the backbone
-    fingerprint; nothing is written unless all of them do. The adapter files are copied byte for byte, so each
-    merged task is bit-identical to its worker's. ``destination`` may already hold adapters of the same backbone
-    (they stay listed, first); a folder named twice, or the destination named as a source, is read once.
+    Every source index and adapter is validated first, each adapter as the loader would (header, every tensor's
+    shape against the task's config and the architecture, finiteness, value bounds), and all must share the
+    architecture and the backbone fingerprint; nothing is written unless all of them pass. The adapter files are
+    copied byte for byte, so each merged task is bit-identical to its worker's. ``destination`` may already hold
+    adapters of the same backbone (they stay listed, first); a folder named twice, or the destination named as a
+    source, is read once.
+
+    Writers of one folder serialise (an OS lock on the folder), and the destination's index is re-read under the
+    lock, so concurrent merges and saves lose no task. New files are staged in a hidden folder of the destination,
+    then a commit record is written, then they are renamed into place, the index last: a merge killed before the
+    record leaves the destination as it was; one killed after it (in the last renames) leaves the old index, whose
+    files are all whole, and the next writer of the folder (a save or merge) finishes it. A new destination is built
+    beside its final name and renamed into place whole, so an interrupted merge leaves no new destination at all.
+    Task folders or files in the destination that are symbolic links are refused, not followed.
 
     Returns:
         The task names of the merged index, in order.
 
     Raises:
         FingerprintMismatchError: sources (or the destination) come from different backbone weights.
-        AdapterFormatError: a different architecture, a corrupt index or adapter, an adapter whose header does not
-            match its index.
+        AdapterFormatError: a different architecture, a corrupt index or adapter (wrong shapes, NaN/Inf or
+            out-of-range values, malformed metadata), an adapter whose header does not match its index.
         TaskExistsError: two sources (or a source and the destination) hold the same task name (unless ``replace``,
             where the later source wins).
-        AdapterError: no source, a folder that is not an adapter folder, or one that cannot be read or written.
+        AdapterError: no source, a folder that is not an adapter folder, one that cannot be read or written, a
+            symbolic link in the destination.
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
@@ -668,15 +711,143 @@ def merge_adapter_folders(sources: Iterable[_PathLike], destination: _PathLike, 
         if key not in seen:
             seen.add(key)
             folders.append(src)
-    indexes = [(s, read_index(s)) for s in folders]
-    if (destination / INDEX_FILE).exists():
-        indexes.insert(0, (destination, read_index(destination)))
-    if not indexes:
-        raise AdapterError(f'{str(destination)!r} has no {INDEX_FILE}: not a folder of timm_modcl adapters')
-    ref_dir, ref = indexes[0]
+    checkers: Dict[str, Any] = {}
+    read = [(s, *_read_folder(s, checkers)) for s in folders]  # sources: validated before any lock or write
+    if not destination.exists() and not destination.is_symlink():
+        if not read:
+            raise AdapterError(f'{str(destination)!r} has no {INDEX_FILE}: not a folder of timm_modcl adapters')
+        try:
+            return _merge_into_new(read, destination, replace)
+        except FileExistsError:
+            pass  # another writer created it meanwhile: merge into it as an existing folder
+    with folder_lock(destination, AdapterError):
+        _finish_interrupted(destination)
+        if (destination / INDEX_FILE).exists() or (destination / INDEX_FILE).is_symlink():
+            read.insert(0, (destination, *_read_folder(destination, checkers)))
+        if not read:
+            raise AdapterError(f'{str(destination)!r} has no {INDEX_FILE}: not a folder of timm_modcl adapters')
+        ref, files, origin = _combine(read, replace)
+        new = [n for n in files if origin[n] != destination]
+        _check_task_folders(destination, new)
+        staging = destination / f'{_STAGING}{os.getpid()}-{os.urandom(4).hex()}'
+        try:
+            _write_tasks(staging, {n: files[n] for n in new})  # kill here: the destination is as it was
+            commit = {'tasks': new, 'configs': [n for n in new if files[n][1]],
+                      'index': _merged_index(ref, files).decode()}
+            atomic_write_bytes(staging / _COMMIT, _json_bytes(commit))  # the merge is decided: kill after here,
+            _apply_staging(destination, staging)  # and the next writer of the folder finishes these renames
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise AdapterError(f'could not write adapters to {str(destination)!r}: {e}') from e
+    return list(files)
+
+
+_STAGING = '.modcl-staging-'
+_COMMIT = 'COMMIT.json'
+
+
+def _apply_staging(folder: Path, staging: Path) -> None:
+    """Move a committed merge's staged files into ``folder`` (files first, the index last) and remove the staging
+    folder. Each step can be repeated, so a merge killed half-way is finished by running this again.
+
+    Raises:
+        OSError: a file cannot be moved. AdapterFormatError: a corrupt commit record. AdapterError: a symbolic link.
+    """
+    commit = load_json(read_file(staging / _COMMIT, inside=folder, max_bytes=_MAX_JSON_FILE), AdapterFormatError,
+                       repr(str(staging / _COMMIT)))
+    if not isinstance(commit, dict) or not isinstance(commit.get('tasks'), list) or \
+            not isinstance(commit.get('configs'), list) or not isinstance(commit.get('index'), str):
+        raise AdapterFormatError(f'{str(staging / _COMMIT)!r} is not a merge record')
+    tasks = [validate_task_name(n) for n in commit['tasks']]
+    index = commit['index'].encode()
+    parse_index(index, str(staging / _COMMIT))
+    _check_task_folders(folder, tasks)
+    for n in tasks:
+        (folder / n).mkdir(exist_ok=True)
+        for f in (ADAPTER_FILE, ADAPTER_CONFIG_FILE):
+            if os.path.lexists(staging / n / f):
+                os.replace(staging / n / f, folder / n / f)
+            elif f == ADAPTER_CONFIG_FILE and n not in commit['configs'] and os.path.lexists(folder / n / f):
+                (folder / n / f).unlink()  # a stale description of another adapter
+    atomic_write_bytes(folder / INDEX_FILE, index)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _finish_interrupted(folder: Path) -> None:
+    """Under the folder's lock: finish the merges that were killed after deciding (they left a commit record), and
+    remove what killed writers left staged or half-written (no other writer of the folder can be running).
+
+    Raises:
+        AdapterError: a committed merge cannot be finished (its record is corrupt, a task folder became a link).
+    """
+    try:
+        stale = [p for p in folder.iterdir() if p.name.startswith(_STAGING) and not p.is_symlink() and p.is_dir()]
+    except OSError:
+        return
+    for p in stale:
+        if os.path.lexists(p / _COMMIT):
+            try:
+                _apply_staging(folder, p)
+            except OSError as e:
+                raise AdapterError(f'could not finish an interrupted merge into {str(folder)!r}: {e}') from e
+            except AdapterError as e:
+                raise AdapterError(f'could not finish an interrupted merge into {str(folder)!r}: {e}') from None
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    leftovers = list(folder.glob(f'.{INDEX_FILE}.*.tmp'))  # the temporary files of atomic_write_bytes
+    for name in (ADAPTER_FILE, ADAPTER_CONFIG_FILE):
+        leftovers += folder.glob(f'[!.]*/.{name}.*.tmp')
+    for p in leftovers:
+        with contextlib.suppress(OSError):
+            if not p.is_symlink() and folder.resolve() in (p.parent.resolve(), p.parent.resolve().parent):
+                p.unlink()
+
+
+def _merge_into_new(read, destination: Path, replace: bool) -> List[str]:
+    """Build a new merged folder beside ``destination`` and rename it into place whole.
+
+    Raises:
+        FileExistsError: ``destination`` appeared meanwhile (the caller merges into it instead).
+    """
+    ref, files, _ = _combine(read, replace)
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f'.{destination.name}{_STAGING}', dir=destination.parent))
+    except OSError as e:
+        raise AdapterError(f'could not create {str(destination)!r}: {e}') from e
+    try:
+        _write_tasks(staging, files)
+        atomic_write_bytes(staging / INDEX_FILE, _merged_index(ref, files))
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; a folder made by mkdir would not be
+        if destination.exists() or destination.is_symlink():
+            raise FileExistsError(str(destination))
+        os.rename(staging, destination)  # fails if another writer filled it meanwhile
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, FileExistsError) or e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(str(destination)) from None
+        raise AdapterError(f'could not write adapters to {str(destination)!r}: {e}') from e
+    return list(files)
+
+
+def _write_tasks(folder: Path, files: Mapping[str, Tuple[bytes, bytes]]) -> None:
+    for n, (data, config) in files.items():
+        atomic_write_bytes(_task_file(folder, n), data)
+        if config:
+            atomic_write_bytes(folder / n / ADAPTER_CONFIG_FILE, config)
+
+
+def _merged_index(ref: Mapping[str, Any], files: Mapping[str, Any]) -> bytes:
+    return _json_bytes(_index(ref['architecture'], ref.get('pretrained_tag', ''), ref['backbone_fingerprint'],
+                              list(files)))
+
+
+def _combine(read, replace: bool):
+    """``(reference index, {task: (adapter, config)}, {task: folder})`` of validated folders, first one first."""
+    ref_dir, ref, _ = read[0]
     files: 'OrderedDict[str, Tuple[bytes, bytes]]' = OrderedDict()
     origin: Dict[str, Path] = {}
-    for folder, index in indexes:
+    for folder, index, tasks in read:
         if index['architecture'] != ref['architecture']:
             raise AdapterFormatError(f'{str(folder)!r} holds adapters of {index["architecture"]}, '
                                      f'{str(ref_dir)!r} of {ref["architecture"]}')
@@ -685,36 +856,79 @@ def merge_adapter_folders(sources: Iterable[_PathLike], destination: _PathLike, 
                 f'{str(folder)!r} was trained on other backbone weights (fingerprint '
                 f'{index["backbone_fingerprint"][:12]}...) than {str(ref_dir)!r} '
                 f'({ref["backbone_fingerprint"][:12]}...); only adapters of the same backbone can be merged')
-        for n in index['tasks']:
+        for n, content in tasks.items():
             if n in files and not replace:
                 raise TaskExistsError(f'task {n!r} is in both {str(origin[n])!r} and {str(folder)!r} (pass '
                                       f'replace=True / --replace to keep the later one)')
-            data = read_file(_task_file(folder, n), inside=folder, what='adapter file')
-            meta, _ = read_adapter(data, f'{folder}/{n}/{ADAPTER_FILE}')
-            if meta.get('backbone_fingerprint') != index['backbone_fingerprint'] or \
-                    meta.get('architecture') != index['architecture']:
-                raise AdapterFormatError(f'{str(folder)!r}: the adapter of task {n!r} does not match its index')
-            if _task_json(meta, f'{folder}/{n}/{ADAPTER_FILE}').get('name') != n:
-                raise AdapterFormatError(f'{str(folder)!r}: the adapter of task {n!r} is named otherwise')
-            config_path = folder / n / ADAPTER_CONFIG_FILE
-            config = read_file(config_path, inside=folder, max_bytes=_MAX_JSON_FILE) if config_path.exists() else b''
-            files[n] = (data, config)
+            files[n] = content  # with replace, the later source wins (in the first one's position)
             origin[n] = folder
-    try:
-        for n, (data, config) in files.items():
-            if origin[n] == destination:
-                continue  # already there, byte for byte
-            atomic_write_bytes(_task_file(destination, n), data)
-            config_path = destination / n / ADAPTER_CONFIG_FILE
-            if config:
-                atomic_write_bytes(config_path, config)
-            elif config_path.exists():
-                config_path.unlink()  # a stale description of another adapter
-        atomic_write_bytes(destination / INDEX_FILE, _json_bytes(_index(
-            ref['architecture'], ref.get('pretrained_tag', ''), ref['backbone_fingerprint'], list(files))))
-    except OSError as e:
-        raise AdapterError(f'could not write adapters to {str(destination)!r}: {e}') from e
-    return list(files)
+    return ref, files, origin
+
+
+def _read_folder(folder: Path, checkers: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Tuple[bytes, bytes]]]:
+    """A folder's index and ``{task: (adapter bytes, config bytes)}``, every adapter validated as the loader would.
+
+    Raises:
+        AdapterError, AdapterFormatError: as ``merge_adapter_folders``.
+    """
+    index = read_index(folder)
+    check = checkers.get(index['architecture'])
+    if check is None:
+        check = checkers[index['architecture']] = _adapter_checker(index['architecture'])
+    tasks: Dict[str, Tuple[bytes, bytes]] = {}
+    for n in index['tasks']:
+        label = f'{folder}/{n}/{ADAPTER_FILE}'
+        data = read_file(_task_file(folder, n), inside=folder, what='adapter file')
+        meta, tensors = read_adapter(data, label)
+        if meta.get('backbone_fingerprint') != index['backbone_fingerprint'] or \
+                meta.get('architecture') != index['architecture']:
+            raise AdapterFormatError(f'{str(folder)!r}: the adapter of task {n!r} does not match its index')
+        if describe_adapter(data).get('name') != n:
+            raise AdapterFormatError(f'{str(folder)!r}: the adapter of task {n!r} is named otherwise')
+        check(data, meta, tensors, repr(label))
+        config_path = folder / n / ADAPTER_CONFIG_FILE
+        config = b''
+        if config_path.exists() or config_path.is_symlink():
+            config = read_file(config_path, inside=folder, max_bytes=_MAX_JSON_FILE)
+            if not isinstance(load_json(config, AdapterFormatError, repr(str(config_path))), dict):
+                raise AdapterFormatError(f'{str(config_path)!r} is not a JSON object')
+        tasks[n] = (data, config)
+    return index, tasks
+
+
+def _adapter_checker(architecture: str):
+    """A function ``(data, meta, tensors, label)`` that validates an adapter of ``architecture`` without a backbone.
+
+    For a registered ``modcl_*`` model, an untrained copy of it (built once, no weights downloaded) checks every
+    tensor exactly as ``load_task`` would, its fingerprint aside; for other architectures, the values are checked
+    (floating tensors finite, modulators within the loader's bound).
+    """
+    import timm
+    model = None
+    if architecture in timm.list_models('modcl_*'):
+        try:
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                model = timm.create_model(architecture, pretrained=False)
+        except Exception:  # noqa: BLE001 - fall back to the value checks below
+            model = None
+
+    def check(data: bytes, meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor], label: str) -> None:
+        for k, t in tensors.items():
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                raise AdapterFormatError(f'{label}: {k} holds NaN or infinite values; nothing was merged')
+            if k.startswith('modulator.') and t.numel() and float(t.abs().max()) > MAX_MODULATOR:
+                raise AdapterFormatError(f'{label}: {k} has values beyond +-{MAX_MODULATOR:g}; nothing was merged')
+        if model is not None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter('ignore')
+                    build_task(model, data, allow_fingerprint_mismatch=True, label=label)
+            except AdapterError:
+                raise
+            except ModCLError as e:
+                raise AdapterFormatError(f'{label}: {e}') from None
+    return check
 
 
 class AdapterMixin:

@@ -31,7 +31,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ._io import atomic_write_bytes
+from ._io import atomic_write_bytes, load_json
 from .adapter import read_file
 from .errors import AdapterError, CheckpointError
 from .version import __version__
@@ -584,8 +584,9 @@ def parse_checkpoint(data: bytes, label: str = 'checkpoint') -> TrainCheckpoint:
         raise CheckpointError(f'{label} is not a timm_modcl training checkpoint')
     if meta.get('format_version') != str(CHECKPOINT_FORMAT_VERSION):
         raise CheckpointError(f'{label} has unknown checkpoint format version {meta.get("format_version")!r}')
+    state = load_json(meta.get('state', ''), CheckpointError, f'the state of {label}')  # nesting bounded
     try:
-        state = _decode(json.loads(meta.get('state', '')))
+        state = _decode(state)
     except (ValueError, TypeError, RecursionError) as e:
         raise CheckpointError(f'{label}: corrupt state ({type(e).__name__}: {str(e)[:200]})') from None
     required = {'task': str, 'task_meta': dict, 'backbone_fingerprint': str, 'epoch': int, 'done': bool,

@@ -698,27 +698,22 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
-def _remote_index(args) -> Optional[Dict[str, Any]]:
-    """The repo's index (architecture, fingerprint), or ``None`` (``pull_tasks`` then reports the problem)."""
-    try:
-        from huggingface_hub import hf_hub_download
-
-        from .adapter import INDEX_FILE, read_index_file
-        from .version import __version__
-        name = f'{args.subfolder.strip("/")}/{INDEX_FILE}' if args.subfolder else INDEX_FILE
-        path = hf_hub_download(args.repo_id, name, revision=args.revision, token=args.token,
-                               endpoint=args.endpoint, library_name='timm_modcl', library_version=__version__)
-        return read_index_file(path)
-    except Exception:  # noqa: BLE001
-        return None
+def _remote_index(args, timeout: float) -> Dict[str, Any]:
+    """The repo's checked index (architecture, fingerprint, tasks), fetched by the library within ``timeout``."""
+    from .hub import remote_index
+    return remote_index(args.repo_id, revision=args.revision, subfolder=args.subfolder, token=args.token,
+                        endpoint=args.endpoint, timeout=timeout)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from ._settings import hub_timeout
     from .adapter import load_tasks, save_tasks
     from .hub import pull_tasks
     out = Path(args.out)
     local = _read_index_if_any(out)
-    remote = _remote_index(args)
+    timeout, t0 = hub_timeout(), time.monotonic()  # one MODCL_HUB_TIMEOUT for all the Hub steps of the pull
+    remote = _remote_index(args, timeout)
+    hub_time = time.monotonic() - t0
     ref = local or remote
     if args.model is not None:
         name = args.model
@@ -741,7 +736,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     if clash and not args.replace:
         raise TaskExistsError(f'task {clash[0]!r} already exists in {str(out)!r}; pass --replace to overwrite it')
     pulled = pull_tasks(model, args.repo_id, args.task, revision=args.revision, subfolder=args.subfolder,
-                        token=args.token, endpoint=args.endpoint, replace=args.replace)
+                        token=args.token, endpoint=args.endpoint, replace=args.replace,
+                        timeout=max(timeout - hub_time, 0.001))
     save_tasks(model, out, names=pulled)
     _say(f'pulled {len(pulled)} task(s) ({", ".join(pulled)}) from {args.repo_id} into {out}')
     return 0

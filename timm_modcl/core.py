@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ._io import load_json
 from ._settings import weight_cache_bytes
 from .config import DEFAULT_CONFIG, LayerResolution, TaskConfig
 from .methods import method_of
@@ -164,10 +165,7 @@ def _json_tensor(obj: Any) -> torch.Tensor:
 def _read_json_tensor(t: Any) -> Any:
     if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.ndim != 1 or t.numel() > _MAX_META_BYTES:
         raise StateDictError(f'{_META_KEY!r} must be a 1-D uint8 tensor of JSON text')
-    try:
-        return json.loads(bytes(t.cpu().numpy().tobytes()).decode('utf-8'))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise StateDictError(f'{_META_KEY!r} is not valid JSON: {e}') from None
+    return load_json(bytes(t.cpu().numpy().tobytes()), StateDictError, f'{_META_KEY!r}')
 
 
 def _prepare_compiled_call(model: nn.Module, args) -> None:

@@ -4,8 +4,11 @@ A Hub repo (or a ``subfolder`` of one) holds the same layout as ``save_tasks`` w
 ``<task>/adapter_model.safetensors`` + ``<task>/adapter_config.json``, plus a model card ``README.md``. Pushing adds
 tasks to what the repo already lists; pulling downloads only the index and the requested tasks' adapter files (no
 code, no full checkpoint) through the huggingface_hub cache, so pinned revisions and ``HF_HUB_OFFLINE=1`` work.
+Every Hub step runs within one time bound (``timeout=`` / ``MODCL_HUB_TIMEOUT``), and answers whose ETag would name
+a file outside the cache are refused (see ``_check_response``).
 """
 import math
+import re
 import tempfile
 import threading
 import time
@@ -27,7 +30,7 @@ from .errors import HubError
 from .task import BASE_TASK
 from .version import __version__
 
-__all__ = ['push_tasks', 'pull_tasks', 'task_model_card', 'HubMixin']
+__all__ = ['push_tasks', 'pull_tasks', 'remote_index', 'task_model_card', 'HubMixin']
 
 LIBRARY_NAME = 'timm_modcl'
 
@@ -100,7 +103,12 @@ def _within(deadline: float, fn, what: str, repo_id: str, revision: Optional[str
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             box['error'] = e
 
-    thread = threading.Thread(target=target, name='timm_modcl-hub', daemon=True)
+    def guarded() -> None:
+        _install_response_check()
+        _GUARD.active = True  # this thread is the library's: its Hub answers are checked (see _check_response)
+        target()
+
+    thread = threading.Thread(target=guarded, name='timm_modcl-hub', daemon=True)
     started = time.monotonic()
     thread.start()
     thread.join(min(max(0.0, deadline - started), threading.TIMEOUT_MAX))
@@ -116,6 +124,81 @@ def _within(deadline: float, fn, what: str, repo_id: str, revision: Optional[str
             raise _hub_error(e, repo_id, revision, what)
         raise e
     return box.get('value')
+
+
+#: what huggingface_hub may turn into a file name in its cache: a plain identifier (real ETags are hex digests)
+_SAFE_NAME = re.compile(r'[0-9A-Za-z_-][0-9A-Za-z._-]{0,199}')
+_GUARD = threading.local()
+_HOOK_LOCK = threading.Lock()
+
+
+def _check_response(response, *args, **kwargs) -> None:
+    """HTTP response hook (httpx or requests), active only in the library's own Hub threads: refuse an answer whose
+    ETag (or commit id) huggingface_hub would turn into a path outside its cache.
+
+    huggingface_hub (2.4.0, the newest release) names a downloaded blob after the server's ETag without checking
+    it, so a hostile endpoint answering ``ETag: "../../x"`` or ``"/home/me/.bashrc"`` makes it write there.
+    """
+    if not getattr(_GUARD, 'active', False):
+        return
+    request = response.request
+    path = getattr(request.url, 'path', None) or getattr(request, 'path_url', '')  # httpx, requests
+    if request.method != 'HEAD' and 'resolve' not in path:
+        return  # only file answers carry the ETag that names a cache file
+    for key in ('X-Linked-Etag', 'ETag', 'X-Repo-Commit'):
+        value = response.headers.get(key)
+        if value is None:
+            continue
+        name = value if key == 'X-Repo-Commit' else value.lstrip('W/').strip('"')  # as huggingface_hub reads it
+        if not _SAFE_NAME.fullmatch(name):
+            raise HubError(f'the Hub answered a malformed {key} header ({value[:60]!r}), which would name a file '
+                           f'outside the download cache; refusing it (is HF_ENDPOINT a trusted server?)')
+
+
+def _install_response_check() -> None:
+    """Add ``_check_response`` to huggingface_hub's HTTP client (httpx in huggingface_hub >= 1.0, a requests session
+    before), once per client."""
+    try:
+        from huggingface_hub.utils import get_session
+        session = get_session()
+        hooks = session.event_hooks['response'] if hasattr(session, 'event_hooks') else session.hooks['response']
+    except (ImportError, AttributeError, KeyError, TypeError):  # an unknown client: nothing to hook
+        return
+    with _HOOK_LOCK:
+        if _check_response not in hooks:
+            hooks.append(_check_response)
+
+
+def _fetch_index(deadline: float, repo_id: str, subfolder: Optional[str], kw: Dict[str, Any]) -> Dict[str, Any]:
+    path = _within(deadline, lambda: hf_hub_download(repo_id, _join(subfolder, INDEX_FILE), **kw),
+                   f'{INDEX_FILE} (is it a timm_modcl adapter repo?)', repo_id, kw.get('revision'))
+    return read_index_file(path, f'{repo_id}/{INDEX_FILE}')
+
+
+def remote_index(
+        repo_id: str,
+        *,
+        revision: Optional[str] = None,
+        subfolder: Optional[str] = None,
+        token: Optional[str] = None,
+        cache_dir: Optional[str] = None,
+        endpoint: Optional[str] = None,
+        local_files_only: bool = False,
+        timeout: Optional[float] = None,
+) -> Dict[str, Any]:
+    """The checked ``modcl_index.json`` of a Hub repo (architecture, backbone fingerprint, task names), downloaded
+    through the huggingface_hub cache as ``pull_tasks`` does, within ``timeout`` seconds (default
+    ``MODCL_HUB_TIMEOUT`` or 120).
+
+    Raises:
+        HubError: as ``pull_tasks`` (not found, not cached while offline, network, no answer within ``timeout``).
+        AdapterFormatError: the index is corrupt.
+    """
+    deadline = _deadline(timeout)
+    kw: Dict[str, Any] = dict(
+        revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint, local_files_only=local_files_only,
+        library_name=LIBRARY_NAME, library_version=__version__)
+    return _fetch_index(deadline, repo_id, subfolder, kw)
 
 
 def _base_model_id(model) -> Optional[str]:
@@ -298,9 +381,7 @@ def pull_tasks(
     kw: Dict[str, Any] = dict(
         revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint, local_files_only=local_files_only,
         library_name=LIBRARY_NAME, library_version=__version__)
-    index_path = _within(deadline, lambda: hf_hub_download(repo_id, _join(subfolder, INDEX_FILE), **kw),
-                         f'{INDEX_FILE} (is it a timm_modcl adapter repo?)', repo_id, revision)
-    index = read_index_file(index_path, f'{repo_id}/{INDEX_FILE}')
+    index = _fetch_index(deadline, repo_id, subfolder, kw)
     wanted = list(index['tasks']) if wanted is None else wanted
     missing = [n for n in wanted if n not in index['tasks']]
     if missing:
