@@ -27,6 +27,10 @@ across tasks, higher is better:
   class (``forward_tasks``), whatever the number of tasks. The statistics are computed from a task's training data by
   ``compute_task_statistics`` (``train_task(..., prototypes=True)`` calls it) and stored as ``stats.proto_*`` tensors
   in the task's adapter file (statistics, never images).
+* ``'ranpac'`` / ``'ncm'``: a ridge classifier (or nearest class mean) on fixed random features of the base features,
+  over the union of all candidate tasks' classes; a task scores its best class (``timm_modcl.scorers``; statistics
+  from ``model.compute_task_statistics(task, data, scorer='ranpac')``). ``model.predict_classes(x)`` gives the
+  class-incremental prediction (one label space over all tasks' classes) from the same statistics.
 * ``'energy'``: the free energy of each task's head normalised by its class count, ``logsumexp(z) - log K`` (the log
   of the mean exponentiated logit). One forward per candidate task.
 * ``'max_softmax'``: the largest softmax probability rescaled to [0, 1] by the head size,
