@@ -63,7 +63,7 @@ from timm_modcl.serving import PROTOTYPE_STATS, prototype_statistics, score_prot
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 DIMS = (256, 512, 1024)
-RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+RIDGES = (1e-2, 1e-1, 1.0, 10.0)
 PROBE_C = (0.1, 1.0, 10.0)
 PHOTOS = ('astronaut.png', 'chelsea.png', 'coffee.png', 'hubble_deep_field.jpg', 'ihc.png', 'retina.jpg',
           'rocket.jpg', 'motorcycle_left.png', 'camera.png', 'coins.png', 'moon.png', 'cell.png')
@@ -331,7 +331,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument('--val-n', type=int, default=20)
     ap.add_argument('--test-n', type=int, default=30)
     ap.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    ap.add_argument('--repeats', type=int, default=15)
+    ap.add_argument('--repeats', type=int, default=10)
     ap.add_argument('--threads', type=int, default=1)
     ap.add_argument('--cache', default=None)
     ap.add_argument('--out-dir', default=str(RESULTS))
