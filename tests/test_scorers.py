@@ -283,3 +283,19 @@ def test_model_scores_equal_the_model_free_scores(served):
         task_scores, per_task = score_ranpac(f, [model._task(n).stats for n in ('a', 'b')], method)
         pred = model.predict_classes(x, scorer=method)
         torch.testing.assert_close(torch.cat(per_task, 1), pred.class_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_all_reduce_sums_the_statistics_of_the_processes(served, tmp_path):
+    """With one process, all_reduce=True gives the same statistics (the sums go through torch.distributed)."""
+    import torch.distributed as dist
+    model, data = served
+    saved = _stats(model, 'b')
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    try:
+        got = model.compute_task_statistics('b', data['b'], scorer='ranpac', dim=DIM, batch_size=5, all_reduce=True)
+    finally:
+        dist.destroy_process_group()
+        model._task('b').stats.update(saved)
+    assert all(torch.equal(got[k], saved[k]) for k in RANPAC_STATS)
+    with pytest.raises(TaskError, match='process group'):
+        model.compute_task_statistics('b', data['b'], scorer='ranpac', dim=DIM, all_reduce=True)

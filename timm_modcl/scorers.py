@@ -342,9 +342,8 @@ def compute_ranpac_statistics(
             sums.add(random_features(f.float(), dim, seed), y)
     if all_reduce:
         sums.all_reduce()
-    stats = sums.finish(seed, float(ridge))
-    dtype = ref.dtype if ref.is_floating_point() else torch.float32
-    stats = OrderedDict((k, v.to(ref.device, dtype)) for k, v in stats.items())
+    stats = sums.finish(seed, float(ridge))   # float32 whatever the model's dtype: counts stay exact
+    stats = OrderedDict((k, v.to(ref.device)) for k, v in stats.items())
     state.stats.update(stats)
     return stats
 
