@@ -63,7 +63,7 @@ from timm_modcl.serving import PROTOTYPE_STATS, prototype_statistics, score_prot
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 DIMS = (256, 512, 1024)
-RIDGES = (1e-2, 1e-1, 1.0, 10.0)
+RIDGES = (1e-1, 1.0, 10.0, 100.0)
 PROBE_C = (0.1, 1.0, 10.0)
 PHOTOS = ('astronaut.png', 'chelsea.png', 'coffee.png', 'hubble_deep_field.jpg', 'ihc.png', 'retina.jpg',
           'rocket.jpg', 'motorcycle_left.png', 'camera.png', 'coins.png', 'moon.png', 'cell.png')
