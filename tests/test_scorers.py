@@ -19,6 +19,7 @@ from _subproc import run_bounded
 
 SIZE = 32
 DIM = 64
+RIDGE = 0.01
 
 
 def _model():
@@ -43,7 +44,8 @@ def served():
     model.add_task('a', 3, class_names=['neg', 'zero', 'pos'], activate=False)
     model.add_task('b', 2, activate=False)
     for name, (x, y) in data.items():
-        model.compute_task_statistics(name, (x, y), scorer='ranpac', dim=DIM, batch_size=5)
+        # the library's ridge (100) was chosen on real images; these tiny synthetic tasks on a random backbone need less
+        model.compute_task_statistics(name, (x, y), scorer='ranpac', dim=DIM, ridge=RIDGE, batch_size=5)
     return model, data
 
 
@@ -71,8 +73,9 @@ def test_incremental_accumulation_equals_one_pass(served):
     x, y = data['a']
     before = _stats(model, 'a')
     try:
-        model.compute_task_statistics('a', (x[:5], y[:5]), scorer='ranpac', dim=DIM)
-        model.compute_task_statistics('a', (x[5:], y[5:]), scorer='ranpac', dim=DIM, accumulate=True)
+        model.compute_task_statistics('a', (x[:5], y[:5]), scorer='ranpac', dim=DIM, ridge=RIDGE)
+        model.compute_task_statistics('a', (x[5:], y[5:]), scorer='ranpac', dim=DIM, ridge=RIDGE,
+                                      accumulate=True)
         for k in RANPAC_STATS:   # equal up to float32 rounding (and CPU kernels that depend on the batch size)
             torch.testing.assert_close(model._task('a').stats[k], before[k], rtol=1e-5, atol=1e-5)
         assert torch.equal(model._task('a').stats['ranpac_count'], before['ranpac_count'])
@@ -111,14 +114,14 @@ def test_tasks_learned_in_separate_processes_combine_exactly(served, tmp_path):
         m.add_task('b', 2, activate=False)
         t = load_file({str(tmp_path / 'b.safetensors.in')!r})
         x, y = t['x'], t['y']
-        m.compute_task_statistics('b', (x, y), scorer='ranpac', dim={DIM}, batch_size=5)
+        m.compute_task_statistics('b', (x, y), scorer='ranpac', dim={DIM}, ridge={RIDGE}, batch_size=5)
         m.save_task('b', {str(tmp_path / 'b.safetensors')!r})
     """)
     code, out = run_bounded([sys.executable, '-c', script], timeout=300)
     assert code == 0, out
     other = _model()
     other.add_task('a', 3, class_names=['neg', 'zero', 'pos'], activate=False)
-    other.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, batch_size=5)
+    other.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, ridge=RIDGE, batch_size=5)
     other.load_task(tmp_path / 'b.safetensors')
     assert all(torch.equal(other._task('b').stats[k], model._task('b').stats[k]) for k in RANPAC_STATS)
     x = torch.cat([data['a'][0][:4], data['b'][0][:4]])
@@ -292,7 +295,8 @@ def test_all_reduce_sums_the_statistics_of_the_processes(served, tmp_path):
     saved = _stats(model, 'b')
     dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
     try:
-        got = model.compute_task_statistics('b', data['b'], scorer='ranpac', dim=DIM, batch_size=5, all_reduce=True)
+        got = model.compute_task_statistics('b', data['b'], scorer='ranpac', dim=DIM, ridge=RIDGE, batch_size=5,
+                                            all_reduce=True)
     finally:
         dist.destroy_process_group()
         model._task('b').stats.update(saved)

@@ -55,7 +55,7 @@ RANPAC_STATS = ('ranpac_gram', 'ranpac_mean', 'ranpac_count', 'ranpac_seed', 'ra
 #: Size ``M`` of the random projection (chosen on validation data by ``benchmarks/taskid.py``).
 DEFAULT_RANPAC_DIM = 1024
 #: Relative ridge regulariser ``lambda / (trace(G) / M)`` (chosen on validation data by ``benchmarks/taskid.py``).
-DEFAULT_RANPAC_RIDGE = 1e-2
+DEFAULT_RANPAC_RIDGE = 100.0
 #: Seed of the random projection.
 DEFAULT_RANPAC_SEED = 0
 _MAX_SEED = 256          # seeds below this are exact integers in float16 and bfloat16
