@@ -13,6 +13,7 @@ from timm_modcl import DataError, InputError, StatisticsError, TaskError, TaskNo
 from timm_modcl import scorers
 from timm_modcl.scorers import (
     RANPAC_STATS, ClassPrediction, merge_ranpac_statistics, random_features, ranpac_statistics, score_ranpac,
+    select_ridge,
 )
 
 from _subproc import run_bounded
@@ -303,3 +304,29 @@ def test_all_reduce_sums_the_statistics_of_the_processes(served, tmp_path):
     assert all(torch.equal(got[k], saved[k]) for k in RANPAC_STATS)
     with pytest.raises(TaskError, match='process group'):
         model.compute_task_statistics('b', data['b'], scorer='ranpac', dim=DIM, all_reduce=True)
+
+
+def test_select_ridge_stores_the_most_accurate_ridge_and_refreshes_the_cache(served):
+    model, data = served
+    saved = {n: _stats(model, n) for n in ('a', 'b')}
+    val = _data(7, n=6)
+    try:
+        x = torch.cat([val['a'][0], val['b'][0]])
+        before = model.predict_classes(x)
+        best, acc = select_ridge(model, val, grid=(1e-3, 1e3))
+        truth = torch.tensor([0] * 6 + [1] * 6)
+        for r, a in acc.items():    # the reported accuracy is the task identification with that ridge
+            for n in ('a', 'b'):
+                model._task(n).stats['ranpac_ridge'] = torch.tensor(r)
+            assert (model.predict_classes(x).task_index == truth).float().mean().item() == pytest.approx(a)
+        assert best == max(acc, key=lambda r: (acc[r], r))
+        for n in ('a', 'b'):
+            model._task(n).stats['ranpac_ridge'] = torch.tensor(best)
+        assert not torch.equal(model.predict_classes(x).class_scores, before.class_scores)
+        with pytest.raises(TaskError, match='two tasks'):
+            select_ridge(model, {'a': val['a']})
+        with pytest.raises(TaskError, match='ridge'):
+            select_ridge(model, val, grid=(0.0,))
+    finally:
+        for n, s in saved.items():
+            model._task(n).stats.update(s)

@@ -43,7 +43,7 @@ from .errors import DataError, StatisticsError, TaskError
 from .task import BASE_TASK
 
 __all__ = [
-    'BASE_SCORERS', 'RANPAC_STATS', 'DEFAULT_RANPAC_DIM', 'DEFAULT_RANPAC_RIDGE', 'DEFAULT_RANPAC_SEED',
+    'select_ridge', 'RIDGE_GRID', 'BASE_SCORERS', 'RANPAC_STATS', 'DEFAULT_RANPAC_DIM', 'DEFAULT_RANPAC_RIDGE', 'DEFAULT_RANPAC_SEED',
     'ClassPrediction', 'random_features', 'ranpac_statistics', 'merge_ranpac_statistics', 'has_ranpac',
     'score_ranpac', 'compute_ranpac_statistics', 'predict_classes',
 ]
@@ -58,6 +58,8 @@ DEFAULT_RANPAC_DIM = 1024
 DEFAULT_RANPAC_RIDGE = 100.0
 #: Seed of the random projection.
 DEFAULT_RANPAC_SEED = 0
+#: Relative ridges tried by ``select_ridge``.
+RIDGE_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 _MAX_SEED = 256          # seeds below this are exact integers in float16 and bfloat16
 _MAX_DIM = 16384
 _CACHE_ENTRIES = 8       # decoded candidate sets kept per model
@@ -353,7 +355,7 @@ class _Decoded:
     """Decoded ridge (or class-mean) weights of a candidate set, on one device and dtype."""
 
     def __init__(self, names: Sequence[str], stats: Sequence[Dict[str, torch.Tensor]], num_classes: Sequence[int],
-                 method: str, device: torch.device, dtype: torch.dtype) -> None:
+                 method: str, device: torch.device, dtype: torch.dtype, ridge: Optional[float] = None) -> None:
         counts, means, grams = [], [], []
         for n, s, c in zip(names, stats, num_classes):
             count, mean, gram = _unpack(s, n, c)
@@ -377,7 +379,8 @@ class _Decoded:
             for count, g in zip(counts, grams):  # in candidate order: the same sums in every process
                 gram += g * float(count.sum())
             q = torch.cat([m * c[:, None] for m, c in zip(means, counts)]).t()    # (M, C) class sums
-            ridge = math.exp(sum(math.log(float(s['ranpac_ridge'])) for s in stats) / len(stats))
+            if ridge is None:
+                ridge = math.exp(sum(math.log(float(s['ranpac_ridge'])) for s in stats) / len(stats))
             lam = ridge * float(gram.diagonal().sum()) / self.dim
             gram.diagonal().add_(max(lam, 1e-12))
             try:
@@ -552,3 +555,58 @@ def predict_classes(model, x: torch.Tensor, scorer: str = 'ranpac',
         cnames.append(None if cn is None or c >= len(cn) else cn[c])
     return ClassPrediction(scorer=scorer, candidates=tuple(names), offsets=tuple(d.offsets), class_scores=scores,
                            global_labels=glob, task_index=t_idx, tasks=chosen, labels=labels, class_names=cnames)
+
+
+def select_ridge(model, data: Dict[str, Any], grid: Sequence[float] = RIDGE_GRID, batch_size: int = 64
+                 ) -> Tuple[float, Dict[float, float]]:
+    """Choose the relative ridge on validation images and store it in every task of ``data``.
+
+    ``data`` maps each candidate task to its validation images (a Dataset or DataLoader of ``(image, label)``, or a
+    pair ``(images, labels)``; only the images are used). For every ridge of ``grid`` the task-identification
+    accuracy over all images is measured (one base forward per image, whatever the grid); the most accurate ridge,
+    the largest among ties, is written to each task's ``ranpac_ridge`` (which refreshes the decode cache).
+
+    Returns:
+        ``(chosen ridge, {ridge: validation task-identification accuracy})``.
+
+    Raises:
+        TaskError: fewer than two tasks, or a bad ridge in ``grid``.
+        TaskNotFoundError: a key of ``data`` is not a task.
+        StatisticsError: a task lacks usable random-feature statistics.
+        DataError: unusable data.
+    """
+    from .serving import _batches
+    if not isinstance(data, dict) or len(data) < 2:
+        raise TaskError('select_ridge needs validation data of at least two tasks: {task: data}')
+    grid = list(grid)
+    if not grid:
+        raise TaskError('grid is empty')
+    for r in grid:
+        _check_ridge(r)
+    names = list(data)
+    check_candidates(model, names)
+    tasks = [model._task(n) for n in names]
+    feats, truth = [], []
+    ref = model._ref_tensor()
+    with model._serving():
+        model._bind(BASE_TASK)
+        for i, n in enumerate(names):
+            for batch in _batches(data[n], batch_size, 0, what=f'validation data of {n!r}'):
+                x, _ = unpack_batch(batch, 'data')
+                if x.is_floating_point():
+                    x = x.to(ref.device, ref.dtype)
+                feats.append(model._base_features(x).float())
+                truth.append(torch.full((len(x),), i))
+    if not feats:
+        raise DataError('select_ridge: no validation images')
+    f, t = torch.cat(feats), torch.cat(truth).to(feats[0].device)
+    accuracy: Dict[float, float] = {}
+    for r in grid:
+        d = _Decoded(names, [s.stats for s in tasks], [s.num_classes for s in tasks], 'ranpac', f.device,
+                     torch.float32, ridge=float(r))
+        task_scores, _ = _task_scores(d.class_scores(f), d)
+        accuracy[float(r)] = float((task_scores.argmax(1) == t).float().mean())
+    best = max(accuracy, key=lambda r: (accuracy[r], r))
+    for s in tasks:
+        s.stats['ranpac_ridge'] = torch.tensor(best, dtype=torch.float32, device=s.stats['ranpac_ridge'].device)
+    return best, accuracy
