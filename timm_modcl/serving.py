@@ -27,6 +27,10 @@ across tasks, higher is better:
   class (``forward_tasks``), whatever the number of tasks. The statistics are computed from a task's training data by
   ``compute_task_statistics`` (``train_task(..., prototypes=True)`` calls it) and stored as ``stats.proto_*`` tensors
   in the task's adapter file (statistics, never images).
+* ``'ranpac'`` / ``'ncm'``: a ridge classifier (or nearest class mean) on fixed random features of the base features,
+  over the union of all candidate tasks' classes; a task scores its best class (``timm_modcl.scorers``; statistics
+  from ``model.compute_task_statistics(task, data, scorer='ranpac')``). ``model.predict_classes(x)`` gives the
+  class-incremental prediction (one label space over all tasks' classes) from the same statistics.
 * ``'energy'``: the free energy of each task's head normalised by its class count, ``logsumexp(z) - log K`` (the log
   of the mean exponentiated logit). One forward per candidate task.
 * ``'max_softmax'``: the largest softmax probability rescaled to [0, 1] by the head size,
@@ -44,6 +48,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
+from . import scorers as _scorers
 from .data import check_labels, unpack_batch
 from .errors import DataError, InputError, StatisticsError, TaskError, UnsupportedModelError
 from .layers import validate_input
@@ -56,7 +61,7 @@ __all__ = [
 ]
 
 #: Task scorers of ``predict_task_agnostic``.
-SCORERS = ('prototype', 'energy', 'max_softmax')
+SCORERS = ('prototype', 'energy', 'max_softmax') + _scorers.BASE_SCORERS
 #: Names of the prototype statistics in ``TaskState.stats`` (``stats.<name>`` tensors in adapter files).
 PROTOTYPE_STATS = ('proto_mean', 'proto_prior', 'proto_basis', 'proto_log_scale', 'proto_log_noise', 'proto_power')
 #: Rank of the low-rank part of the shared covariance (chosen on validation data by ``benchmarks/serving.py``).
@@ -600,9 +605,20 @@ class ServingMixin:
         with self._serving(), self.task_scope(BASE_TASK):
             return self._base_features(x)
 
-    def compute_task_statistics(self, task: str, data, **kwargs) -> 'OrderedDict[str, torch.Tensor]':
-        """Compute and store a task's prototype statistics; see ``timm_modcl.serving.compute_task_statistics``."""
+    def compute_task_statistics(self, task: str, data, scorer: str = 'prototype',
+                                **kwargs) -> 'OrderedDict[str, torch.Tensor]':
+        """Compute and store a task's statistics for ``scorer``: ``'prototype'`` (``serving.compute_task_statistics``)
+        or ``'ranpac'`` / ``'ncm'`` (``scorers.compute_ranpac_statistics``; ``kwargs`` go to that function)."""
+        if scorer in _scorers.BASE_SCORERS:
+            return _scorers.compute_ranpac_statistics(self, task, data, **kwargs)
+        if scorer != 'prototype':
+            raise TaskError(f'scorer {scorer!r} has no statistics; choose prototype, ranpac or ncm')
         return compute_task_statistics(self, task, data, **kwargs)
+
+    def predict_classes(self, x: torch.Tensor, scorer: str = 'ranpac',
+                        tasks: Optional[Sequence[str]] = None) -> '_scorers.ClassPrediction':
+        """Class-incremental prediction over all classes of all tasks; see ``timm_modcl.scorers.predict_classes``."""
+        return _scorers.predict_classes(self, x, scorer, tasks)
 
     def _candidates(self, tasks: Optional[Sequence[str]], scorer: str) -> List[str]:
         st = self._modcl
@@ -629,6 +645,9 @@ class ServingMixin:
                     f'compute_task_statistics(model, task, train_data) (or train with train_task(..., '
                     f'prototypes=True)), or use scorer="energy"')
             _feature_fn(self)
+        elif scorer in _scorers.BASE_SCORERS:
+            _feature_fn(self)
+            _scorers.check_candidates(self, names)
         else:
             headless = [n for n in names if st.tasks[n].num_classes < 1]
             if headless:
@@ -667,8 +686,9 @@ class ServingMixin:
         gaussians = self._gaussians(names) if scorer == 'prototype' else []
         st = self._modcl
         with self._serving():
-            if scorer == 'prototype':
-                task_scores, class_post = self._prototype_scores(x, gaussians)
+            if scorer == 'prototype' or scorer in _scorers.BASE_SCORERS:
+                task_scores, class_post = (self._prototype_scores(x, gaussians) if scorer == 'prototype'
+                                           else _scorers.score(self, x, names, scorer))
                 best = task_scores.argmax(1)
                 chosen = [names[i] for i in best.tolist()]
                 heads = [i for i in range(n) if st.tasks[chosen[i]].num_classes > 0]

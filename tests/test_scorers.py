@@ -1,0 +1,332 @@
+"""Random-feature scorers ('ranpac', 'ncm'): exact statistics, merging, adapter files, the decode cache, typed errors
+and class-incremental prediction, on a tiny random MobileNetV2."""
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import timm
+import timm_modcl  # noqa: F401  (registers the models)
+from timm_modcl import DataError, InputError, StatisticsError, TaskError, TaskNotFoundError
+from timm_modcl import scorers
+from timm_modcl.scorers import (
+    RANPAC_STATS, ClassPrediction, merge_ranpac_statistics, random_features, ranpac_statistics, score_ranpac,
+    select_ridge,
+)
+
+from _subproc import run_bounded
+
+SIZE = 32
+DIM = 64
+RIDGE = 0.01
+
+
+def _model():
+    torch.manual_seed(0)   # the same random backbone in every process
+    return timm.create_model('modcl_mobilenetv2_050', pretrained=False).eval()
+
+
+def _data(seed: int, n: int = 12):
+    """Two tasks whose images differ in their statistics: 'a' (3 classes, shifted means), 'b' (2 classes, scaled)."""
+    g = torch.Generator().manual_seed(seed)
+    ya = torch.arange(n) % 3
+    xa = torch.randn(n, 3, SIZE, SIZE, generator=g) * 0.5 + (ya.float() - 1)[:, None, None, None]
+    yb = torch.arange(n) % 2
+    xb = torch.randn(n, 3, SIZE, SIZE, generator=g) * (0.2 + 2.0 * yb.float())[:, None, None, None] + 3.0
+    return {'a': (xa, ya), 'b': (xb, yb)}
+
+
+@pytest.fixture(scope='module')
+def served():
+    model = _model()
+    data = _data(0)
+    model.add_task('a', 3, class_names=['neg', 'zero', 'pos'], activate=False)
+    model.add_task('b', 2, activate=False)
+    for name, (x, y) in data.items():
+        # the library's ridge (100) was chosen on real images; these tiny synthetic tasks on a random backbone need less
+        model.compute_task_statistics(name, (x, y), scorer='ranpac', dim=DIM, ridge=RIDGE, batch_size=5)
+    return model, data
+
+
+def _stats(model, name):
+    return {k: v.clone() for k, v in model._task(name).stats.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+def test_statistics_layout_and_values(served):
+    model, data = served
+    st = model._task('a').stats
+    assert set(RANPAC_STATS) <= set(st)
+    assert st['ranpac_gram'].shape == (DIM * (DIM + 1) // 2,) and st['ranpac_mean'].shape == (3, DIM)
+    x, y = data['a']
+    h = random_features(model.prototype_features(x), DIM, 0).double()
+    gram = h.t() @ h / len(h)
+    iu = torch.triu_indices(DIM, DIM)
+    torch.testing.assert_close(st['ranpac_gram'].double(), gram[iu[0], iu[1]], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st['ranpac_mean'][1].double(), h[y == 1].mean(0), rtol=1e-5, atol=1e-6)
+    assert st['ranpac_count'].tolist() == [4.0, 4.0, 4.0] and float(st['ranpac_seed']) == 0
+
+
+def test_incremental_accumulation_equals_one_pass(served):
+    model, data = served
+    x, y = data['a']
+    before = _stats(model, 'a')
+    try:
+        model.compute_task_statistics('a', (x[:5], y[:5]), scorer='ranpac', dim=DIM, ridge=RIDGE)
+        model.compute_task_statistics('a', (x[5:], y[5:]), scorer='ranpac', dim=DIM, ridge=RIDGE,
+                                      accumulate=True)
+        for k in RANPAC_STATS:   # equal up to float32 rounding (and CPU kernels that depend on the batch size)
+            torch.testing.assert_close(model._task('a').stats[k], before[k], rtol=1e-5, atol=1e-5)
+        assert torch.equal(model._task('a').stats['ranpac_count'], before['ranpac_count'])
+        with pytest.raises(StatisticsError, match='seed'):
+            model.compute_task_statistics('a', (x, y), scorer='ranpac', dim=DIM, seed=3, accumulate=True)
+    finally:
+        model._task('a').stats.update(before)
+
+
+def test_merging_shards_is_the_statistics_of_the_union():
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(40, 16, generator=g).abs()
+    y = torch.arange(40) % 4
+    whole = ranpac_statistics(f, y, 4, dim=DIM, seed=5)
+    merged = merge_ranpac_statistics(ranpac_statistics(f[:13], y[:13], 4, dim=DIM, seed=5),
+                                     ranpac_statistics(f[13:], y[13:], 4, dim=DIM, seed=5))
+    for k in RANPAC_STATS:
+        torch.testing.assert_close(merged[k], whole[k], rtol=1e-6, atol=1e-6)
+    with pytest.raises(StatisticsError, match='seeds'):
+        merge_ranpac_statistics(whole, ranpac_statistics(f, y, 4, dim=DIM, seed=6))
+    with pytest.raises(StatisticsError, match='shape'):
+        merge_ranpac_statistics(whole, ranpac_statistics(f, y, 4, dim=DIM // 2, seed=5))
+
+
+def test_tasks_learned_in_separate_processes_combine_exactly(served, tmp_path):
+    """Task 'b' learned in another process and loaded from its adapter file gives bit-identical predictions."""
+    model, data = served
+    save_file({'x': data['b'][0], 'y': data['b'][1]}, str(tmp_path / 'b.safetensors.in'))
+    script = textwrap.dedent(f"""
+        import torch
+        torch.set_num_threads(1)
+        import timm, timm_modcl
+        from safetensors.torch import load_file
+        torch.manual_seed(0)
+        m = timm.create_model('modcl_mobilenetv2_050', pretrained=False).eval()
+        m.add_task('b', 2, activate=False)
+        t = load_file({str(tmp_path / 'b.safetensors.in')!r})
+        x, y = t['x'], t['y']
+        m.compute_task_statistics('b', (x, y), scorer='ranpac', dim={DIM}, ridge={RIDGE}, batch_size=5)
+        m.save_task('b', {str(tmp_path / 'b.safetensors')!r})
+    """)
+    code, out = run_bounded([sys.executable, '-c', script], timeout=300)
+    assert code == 0, out
+    other = _model()
+    other.add_task('a', 3, class_names=['neg', 'zero', 'pos'], activate=False)
+    other.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, ridge=RIDGE, batch_size=5)
+    other.load_task(tmp_path / 'b.safetensors')
+    assert all(torch.equal(other._task('b').stats[k], model._task('b').stats[k]) for k in RANPAC_STATS)
+    x = torch.cat([data['a'][0][:4], data['b'][0][:4]])
+    ref, got = model.predict_classes(x), other.predict_classes(x)
+    assert torch.equal(ref.class_scores, got.class_scores) and ref.tasks == got.tasks
+
+
+# ---------------------------------------------------------------------------------------------------- persistence
+def test_statistics_survive_adapter_files_and_fp16(served, tmp_path):
+    model, data = served
+    x = torch.cat([v[0][:4] for v in data.values()])
+    ref = model.predict_classes(x)
+    model.save_tasks(tmp_path / 'folder')
+    fresh = _model()
+    fresh.load_tasks(tmp_path / 'folder')
+    for n in ('a', 'b'):
+        assert all(torch.equal(fresh._task(n).stats[k], model._task(n).stats[k]) for k in RANPAC_STATS)
+    got = fresh.predict_classes(x)
+    assert torch.equal(got.class_scores, ref.class_scores) and got.class_names == ref.class_names
+    half = _model()
+    for n in ('a', 'b'):
+        half.load_task(model.save_task(n, tmp_path / f'{n}16.safetensors', dtype=torch.float16))
+        assert float(half._task(n).stats['ranpac_seed']) == 0.0
+    got = half.predict_classes(x)
+    torch.testing.assert_close(got.class_scores, ref.class_scores, rtol=0.05, atol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+def test_decoded_weights_are_cached_and_refreshed_when_statistics_change(served, monkeypatch):
+    model, data = served
+    calls = []
+    real = scorers._decode
+    monkeypatch.setattr(scorers, '_decode', lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    scorers._decoded.pop(model, None)
+    x = data['a'][0][:4]
+    first = model.predict_classes(x)
+    model.predict_classes(x)
+    model.predict_task_agnostic(x, scorer='ranpac')
+    assert len(calls) == 1
+    model.predict_classes(x, tasks=['b', 'a'])             # another candidate set: decoded once more
+    assert len(calls) == 2
+    saved = _stats(model, 'a')
+    try:
+        model._task('a').stats['ranpac_mean'].mul_(-1)    # in place: the tensor's version changes
+        changed = model.predict_classes(x)
+        assert len(calls) == 3 and not torch.equal(changed.class_scores, first.class_scores)
+        model._task('a').stats['ranpac_mean'] = saved['ranpac_mean'].clone()   # a new tensor
+        again = model.predict_classes(x)
+        assert len(calls) == 4 and torch.equal(again.class_scores, first.class_scores)
+    finally:
+        model._task('a').stats.update(saved)
+
+
+def test_decoded_weights_follow_the_model_dtype(served):
+    model, data = served
+    x = data['a'][0][:2]
+    double = _model()
+    for n in ('a', 'b'):
+        double.add_task(n, model.tasks[n].num_classes, activate=False)
+        double._task(n).stats.update(_stats(model, n))
+    double.double()
+    d = scorers.decoded(double, ['a', 'b'])
+    assert d.weights.dtype == torch.float64
+    assert double.predict_classes(x.double()).tasks == model.predict_classes(x).tasks
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize('change, match', [
+    (lambda s: s.pop('ranpac_gram'), 'no random-feature statistics'),
+    (lambda s: s.update(ranpac_gram=s['ranpac_gram'][:-1]), 'upper triangle'),
+    (lambda s: s.update(ranpac_mean=s['ranpac_mean'][:2]), 'classes'),
+    (lambda s: s.update(ranpac_count=-s['ranpac_count']), 'ranpac_count'),
+    (lambda s: s.update(ranpac_count=s['ranpac_count'] + 0.5), 'ranpac_count'),
+    (lambda s: s.update(ranpac_gram=s['ranpac_gram'] * float('nan')), 'NaN'),
+    (lambda s: s.update(ranpac_seed=torch.tensor(0.5)), 'seed'),
+    (lambda s: s.update(ranpac_seed=torch.tensor(1.0)), 'seeds'),
+    (lambda s: s.update(ranpac_ridge=torch.tensor(0.0)), 'ridge'),
+    (lambda s: s.update(ranpac_mean=s['ranpac_mean'][:, :DIM // 2]), 'upper triangle'),
+])
+def test_malformed_statistics_raise_a_typed_error_and_change_nothing(served, change, match):
+    model, data = served
+    saved = _stats(model, 'a')
+    bad = _stats(model, 'a')
+    change(bad)
+    model._task('a').stats = bad
+    try:
+        before = {k: v.clone() for k, v in bad.items()}
+        x = data['a'][0][:2]
+        for call in (lambda: model.predict_classes(x), lambda: model.predict_task_agnostic(x, scorer='ranpac'),
+                     lambda: model.predict_classes(x, scorer='ncm')):
+            with pytest.raises(StatisticsError, match=match):
+                call()
+        assert set(model._task('a').stats) == set(before)
+        for k, v in before.items():
+            torch.testing.assert_close(model._task('a').stats[k], v, rtol=0, atol=0, equal_nan=True)
+        assert model.active_task == 'base' and not model.training
+    finally:
+        model._task('a').stats = saved
+
+
+def test_bad_arguments_raise_typed_errors(served):
+    model, data = served
+    x, y = data['a']
+    with pytest.raises(TaskError, match='scorer'):
+        model.predict_classes(x[:2], scorer='energy')
+    with pytest.raises(TaskNotFoundError):
+        model.predict_classes(x[:2], tasks=['nope'])
+    with pytest.raises(InputError):
+        model.predict_classes(torch.randn(2, 5, SIZE, SIZE))
+    with pytest.raises(TaskError, match='scorer'):
+        model.compute_task_statistics('a', (x, y), scorer='energy')
+    for kw, match in (({'dim': 0}, 'dim'), ({'seed': 256}, 'seed'), ({'ridge': -1.0}, 'ridge'),
+                      ({'num_classes': 4}, 'classes')):
+        with pytest.raises(TaskError, match=match):
+            model.compute_task_statistics('a', (x, y), scorer='ranpac', **kw)
+    with pytest.raises(DataError):
+        model.compute_task_statistics('a', (x, y + 3), scorer='ranpac', dim=DIM)
+    with pytest.raises(DataError):
+        ranpac_statistics(torch.randn(4, 8), torch.zeros(3, dtype=torch.long), 2)
+    with pytest.raises(StatisticsError, match='no random-feature'):
+        score_ranpac(torch.randn(2, 8), [{}])
+    model.add_task('empty', 2, activate=False)
+    try:
+        with pytest.raises(StatisticsError, match="'empty'"):
+            model.predict_classes(x[:2])
+    finally:
+        model.remove_task('empty')
+
+
+# ---------------------------------------------------------------------------------------------------- prediction
+def test_predict_classes_one_label_space_over_all_tasks(served):
+    model, data = served
+    x = torch.cat([data['a'][0], data['b'][0]])
+    pred = model.predict_classes(x)
+    assert isinstance(pred, ClassPrediction) and len(pred) == len(x)
+    assert pred.candidates == ('a', 'b') and pred.offsets == (0, 3, 5)
+    assert pred.class_scores.shape == (len(x), 5) and pred.class_scores.dtype == torch.float32
+    assert torch.equal(pred.global_labels, pred.class_scores.argmax(1))
+    assert pred.tasks == [pred.candidates[i] for i in pred.task_index.tolist()]
+    assert torch.equal(pred.labels + torch.tensor([pred.offsets[i] for i in pred.task_index]), pred.global_labels)
+    assert all(n == ['neg', 'zero', 'pos'][c] if t == 'a' else n is None
+               for t, c, n in zip(pred.tasks, pred.labels.tolist(), pred.class_names))
+    # the training images are told apart (the tasks differ strongly)
+    truth = torch.cat([data['a'][1], data['b'][1] + 3])
+    assert (pred.global_labels == truth).float().mean() >= 0.75
+    assert pred.tasks[:12] == ['a'] * 12 and pred.tasks[12:] == ['b'] * 12
+    # task-agnostic prediction picks the same task (best class score per task)
+    agn = model.predict_task_agnostic(x, scorer='ranpac')
+    assert agn.tasks == pred.tasks and agn.task_scores.shape == (len(x), 2)
+    torch.testing.assert_close(agn.task_scores.amax(1), pred.class_scores.amax(1))
+    only_b = model.predict_classes(x, tasks=['b'])
+    assert only_b.tasks == ['b'] * len(x) and only_b.class_scores.shape == (len(x), 2)
+    ncm = model.predict_classes(x, scorer='ncm')
+    assert ncm.class_scores.abs().max() <= 1 + 1e-5     # cosine similarities
+
+
+def test_model_scores_equal_the_model_free_scores(served):
+    model, data = served
+    x = data['b'][0][:5]
+    f = model.prototype_features(x)
+    for method in ('ranpac', 'ncm'):
+        task_scores, per_task = score_ranpac(f, [model._task(n).stats for n in ('a', 'b')], method)
+        pred = model.predict_classes(x, scorer=method)
+        torch.testing.assert_close(torch.cat(per_task, 1), pred.class_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_all_reduce_sums_the_statistics_of_the_processes(served, tmp_path):
+    """With one process, all_reduce=True gives the same statistics (the sums go through torch.distributed)."""
+    import torch.distributed as dist
+    model, data = served
+    saved = _stats(model, 'b')
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    try:
+        got = model.compute_task_statistics('b', data['b'], scorer='ranpac', dim=DIM, ridge=RIDGE, batch_size=5,
+                                            all_reduce=True)
+    finally:
+        dist.destroy_process_group()
+        model._task('b').stats.update(saved)
+    assert all(torch.equal(got[k], saved[k]) for k in RANPAC_STATS)
+    with pytest.raises(TaskError, match='process group'):
+        model.compute_task_statistics('b', data['b'], scorer='ranpac', dim=DIM, all_reduce=True)
+
+
+def test_select_ridge_stores_the_most_accurate_ridge_and_refreshes_the_cache(served):
+    model, data = served
+    saved = {n: _stats(model, n) for n in ('a', 'b')}
+    val = _data(7, n=6)
+    try:
+        x = torch.cat([val['a'][0], val['b'][0]])
+        before = model.predict_classes(x)
+        best, acc = select_ridge(model, val, grid=(1e-3, 1e3))
+        truth = torch.tensor([0] * 6 + [1] * 6)
+        for r, a in acc.items():    # the reported accuracy is the task identification with that ridge
+            for n in ('a', 'b'):
+                model._task(n).stats['ranpac_ridge'] = torch.tensor(r)
+            assert (model.predict_classes(x).task_index == truth).float().mean().item() == pytest.approx(a)
+        assert best == max(acc, key=lambda r: (acc[r], r))
+        for n in ('a', 'b'):
+            model._task(n).stats['ranpac_ridge'] = torch.tensor(best)
+        assert not torch.equal(model.predict_classes(x).class_scores, before.class_scores)
+        with pytest.raises(TaskError, match='two tasks'):
+            select_ridge(model, {'a': val['a']})
+        with pytest.raises(TaskError, match='ridge'):
+            select_ridge(model, val, grid=(0.0,))
+    finally:
+        for n, s in saved.items():
+            model._task(n).stats.update(s)

@@ -1,0 +1,612 @@
+"""Random-feature scorers for task-agnostic and class-incremental prediction (``'ranpac'``, ``'ncm'``).
+
+    model.compute_task_statistics('flowers', train_data, scorer='ranpac')   # statistics, never images
+    pred = model.predict_task_agnostic(x, scorer='ranpac')                  # task (and class with the task's head)
+    pred = model.predict_classes(x)                                         # one label space over all tasks' classes
+
+**Features.** Each image's pre-logits features ``f`` of the frozen, unmodulated backbone (the ``base`` task) are
+L2-normalised and sent through a fixed random projection followed by a ReLU, ``h = relu(W^T f / |f|)`` with ``W``
+``(D, M)`` standard normal drawn from ``torch.Generator().manual_seed(seed)`` on the CPU: every process and every task
+with the same ``seed`` and size ``M`` uses the same projection (RanPAC, McDonnell et al., NeurIPS 2023).
+
+**Statistics per task** (``stats.ranpac_*`` tensors in the task's adapter file): ``ranpac_gram``, the upper triangle
+(row-major, ``M (M + 1) / 2`` values) of the mean outer product ``H^T H / n`` of the task's random features;
+``ranpac_mean``, the ``(C, M)`` class means of ``h``; ``ranpac_count``, the ``(C,)`` class counts; ``ranpac_seed``,
+the projection seed (an integer below 256, exact in every float dtype); ``ranpac_ridge``, the relative ridge
+regulariser. They are accumulated in float64 and stored as means, so the values stay near 1 and a float16 adapter
+does not overflow. Sums are recovered as ``mean * count``: statistics of the same task from several shards or
+processes merge exactly (``merge_ranpac_statistics``, ``all_reduce=True``), and the statistics of tasks learned in
+separate processes combine at prediction time by summing, whatever process computed them.
+
+**Decoding.** For a set of candidate tasks, ``G = sum_t n_t G_t`` and ``Q = [S_1 ... S_T]`` (the class sums of all
+candidate tasks, one column per class) give the ridge classifier ``B = (G + lambda I)^-1 Q`` over the union of their
+classes, ``lambda = ridge * trace(G) / M`` (``ridge``: the geometric mean of the candidates' ``ranpac_ridge``).
+The class scores are ``h B``; a task's score is its best class score; the class-incremental prediction is the best
+class over all tasks. ``'ncm'`` (nearest class mean) scores classes by the cosine similarity of ``h`` to each class
+mean instead. The decoded weights are cached per model and candidate set, on the model's device and dtype, and
+recomputed only when a task's statistics change (keyed on each statistics tensor's identity and in-place version).
+
+Cost of a prediction: one forward of the base task for all candidate tasks together, one ``(N, D) x (D, M)`` and one
+``(N, M) x (M, C)`` product (plus, in ``predict_task_agnostic``, one grouped forward for the chosen tasks' heads).
+"""
+import math
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .data import check_labels, unpack_batch
+from .errors import DataError, StatisticsError, TaskError
+from .task import BASE_TASK
+
+__all__ = [
+    'select_ridge', 'RIDGE_GRID', 'BASE_SCORERS', 'RANPAC_STATS', 'DEFAULT_RANPAC_DIM', 'DEFAULT_RANPAC_RIDGE', 'DEFAULT_RANPAC_SEED',
+    'ClassPrediction', 'random_features', 'ranpac_statistics', 'merge_ranpac_statistics', 'has_ranpac',
+    'score_ranpac', 'compute_ranpac_statistics', 'predict_classes',
+]
+
+#: Scorers of this module (both read the ``ranpac_*`` statistics).
+BASE_SCORERS = ('ranpac', 'ncm')
+#: Names of the statistics in ``TaskState.stats`` (``stats.<name>`` tensors in adapter files).
+RANPAC_STATS = ('ranpac_gram', 'ranpac_mean', 'ranpac_count', 'ranpac_seed', 'ranpac_ridge')
+#: Size ``M`` of the random projection (chosen on validation data by ``benchmarks/taskid.py``).
+DEFAULT_RANPAC_DIM = 1024
+#: Relative ridge regulariser ``lambda / (trace(G) / M)`` (chosen on validation data by ``benchmarks/taskid.py``).
+DEFAULT_RANPAC_RIDGE = 100.0
+#: Seed of the random projection.
+DEFAULT_RANPAC_SEED = 0
+#: Relative ridges tried by ``select_ridge``.
+RIDGE_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+_MAX_SEED = 256          # seeds below this are exact integers in float16 and bfloat16
+_MAX_DIM = 16384
+_CACHE_ENTRIES = 8       # decoded candidate sets kept per model
+
+
+# ---------------------------------------------------------------------------------------------------- features
+_projections: 'OrderedDict[Tuple, torch.Tensor]' = OrderedDict()
+_lock = threading.Lock()
+
+
+def _projection(in_dim: int, dim: int, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The ``(in_dim, dim)`` standard normal projection of ``seed`` (drawn on the CPU, so identical everywhere)."""
+    key = (in_dim, dim, seed, str(device), dtype)
+    with _lock:
+        w = _projections.get(key)
+        if w is not None:
+            _projections.move_to_end(key)
+            return w
+    w = torch.randn(in_dim, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    w = w.to(device, dtype)
+    with _lock:
+        _projections[key] = w
+        while len(_projections) > 8:
+            _projections.popitem(last=False)
+    return w
+
+
+def random_features(features: torch.Tensor, dim: int = DEFAULT_RANPAC_DIM,
+                    seed: int = DEFAULT_RANPAC_SEED) -> torch.Tensor:
+    """``relu(W^T f / |f|)``: the ``(N, dim)`` random features of ``(N, D)`` base features, in their device/dtype.
+
+    Raises:
+        DataError: ``features`` is not a 2-D floating-point tensor.
+        TaskError: bad ``dim`` or ``seed``.
+    """
+    _check_dim_seed(dim, seed)
+    if not isinstance(features, torch.Tensor) or features.ndim != 2 or not features.is_floating_point():
+        raise DataError('features must be a 2-D floating-point tensor (N, D)')
+    f = torch.nn.functional.normalize(features, dim=1)
+    return torch.relu(f @ _projection(f.shape[1], dim, seed, f.device, f.dtype))
+
+
+def _check_dim_seed(dim: Any, seed: Any) -> None:
+    if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= _MAX_DIM:
+        raise TaskError(f'dim must be an integer in [1, {_MAX_DIM}], got {dim!r}')
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _MAX_SEED:
+        raise TaskError(f'seed must be an integer in [0, {_MAX_SEED}), got {seed!r}')
+
+
+def _check_ridge(ridge: Any) -> None:
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 < ridge < math.inf:
+        raise TaskError(f'ridge must be a positive finite number, got {ridge!r}')
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+class _Sums:
+    """Float64 sums of one task's random features: class counts, class sums and the Gram matrix."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        self.count = torch.zeros(num_classes, dtype=torch.float64)
+        self.sum = torch.zeros(num_classes, dim, dtype=torch.float64)
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64)
+
+    def add(self, h: torch.Tensor, y: torch.Tensor) -> None:
+        h = h.detach().to('cpu', torch.float64)
+        y = y.to('cpu', torch.long)
+        self.count.index_add_(0, y, torch.ones(len(y), dtype=torch.float64))
+        self.sum.index_add_(0, y, h)
+        self.gram.addmm_(h.t(), h)
+
+    def add_stats(self, stats: Dict[str, torch.Tensor], name: str) -> None:
+        count, mean, gram = _unpack(stats, name)
+        if mean.shape != self.sum.shape:
+            raise StatisticsError(f'task {name!r}: cannot merge random-feature statistics of shape '
+                                  f'{tuple(mean.shape)} into {tuple(self.sum.shape)}')
+        self.count += count
+        self.sum += mean * count[:, None]
+        self.gram += gram * float(count.sum())
+
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+        for t in (self.count, self.sum, self.gram):
+            if dist.get_backend() == 'nccl':
+                buf = t.to(torch.device('cuda', torch.cuda.current_device()))
+                dist.all_reduce(buf)
+                t.copy_(buf.cpu())
+            else:
+                dist.all_reduce(t)
+
+    def finish(self, seed: int, ridge: float) -> 'OrderedDict[str, torch.Tensor]':
+        n = float(self.count.sum())
+        if n < 1:
+            raise DataError('no samples to compute random-feature statistics from')
+        dim = self.gram.shape[0]
+        iu = torch.triu_indices(dim, dim)
+        out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+        out['ranpac_gram'] = (self.gram[iu[0], iu[1]] / n).float()
+        out['ranpac_mean'] = (self.sum / self.count.clamp_min(1)[:, None]).float()
+        out['ranpac_count'] = self.count.float()
+        out['ranpac_seed'] = torch.tensor(float(seed))
+        out['ranpac_ridge'] = torch.tensor(float(ridge))
+        return out
+
+
+def _bad(name: str, msg: str) -> StatisticsError:
+    return StatisticsError(f'task {name!r}: random-feature statistics {msg}; recompute them with '
+                           f'compute_task_statistics({name!r}, train_data, scorer="ranpac")')
+
+
+def _unpack(stats: Dict[str, torch.Tensor], name: str, num_classes: int = 0
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validated float64 ``(count (C,), mean (C, M), gram (M, M) full symmetric)`` of a task's statistics."""
+    missing = [k for k in RANPAC_STATS if k not in stats]
+    if missing:
+        raise StatisticsError(f'task {name!r} has no random-feature statistics ({", ".join(missing)} missing); '
+                              f'compute them with compute_task_statistics({name!r}, train_data, scorer="ranpac")')
+    t = {}
+    for k in RANPAC_STATS:
+        v = stats[k]
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            raise _bad(name, f'{k} is not a floating-point tensor')
+        v = v.detach().to('cpu', torch.float64)
+        if not torch.isfinite(v).all():
+            raise _bad(name, f'{k} contains NaN or Inf values')
+        t[k] = v
+    count, mean, packed = t['ranpac_count'], t['ranpac_mean'], t['ranpac_gram']
+    if mean.ndim != 2 or mean.shape[0] < 1 or mean.shape[1] < 1:
+        raise _bad(name, f'ranpac_mean has shape {tuple(mean.shape)}, expected (classes, dim)')
+    c, dim = mean.shape
+    if num_classes and c != num_classes:
+        raise _bad(name, f'describe {c} classes, the task has {num_classes}')
+    if count.shape != (c,) or (count < 0).any() or float(count.sum()) < 1 or \
+            not torch.equal(count, count.round()):
+        raise _bad(name, f'ranpac_count must hold {c} non-negative integer class counts (not all zero)')
+    if packed.shape != (dim * (dim + 1) // 2,):
+        raise _bad(name, f'ranpac_gram has shape {tuple(packed.shape)}, expected ({dim * (dim + 1) // 2},) (the '
+                         f'upper triangle of a {dim} x {dim} matrix)')
+    for k in ('ranpac_seed', 'ranpac_ridge'):
+        if t[k].ndim != 0:
+            raise _bad(name, f'{k} must be a scalar')
+    seed = float(t['ranpac_seed'])
+    if not (seed == int(seed) and 0 <= seed < _MAX_SEED):
+        raise _bad(name, f'ranpac_seed must be an integer in [0, {_MAX_SEED}), got {seed}')
+    if not float(t['ranpac_ridge']) > 0:
+        raise _bad(name, 'ranpac_ridge must be positive')
+    gram = torch.zeros(dim, dim, dtype=torch.float64)
+    iu = torch.triu_indices(dim, dim)
+    gram[iu[0], iu[1]] = packed
+    gram = gram + gram.triu(1).t()
+    if (gram.diagonal() < 0).any():
+        raise _bad(name, 'ranpac_gram has a negative diagonal')
+    return count, mean, gram
+
+
+def _check_labels_features(features: Any, labels: Any, num_classes: int) -> torch.Tensor:
+    if not isinstance(features, torch.Tensor) or features.ndim != 2 or not features.is_floating_point():
+        raise DataError('features must be a 2-D floating-point tensor (N, D)')
+    labels = torch.as_tensor(labels)
+    if labels.shape != features.shape[:1]:
+        raise DataError(f'got {labels.shape[0] if labels.ndim else "no"} labels for {features.shape[0]} features')
+    check_labels(labels, num_classes, images=features.shape[0])
+    if not torch.isfinite(features).all():
+        raise DataError('features contain NaN or Inf values')
+    return labels
+
+
+def ranpac_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
+                      dim: int = DEFAULT_RANPAC_DIM, seed: int = DEFAULT_RANPAC_SEED,
+                      ridge: float = DEFAULT_RANPAC_RIDGE) -> 'OrderedDict[str, torch.Tensor]':
+    """Random-feature statistics (the ``ranpac_*`` tensors) of a task from its base features, without a model.
+
+    Args:
+        features: ``(N, D)`` pre-logits features of the base task (``model.prototype_features(x)``).
+        labels: ``(N,)`` class indices in ``[0, num_classes)``.
+        num_classes: Number of classes of the task.
+        dim, seed: Size and seed of the random projection.
+        ridge: Relative ridge regulariser stored with the statistics.
+
+    Raises:
+        DataError: mismatched shapes, labels out of range, non-finite features or no samples.
+        TaskError: bad ``dim``, ``seed`` or ``ridge``.
+    """
+    _check_dim_seed(dim, seed)
+    _check_ridge(ridge)
+    labels = _check_labels_features(features, labels, num_classes)
+    sums = _Sums(num_classes, dim)
+    sums.add(random_features(features.float(), dim, seed), labels)
+    return sums.finish(seed, float(ridge))
+
+
+def merge_ranpac_statistics(*stats: Dict[str, torch.Tensor]) -> 'OrderedDict[str, torch.Tensor]':
+    """Statistics of the union of the data of several shards of *one* task (sums of counts, class sums and Gram).
+
+    Raises:
+        StatisticsError: no statistics, malformed ones, or shards with different classes, size, seed or ridge.
+    """
+    if not stats:
+        raise StatisticsError('merge_ranpac_statistics needs at least one set of statistics')
+    seeds = {float(s['ranpac_seed']) for s in stats if 'ranpac_seed' in s}
+    ridges = {float(s['ranpac_ridge']) for s in stats if 'ranpac_ridge' in s}
+    if len(seeds) > 1 or len(ridges) > 1:
+        raise StatisticsError(f'cannot merge statistics with different seeds {sorted(seeds)} or ridges '
+                              f'{sorted(ridges)}')
+    first = _unpack(stats[0], '#0')
+    sums = _Sums(*first[1].shape)
+    for i, s in enumerate(stats):
+        sums.add_stats(s, f'#{i}')
+    return sums.finish(int(seeds.pop()), ridges.pop())
+
+
+def has_ranpac(model, name: str) -> bool:
+    """Whether task ``name`` of ``model`` has the statistics of the ``'ranpac'`` and ``'ncm'`` scorers."""
+    return all(k in model._task(name).stats for k in RANPAC_STATS)
+
+
+def compute_ranpac_statistics(
+        model, task: str, data, *, dim: int = DEFAULT_RANPAC_DIM, seed: int = DEFAULT_RANPAC_SEED,
+        ridge: float = DEFAULT_RANPAC_RIDGE, num_classes: Optional[int] = None, accumulate: bool = False,
+        batch_size: int = 64, num_workers: int = 0, progress: bool = False, all_reduce: bool = False,
+) -> 'OrderedDict[str, torch.Tensor]':
+    """Compute and store a task's random-feature statistics (``model.compute_task_statistics(..., scorer='ranpac')``).
+
+    Runs the frozen base task (eval mode, no autograd) over ``data``; the model is otherwise unchanged.
+
+    Args:
+        model: A modcl model with a timm ``forward_features`` / ``forward_head``.
+        task: The task the data belongs to.
+        data: A Dataset or DataLoader of ``(image, label)``, or a pair of tensors ``(images, labels)``.
+        dim, seed, ridge: See ``ranpac_statistics``.
+        num_classes: Number of classes (default: the task's; needed for a task without head).
+        accumulate: Add ``data`` to the task's existing statistics (same classes, size, seed) instead of replacing
+            them: the result equals statistics of all the data at once, up to the float32 rounding of the stored
+            means.
+        batch_size, num_workers, progress: For the data loader.
+        all_reduce: Sum the statistics over the processes of the default ``torch.distributed`` group (each process
+            passes its shard; the sums are exact float64 sums).
+
+    Returns:
+        The task's new ``ranpac_*`` statistics.
+
+    Raises:
+        TaskNotFoundError: unknown task.
+        TaskError: bad ``dim``, ``seed``, ``ridge``, ``num_classes``, or ``all_reduce`` without a process group.
+        StatisticsError: ``accumulate=True`` onto statistics of other classes, size or seed.
+        DataError: unusable data.
+        UnsupportedModelError: a model without ``forward_features`` / ``forward_head(pre_logits=True)``.
+    """
+    from .serving import _batches, _feature_fn
+    state = model._task(task)
+    _check_dim_seed(dim, seed)
+    _check_ridge(ridge)
+    if num_classes is None:
+        num_classes = int(state.num_classes)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise TaskError(f'task {task!r} has no classes: pass num_classes= for its statistics')
+    if state.num_classes and num_classes != state.num_classes:
+        raise TaskError(f'task {task!r} has {state.num_classes} classes, got num_classes={num_classes}')
+    if all_reduce:
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            raise TaskError('all_reduce=True needs an initialised torch.distributed process group')
+    sums = _Sums(num_classes, dim)
+    if accumulate and has_ranpac(model, task):
+        if float(state.stats['ranpac_seed']) != seed:
+            raise StatisticsError(f'task {task!r}: accumulate=True with seed {seed}, the statistics have seed '
+                                  f'{float(state.stats["ranpac_seed"]):g}')
+        sums.add_stats(state.stats, task)
+    _feature_fn(model)
+    loader = _batches(data, batch_size, num_workers)
+    from tqdm.auto import tqdm
+    ref = model._ref_tensor()
+    with model._serving():
+        model._bind(BASE_TASK)
+        for batch in tqdm(loader, desc=f'{task} random features', disable=not progress, leave=False):
+            x, y = unpack_batch(batch, 'data')
+            check_labels(y, num_classes, task, images=len(x))
+            if x.is_floating_point():
+                x = x.to(ref.device, ref.dtype)
+            f = model._base_features(x)
+            if not torch.isfinite(f).all():
+                raise DataError('the backbone gave NaN or Inf features for the data')
+            sums.add(random_features(f.float(), dim, seed), y)
+    if all_reduce:
+        sums.all_reduce()
+    stats = sums.finish(seed, float(ridge))   # float32 whatever the model's dtype: counts stay exact
+    stats = OrderedDict((k, v.to(ref.device)) for k, v in stats.items())
+    state.stats.update(stats)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+class _Decoded:
+    """Decoded ridge (or class-mean) weights of a candidate set, on one device and dtype."""
+
+    def __init__(self, names: Sequence[str], stats: Sequence[Dict[str, torch.Tensor]], num_classes: Sequence[int],
+                 method: str, device: torch.device, dtype: torch.dtype, ridge: Optional[float] = None) -> None:
+        counts, means, grams = [], [], []
+        for n, s, c in zip(names, stats, num_classes):
+            count, mean, gram = _unpack(s, n, c)
+            counts.append(count)
+            means.append(mean)
+            grams.append(gram)
+        dims = {m.shape[1] for m in means}
+        seeds = {float(s['ranpac_seed']) for s in stats}
+        if len(dims) > 1 or len(seeds) > 1:
+            raise StatisticsError(f'tasks {", ".join(map(repr, names))} have random-feature statistics of different '
+                                  f'sizes {sorted(dims)} or seeds {sorted(seeds)}; recompute them with one dim and '
+                                  f'seed')
+        self.dim, self.seed = dims.pop(), int(seeds.pop())
+        self.sizes = [m.shape[0] for m in means]
+        self.offsets = [0]
+        for k in self.sizes:
+            self.offsets.append(self.offsets[-1] + k)
+        present = torch.cat(counts) > 0
+        if method == 'ranpac':
+            gram = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+            for count, g in zip(counts, grams):  # in candidate order: the same sums in every process
+                gram += g * float(count.sum())
+            q = torch.cat([m * c[:, None] for m, c in zip(means, counts)]).t()    # (M, C) class sums
+            if ridge is None:
+                ridge = math.exp(sum(math.log(float(s['ranpac_ridge'])) for s in stats) / len(stats))
+            lam = ridge * float(gram.diagonal().sum()) / self.dim
+            gram.diagonal().add_(max(lam, 1e-12))
+            try:
+                chol = torch.linalg.cholesky(gram)
+            except RuntimeError:
+                raise StatisticsError(f'tasks {", ".join(map(repr, names))}: the random-feature Gram matrix is not '
+                                      f'positive definite; recompute the statistics') from None
+            weights = torch.cholesky_solve(q, chol)
+        else:
+            weights = torch.nn.functional.normalize(torch.cat(means), dim=1).t()
+        self.ncm = method == 'ncm'
+        self.bias = torch.where(present, torch.zeros(()), torch.full((), -math.inf)).to(device, dtype)
+        self.weights = weights.to(device, dtype)
+
+    def class_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """``(N, C_total)`` class scores of base features (a class without samples scores -inf)."""
+        h = random_features(features.to(self.weights.dtype), self.dim, self.seed)
+        if self.ncm:
+            h = torch.nn.functional.normalize(h, dim=1)
+        return h @ self.weights + self.bias
+
+
+_decoded: 'weakref.WeakKeyDictionary' = weakref.WeakKeyDictionary()
+
+
+def _key(t: torch.Tensor) -> Tuple:
+    return (id(t), t._version, t.data_ptr(), t.dtype, str(t.device), tuple(t.shape))
+
+
+def _decode(names, stats, num_classes, method, device, dtype) -> _Decoded:
+    return _Decoded(names, stats, num_classes, method, device, dtype)
+
+
+def decoded(model, names: Sequence[str], method: str = 'ranpac') -> _Decoded:
+    """The cached decoded weights of ``names`` on the model's device and dtype (float32 for integer models).
+
+    Raises:
+        StatisticsError: missing, malformed or incompatible statistics.
+    """
+    if method not in BASE_SCORERS:
+        raise TaskError(f'unknown scorer {method!r}; choose one of {", ".join(BASE_SCORERS)}')
+    ref = model._ref_tensor()
+    dtype = ref.dtype if ref.is_floating_point() else torch.float32
+    tasks = [model._task(n) for n in names]
+    for n, t in zip(names, tasks):
+        if not all(k in t.stats for k in RANPAC_STATS):
+            _unpack(t.stats, n)  # raises the missing-statistics error
+    key = (tuple(names), method, str(ref.device), dtype,
+           tuple(tuple((k, _key(t.stats[k])) for k in RANPAC_STATS) + (t.num_classes,) for t in tasks))
+    with _lock:
+        per_model = _decoded.setdefault(model, OrderedDict())
+        hit = per_model.get(key)
+        if hit is not None:
+            per_model.move_to_end(key)
+            return hit
+    d = _decode(list(names), [t.stats for t in tasks], [t.num_classes for t in tasks], method, ref.device, dtype)
+    with _lock:
+        per_model[key] = d
+        while len(per_model) > _CACHE_ENTRIES:
+            per_model.popitem(last=False)
+    return d
+
+
+def check_candidates(model, names: Sequence[str]) -> None:
+    """Raise ``StatisticsError`` unless every candidate has usable, mutually compatible random-feature statistics."""
+    missing = [n for n in names if not has_ranpac(model, n)]
+    if missing:
+        raise StatisticsError(
+            f'task(s) {", ".join(map(repr, missing[:5]))} have no random-feature statistics; compute them with '
+            f'compute_task_statistics(task, train_data, scorer="ranpac"), or use scorer="prototype"')
+    decoded(model, names)
+
+
+def _task_scores(scores: torch.Tensor, d: _Decoded) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    per_task = [scores[:, a:b] for a, b in zip(d.offsets[:-1], d.offsets[1:])]
+    return torch.stack([s.amax(1) for s in per_task], 1), per_task
+
+
+def score(model, x: torch.Tensor, names: Sequence[str], method: str) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Task scores ``(N, T)`` and per task its class scores ``(N, C_t)``, for a model already in serving mode."""
+    d = decoded(model, names, method)
+    model._bind(BASE_TASK)
+    return _task_scores(d.class_scores(model._base_features(x)), d)
+
+
+def score_ranpac(features: torch.Tensor, stats: Sequence[Dict[str, torch.Tensor]], method: str = 'ranpac'
+                 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Score base features against several tasks' statistics, without a model (no cache).
+
+    Returns:
+        ``(task_scores (N, T), [class_scores (N, C_t) per task])``, float32.
+
+    Raises:
+        StatisticsError: missing, malformed or incompatible statistics.
+        TaskError: unknown ``method``.
+    """
+    if method not in BASE_SCORERS:
+        raise TaskError(f'unknown scorer {method!r}; choose one of {", ".join(BASE_SCORERS)}')
+    d = _decode([f'#{i}' for i in range(len(stats))], stats, [0] * len(stats), method, features.device,
+                torch.float32)
+    return _task_scores(d.class_scores(features.float()), d)
+
+
+# ---------------------------------------------------------------------------------------------------- class-incremental
+@dataclass
+class ClassPrediction:
+    """What ``predict_classes`` returns for ``N`` images: one label space over all candidate tasks' classes.
+
+    Attributes:
+        scorer: ``'ranpac'`` or ``'ncm'``.
+        candidates: The candidate tasks, in the order of the label space.
+        offsets: ``offsets[t]`` is the global label of class 0 of ``candidates[t]`` (``T + 1`` entries).
+        class_scores: ``(N, C_total)`` float32 scores of every class of every candidate.
+        global_labels: ``(N,)`` predicted class in the joint label space.
+        task_index: ``(N,)`` index of the predicted class's task in ``candidates``.
+        tasks: Predicted task name per sample.
+        labels: ``(N,)`` predicted class within its task.
+        class_names: Predicted class name per sample (``None`` when the task has no class names).
+    """
+    scorer: str
+    candidates: Tuple[str, ...]
+    offsets: Tuple[int, ...]
+    class_scores: torch.Tensor
+    global_labels: torch.Tensor
+    task_index: torch.Tensor
+    tasks: List[str]
+    labels: torch.Tensor
+    class_names: List[Optional[str]]
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+
+def predict_classes(model, x: torch.Tensor, scorer: str = 'ranpac',
+                    tasks: Optional[Sequence[str]] = None) -> ClassPrediction:
+    """Class-incremental prediction: the best class over all classes of all candidate tasks.
+
+    One base forward and the decoded (cached) ridge or class-mean weights; no task head is run.
+
+    Args:
+        model: A modcl model whose candidate tasks have ``ranpac_*`` statistics.
+        x: Input batch ``(N, C, H, W)`` preprocessed as the statistics' data.
+        scorer: ``'ranpac'`` (ridge over the union of classes) or ``'ncm'`` (nearest class mean, cosine).
+        tasks: Candidate tasks (default: every task but ``base``).
+
+    Returns:
+        A ``ClassPrediction``.
+
+    Raises:
+        TaskError: unknown scorer, no learned tasks or an empty candidate list.
+        TaskNotFoundError: a candidate is not a task of the model.
+        StatisticsError: a candidate has no, malformed or incompatible statistics.
+        InputError: ``x`` is not a batch the model takes.
+        The model is unchanged on error.
+    """
+    if scorer not in BASE_SCORERS:
+        raise TaskError(f'unknown scorer {scorer!r} for predict_classes; choose one of {", ".join(BASE_SCORERS)}')
+    model._check_batch(x)
+    names = model._candidates(tasks, scorer)
+    with model._serving():
+        d = decoded(model, names, scorer)
+        model._bind(BASE_TASK)
+        scores = d.class_scores(model._base_features(x)).float().cpu()
+    glob = scores.argmax(1)
+    offsets = torch.tensor(d.offsets)
+    t_idx = torch.bucketize(glob, offsets[1:], right=True)
+    labels = glob - offsets[t_idx]
+    chosen = [names[i] for i in t_idx.tolist()]
+    cnames = []
+    for t, c in zip(chosen, labels.tolist()):
+        cn = model._modcl.tasks[t].class_names
+        cnames.append(None if cn is None or c >= len(cn) else cn[c])
+    return ClassPrediction(scorer=scorer, candidates=tuple(names), offsets=tuple(d.offsets), class_scores=scores,
+                           global_labels=glob, task_index=t_idx, tasks=chosen, labels=labels, class_names=cnames)
+
+
+def select_ridge(model, data: Dict[str, Any], grid: Sequence[float] = RIDGE_GRID, batch_size: int = 64
+                 ) -> Tuple[float, Dict[float, float]]:
+    """Choose the relative ridge on validation images and store it in every task of ``data``.
+
+    ``data`` maps each candidate task to its validation images (a Dataset or DataLoader of ``(image, label)``, or a
+    pair ``(images, labels)``; only the images are used). For every ridge of ``grid`` the task-identification
+    accuracy over all images is measured (one base forward per image, whatever the grid); the most accurate ridge,
+    the largest among ties, is written to each task's ``ranpac_ridge`` (which refreshes the decode cache).
+
+    Returns:
+        ``(chosen ridge, {ridge: validation task-identification accuracy})``.
+
+    Raises:
+        TaskError: fewer than two tasks, or a bad ridge in ``grid``.
+        TaskNotFoundError: a key of ``data`` is not a task.
+        StatisticsError: a task lacks usable random-feature statistics.
+        DataError: unusable data.
+    """
+    from .serving import _batches
+    if not isinstance(data, dict) or len(data) < 2:
+        raise TaskError('select_ridge needs validation data of at least two tasks: {task: data}')
+    grid = list(grid)
+    if not grid:
+        raise TaskError('grid is empty')
+    for r in grid:
+        _check_ridge(r)
+    names = list(data)
+    check_candidates(model, names)
+    tasks = [model._task(n) for n in names]
+    feats, truth = [], []
+    ref = model._ref_tensor()
+    with model._serving():
+        model._bind(BASE_TASK)
+        for i, n in enumerate(names):
+            for batch in _batches(data[n], batch_size, 0, what=f'validation data of {n!r}'):
+                x, _ = unpack_batch(batch, 'data')
+                if x.is_floating_point():
+                    x = x.to(ref.device, ref.dtype)
+                feats.append(model._base_features(x).float())
+                truth.append(torch.full((len(x),), i))
+    if not feats:
+        raise DataError('select_ridge: no validation images')
+    f, t = torch.cat(feats), torch.cat(truth).to(feats[0].device)
+    accuracy: Dict[float, float] = {}
+    for r in grid:
+        d = _Decoded(names, [s.stats for s in tasks], [s.num_classes for s in tasks], 'ranpac', f.device,
+                     torch.float32, ridge=float(r))
+        task_scores, _ = _task_scores(d.class_scores(f), d)
+        accuracy[float(r)] = float((task_scores.argmax(1) == t).float().mean())
+    best = max(accuracy, key=lambda r: (accuracy[r], r))
+    for s in tasks:
+        s.stats['ranpac_ridge'] = torch.tensor(best, dtype=torch.float32, device=s.stats['ranpac_ridge'].device)
+    return best, accuracy
