@@ -5,6 +5,9 @@
 
 Measures (medians over repeated runs after warm-up):
   * eval forward of a modulated task / plain timm ``mobilenetv2_100`` (batch 1 and 32)   target <= 1.02
+  * the same through ``forward_task`` (task chosen per call, thread-safe) and for a per-task LoRA task
+  * compiled eval (``torch.compile``, inductor) of a modulated task / compiled plain timm, and the compilations
+    needed when serving two tasks alternately                                          target <= 1 per task
   * train step of modcl / full fine-tuning / PEFT LoRA on the convolutions             target modcl <= 1.10 x full
   * ``set_task`` latency, eval forward with 100 tasks registered / with 1 task           target <= 1.02
   * adapter save and load time, pull time from a local Hub-compatible server
@@ -73,6 +76,63 @@ def bench_eval(size: int, batch: int, repeats: int) -> Dict[str, float]:
 
     t = interleaved({'plain': _eval_fn(plain, x), 'modcl': _eval_fn(model, x)}, repeats)
     return {'plain_s': t['plain'], 'modcl_s': t['modcl'], 'ratio': t['modcl'] / t['plain']}
+
+
+def _models_for_eval(size: int, batch: int):
+    torch.manual_seed(0)
+    plain = timm.create_model('mobilenetv2_100').eval()
+    model = timm.create_model('modcl_mobilenetv2_100').eval()
+    model.load_state_dict(plain.state_dict())
+    for name, kwargs in (('t', {}), ('u', {}), ('lora', dict(method='lora', rank=8))):
+        model.add_task(name, 1000, **kwargs)
+        model.classifier.load_state_dict(plain.classifier.state_dict())
+        with torch.no_grad():  # trained-looking tasks: the cache must hold real effective weights
+            for p in model._task(name).modulators.values():
+                p.normal_(0, 0.01)
+    model.set_task('t')
+    return plain, model, torch.randn(batch, 3, size, size)
+
+
+def bench_eval_paths(size: int, batch: int, repeats: int) -> Dict[str, float]:
+    """Plain timm vs the bound task, ``forward_task`` (per-call task) and a LoRA-method task, interleaved."""
+    plain, model, x = _models_for_eval(size, batch)
+
+    def scoped():
+        with torch.inference_mode():
+            model.forward_task(x, 'u')
+
+    def lora():
+        with torch.inference_mode():
+            model.forward_task(x, 'lora')
+    t = interleaved({'plain': _eval_fn(plain, x), 'bound': _eval_fn(model, x), 'scoped': scoped, 'lora': lora},
+                    repeats)
+    return {'plain_s': t['plain'], 'bound_over_plain': t['bound'] / t['plain'],
+            'forward_task_over_plain': t['scoped'] / t['plain'], 'lora_task_over_plain': t['lora'] / t['plain']}
+
+
+def bench_compiled(size: int, batch: int, repeats: int) -> Dict[str, float]:
+    """torch.compile (inductor) of plain timm and of a modcl model serving two tasks alternately."""
+    from torch._dynamo.utils import counters
+    plain, model, x = _models_for_eval(size, batch)
+    torch._dynamo.reset()
+    c_plain, c_model = torch.compile(plain), torch.compile(model)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        c_plain(x)
+    compile_plain_s = time.perf_counter() - t0
+    frames, before = [], int(counters['stats']['unique_graphs'])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for task in ('t', 'u', 't', 'u'):
+            model.set_task(task)
+            c_model(x)
+            frames.append(int(counters['stats']['unique_graphs']) - before)
+    compile_modcl_s = time.perf_counter() - t0
+    model.set_task('t')
+    t = interleaved({'plain': _eval_fn(c_plain, x), 'modcl': _eval_fn(c_model, x)}, repeats)
+    return {'plain_s': t['plain'], 'modcl_s': t['modcl'], 'ratio': t['modcl'] / t['plain'],
+            'unique_graphs_after_each_call': frames, 'compile_plain_s': compile_plain_s,
+            'compile_modcl_two_tasks_s': compile_modcl_s}
 
 
 def bench_train(size: int, batch: int, repeats: int) -> Dict[str, float]:
@@ -170,6 +230,8 @@ def main(argv=None) -> dict:
     ap.add_argument('--out', default=str(RESULTS / 'speed.json'))
     ap.add_argument('--threads', type=int, default=1,
                     help='torch threads (1: steadiest ratios when other processes share the cores; 0: default)')
+    ap.add_argument('--compile', action=argparse.BooleanOptionalAction, default=True,
+                    help='also measure torch.compile (inductor; minutes of compilation on a CPU)')
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,6 +246,15 @@ def main(argv=None) -> dict:
     print(f"eval  bs1  224px: modcl/plain = {results['eval_bs1']['ratio']:.3f}", flush=True)
     results['eval_bs32'] = bench_eval(size=64 if q else 224, batch=32 if not q else 8, repeats=3 if q else 10)
     print(f"eval  bs32 {64 if q else 224}px: modcl/plain = {results['eval_bs32']['ratio']:.3f}", flush=True)
+    results['eval_paths'] = bench_eval_paths(size=224, batch=1, repeats=5 if q else 30)
+    ep = results['eval_paths']
+    print(f"eval  bs1  224px over plain: bound {ep['bound_over_plain']:.3f}, forward_task "
+          f"{ep['forward_task_over_plain']:.3f}, LoRA task {ep['lora_task_over_plain']:.3f}", flush=True)
+    if args.compile:
+        results['compiled'] = bench_compiled(size=64 if q else 224, batch=1, repeats=5 if q else 30)
+        cp = results['compiled']
+        print(f"compiled eval bs1: modcl/plain = {cp['ratio']:.3f}; unique graphs after serving t, u, t, u: "
+              f"{cp['unique_graphs_after_each_call']}", flush=True)
     results['train'] = bench_train(size=64 if q else 96, batch=8 if q else 32, repeats=3 if q else 10)
     tr = results['train']
     print(f"train step: modcl/full = {tr['modcl_over_full']:.3f}, lora/full = {tr['lora_over_full']:.3f}", flush=True)

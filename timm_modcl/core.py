@@ -147,10 +147,12 @@ class _State:
         self.fingerprint: Optional[Tuple[tuple, str]] = None
         # held by calls that must change shared state to run (a task_scope on a model in train mode flips it to eval)
         self.lock = threading.RLock()
+        self.module_list: Optional[List[nn.Module]] = None   # the module tree, flat (see ModCLMixin._all_modules)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         del state['lock']
+        state['module_list'] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -269,6 +271,7 @@ class ModCLMixin:
             first.modcl_bn_guard = any(_tracks_stats(m) for m in norm_layers.values())
         st.fingerprint = None
         st.head_template = None
+        st.module_list = None
         root_frozen = [k for n, k in st.extra_frozen if not n]
         if root_frozen:
             holders = nn.ModuleDict({k: _FrozenTensor(self._buffers[k]) for k in root_frozen})
@@ -312,6 +315,15 @@ class ModCLMixin:
             if holders is not None and name in holders:
                 return holders[name]()
         return super().__getattr__(name)
+
+    def _all_modules(self) -> List[nn.Module]:
+        """``list(self.modules())``, kept between calls (per-call serving reads every module's train flag; walking
+        the tree each time cost 2-3 % of a batch-1 forward). Refreshed when a task is bound (its head) or the layers
+        are rescanned."""
+        st = self._modcl
+        if st.module_list is None:
+            st.module_list = list(self.modules())
+        return st.module_list
 
     def _has_buffer(self, module_name: str, name: str) -> bool:
         try:
@@ -711,6 +723,7 @@ class ModCLMixin:
             self._set_head(task.head)
             self.num_classes = task.num_classes
         st.active = name
+        st.module_list = None
 
     # ------------------------------------------------------------------ timm methods that change the structure
     def _modcl_reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, *args, **kwargs) -> None:

@@ -331,8 +331,7 @@ def compute_ranpac_statistics(
     loader = _batches(data, batch_size, num_workers)
     from tqdm.auto import tqdm
     ref = model._ref_tensor()
-    with model._serving():
-        model._bind(BASE_TASK)
+    with model._serving(), model.task_scope(BASE_TASK):
         for batch in tqdm(loader, desc=f'{task} random features', disable=not progress, leave=False):
             x, y = unpack_batch(batch, 'data')
             check_labels(y, num_classes, task, images=len(x))
@@ -462,8 +461,9 @@ def _task_scores(scores: torch.Tensor, d: _Decoded) -> Tuple[torch.Tensor, List[
 def score(model, x: torch.Tensor, names: Sequence[str], method: str) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Task scores ``(N, T)`` and per task its class scores ``(N, C_t)``, for a model already in serving mode."""
     d = decoded(model, names, method)
-    model._bind(BASE_TASK)
-    return _task_scores(d.class_scores(model._base_features(x)), d)
+    with model.task_scope(BASE_TASK):
+        f = model._base_features(x)
+    return _task_scores(d.class_scores(f), d)
 
 
 def score_ranpac(features: torch.Tensor, stats: Sequence[Dict[str, torch.Tensor]], method: str = 'ranpac'
@@ -540,9 +540,8 @@ def predict_classes(model, x: torch.Tensor, scorer: str = 'ranpac',
         raise TaskError(f'unknown scorer {scorer!r} for predict_classes; choose one of {", ".join(BASE_SCORERS)}')
     model._check_batch(x)
     names = model._candidates(tasks, scorer)
-    with model._serving():
+    with model._serving(), model.task_scope(BASE_TASK):
         d = decoded(model, names, scorer)
-        model._bind(BASE_TASK)
         scores = d.class_scores(model._base_features(x)).float().cpu()
     glob = scores.argmax(1)
     offsets = torch.tensor(d.offsets)
@@ -588,8 +587,7 @@ def select_ridge(model, data: Dict[str, Any], grid: Sequence[float] = RIDGE_GRID
     tasks = [model._task(n) for n in names]
     feats, truth = [], []
     ref = model._ref_tensor()
-    with model._serving():
-        model._bind(BASE_TASK)
+    with model._serving(), model.task_scope(BASE_TASK):
         for i, n in enumerate(names):
             for batch in _batches(data[n], batch_size, 0, what=f'validation data of {n!r}'):
                 x, _ = unpack_batch(batch, 'data')

@@ -478,8 +478,7 @@ class ServingMixin:
         train mode is switched to eval for the call and back afterwards, under the model's lock (such calls run one
         at a time)."""
         with contextlib.ExitStack() as stack:
-            modes = [(m, m.training) for m in self.modules() if m.training]
-            if modes:
+            if any(m.training for m in self._all_modules()):
                 stack.enter_context(self._modcl.lock)
                 modes = [(m, m.training) for m in self.modules()]
                 stack.callback(_restore_modes, modes)

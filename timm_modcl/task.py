@@ -157,7 +157,10 @@ class TaskState:
     @property
     def method(self):
         """The task's ``methods.LayerMethod`` (how its tensor of a layer makes the layer's weight)."""
-        return method_of(self.config)
+        cached = self.__dict__.get('_method')
+        if cached is None or cached[0] is not self.config:  # read per layer per forward: kept for its config
+            cached = self.__dict__['_method'] = (self.config, method_of(self.config))
+        return cached[1]
 
     def tensors(self, stats: bool = True) -> 'OrderedDict[str, torch.Tensor]':
         """All tensors of the task under their flat names (the live tensors, not copies)."""
