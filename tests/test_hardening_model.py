@@ -324,6 +324,26 @@ def test_unusable_statistics_are_skipped_at_predict_time(served):
         fresh.predict_task_agnostic(x)
 
 
+def test_compute_task_statistics_never_stores_statistics_that_would_not_load(served, monkeypatch):
+    """A degenerate fit (here forced: scales beyond the bounds) is a DataError, and the task keeps its statistics."""
+    from timm_modcl import DataError, serving
+    model, _ = served
+    finish = serving._Moments.finish
+
+    def degenerate(self, *args):
+        out = finish(self, *args)
+        out['proto_log_noise'] = out['proto_log_noise'] - 200.0
+        return out
+
+    monkeypatch.setattr(serving._Moments, 'finish', degenerate)
+    saved = {k: v.clone() for k, v in model._task('t1').stats.items()}
+    rng = _rng()
+    with pytest.raises(DataError, match='unusable prototype statistics'):
+        compute_task_statistics(model, 't1', _data(3))
+    _assert_rng(rng)
+    assert all(torch.equal(v, model._task('t1').stats[k]) for k, v in saved.items())
+
+
 # ---------------------------------------------------------------- item 8: non-finite input
 @pytest.mark.parametrize('value', [float('nan'), float('inf'), -float('inf')])
 def test_non_finite_images_get_an_input_error_everywhere(served, value):

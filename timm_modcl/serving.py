@@ -45,9 +45,9 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
+from ._rng import keep_rng_on_error
 from .data import check_labels, unpack_batch
 from .errors import DataError, InputError, StatisticsError, TaskError, UnsupportedModelError
-from ._rng import keep_rng_on_error
 from .layers import validate_input
 from .task import BASE_TASK
 
@@ -250,6 +250,14 @@ def has_prototypes(model, name: str) -> bool:
     return all(k in stats for k in PROTOTYPE_STATS)
 
 
+#: Bounds of usable prototype statistics (far outside what ``compute_task_statistics`` gives; beyond them scores
+#: overflow): |log| of the covariance scales, |class means| of the transformed features, and how far the priors may
+#: be from a probability vector and the basis columns from unit length (rounding of fp16/bf16 files).
+MAX_PROTOTYPE_LOG_SCALE = 80.0
+MAX_PROTOTYPE_MEAN = 1e12
+_PROTOTYPE_TOLERANCE = 1e-2
+
+
 def check_prototype_statistics(stats: Dict[str, torch.Tensor], num_classes: int, dim: Optional[int] = None,
                                name: str = 'task') -> None:
     """Validate a task's ``proto_*`` statistics (what loading an adapter or a state dict checks): the complete set,
@@ -266,14 +274,6 @@ def check_prototype_statistics(stats: Dict[str, torch.Tensor], num_classes: int,
                               f'{", ".join(PROTOTYPE_STATS)})')
     if any(k in stats for k in PROTOTYPE_STATS):
         _TaskGaussian(name, stats, num_classes, dim)
-
-
-#: Bounds of usable prototype statistics (far outside what ``compute_task_statistics`` gives; beyond them scores
-#: overflow): |log| of the covariance scales, |class means| of the transformed features, and how far the priors may
-#: be from a probability vector and the basis entries from those of unit vectors (rounding of fp16/bf16 files).
-MAX_PROTOTYPE_LOG_SCALE = 80.0
-MAX_PROTOTYPE_MEAN = 1e12
-_PROTOTYPE_TOLERANCE = 1e-2
 
 
 def prototype_dim(model) -> Optional[int]:
@@ -489,7 +489,8 @@ def compute_task_statistics(
     Raises:
         TaskNotFoundError: for an unknown task.
         TaskError: bad hyper-parameters, or a task without classes and no ``num_classes``.
-        DataError: for unusable data (not image/label pairs, labels out of range, no samples).
+        DataError: for unusable data (not image/label pairs, labels out of range, no samples, statistics that
+            would not load again).
         UnsupportedModelError: for a model without ``forward_features`` / ``forward_head(pre_logits=True)``.
         InputError: images the model cannot take (NaN/Inf values, wrong shape or dtype).
         On error the task's statistics and the global random states (torch, NumPy, Python) are as they were.
@@ -531,6 +532,11 @@ def compute_task_statistics(
     stats = moments.finish(rank, float(power), float(shrinkage))
     stats = OrderedDict((k, v.to(ref.device, ref.dtype if ref.is_floating_point() else torch.float32))
                         for k, v in stats.items())
+    try:  # what is stored must load again (adapter files validate the statistics)
+        check_prototype_statistics(stats, num_classes, None, task)
+    except StatisticsError as e:
+        raise DataError(f'the data gave unusable prototype statistics ({e}); use more varied samples or rank=0') \
+            from None
     state.stats.update(stats)
     return stats
 
