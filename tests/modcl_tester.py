@@ -8,6 +8,7 @@ trains each a little, and then asserts zero forgetting, round trips
 (state dict, safetensors, adapter files and folders, Hub) with bit-identical logits, export to a plain timm model,
 TorchScript and device/dtype moves.
 """
+import pytest
 import torch
 
 import timm
@@ -113,6 +114,41 @@ class ModCLTester:
         model.add_task('other', 3)
         self.step(model, x)
         assert torch.equal(self.logits(model, x, BASE_TASK), expected)
+
+    def plain_model(self, seed: int = 0):
+        torch.manual_seed(seed)
+        return timm.create_model(self.model_name[len('modcl_'):], pretrained=False, **self.model_kwargs).eval()
+
+    def test_every_accepted_head_keeps_base(self):
+        """Zero forgetting of ``base`` for every ``head=`` that ``modulate`` accepts ('auto', the classifier's path,
+        None), and a clear refusal (model untouched) for a weight layer that is not the classifier: timm's
+        ``reset_classifier`` would replace the real classifier while the named module stayed shared by all tasks."""
+        from timm_modcl import UnsupportedModelError, modulate
+        probe = self.make_model()
+        classifier = probe._modcl.head
+        others = [n for n in (probe.modulated_layers[0], probe.modulated_layers[-1]) if n != classifier]
+        x = self.x()
+        for head in ('auto', classifier, None):
+            plain = self.plain_model()
+            with torch.no_grad():
+                expected = plain(x)
+            model = modulate(plain, head=head)
+            model.add_task('t', 0 if head is None else 3)
+            model.train()
+            opt = torch.optim.SGD(model.parameters(), lr=0.05)
+            for _ in range(2):
+                model(x).float().pow(2).mean().backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad()
+            model.eval()
+            assert torch.equal(self.logits(model, x, BASE_TASK), expected), head
+            assert not {id(p) for p in model.task_parameters('t')} & {id(p) for p in model.task_parameters(BASE_TASK)}
+        for head in others:
+            plain = self.plain_model()
+            with pytest.raises(UnsupportedModelError, match="not the model's classifier"):
+                modulate(plain, head=head)
+            assert not hasattr(plain, '_modcl') and any(p.requires_grad for p in plain.parameters()), head
 
     # ------------------------------------------------------------------ round trips
     def test_roundtrip_state_dict(self, tmp_path):

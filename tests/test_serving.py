@@ -418,14 +418,16 @@ def test_predict_task_agnostic_bad_input_leaves_the_model_unchanged(served, pret
             model.predict_task_agnostic(x)
         bad = dict(saved, proto_prior=saved['proto_prior'][:1])
         model._task('noise').stats = bad
+        with pytest.warns(RuntimeWarning, match="'noise'.*inconsistent shapes.*skipped"):  # the others still work
+            assert 'noise' not in model.predict_task_agnostic(x).candidates
         before = _snapshot(model)
         with pytest.raises(StatisticsError, match="'noise'.*inconsistent shapes"):
-            model.predict_task_agnostic(x)
+            model.predict_task_agnostic(x, tasks=['noise'])
         _assert_unchanged(model, before)
         model._task('noise').stats = dict(saved, proto_mean=saved['proto_mean'][:, :10],
                                           proto_basis=saved['proto_basis'][:10], proto_log_noise=saved['proto_log_noise'][:10])
         with pytest.raises(StatisticsError, match='size 10'):
-            model.predict_task_agnostic(x)
+            model.predict_task_agnostic(x, tasks=['noise'])
         assert model.active_task == 'stripes' and [m.training for m in model.modules()] == before[1]
     finally:
         model._task('noise').stats = saved

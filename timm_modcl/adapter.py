@@ -352,6 +352,8 @@ def build_task(
     Raises:
         AdapterFormatError, FingerprintMismatchError, AdapterError, InvalidTaskNameError: see ``load_task``.
     """
+    if not isinstance(source, (str, os.PathLike, bytes, bytearray)):
+        raise AdapterError(f'an adapter is a file path or the bytes of a file, got {type(source).__name__}')
     label = label or (repr(str(source)) if not isinstance(source, (bytes, bytearray)) else 'adapter')
     meta, tensors = read_adapter(source, label.strip("'"), inside=inside)
     task_meta = _task_meta(model, meta, tensors, label)
@@ -408,7 +410,8 @@ def load_task(
         FingerprintMismatchError: trained on other backbone weights (unless allowed).
         TaskExistsError: a task of that name exists (unless ``replace``).
         InvalidTaskNameError: bad ``name``.
-        AdapterError: the file cannot be read (missing, a folder, a device or FIFO).
+        AdapterError: the file cannot be read (missing, a folder, a device or FIFO), or ``path`` is neither a path
+            nor bytes.
     """
     task = build_task(model, path, name=name, allow_fingerprint_mismatch=allow_fingerprint_mismatch)
     if task.name in model._modcl.tasks and not replace:

@@ -605,6 +605,22 @@ def _read_image(image: Path):
         raise UsageError(f'cannot read image {str(image)!r}: {_one_line(e)}') from None
 
 
+def _image_paths(paths) -> List[Path]:
+    """``modcl predict``'s images: files as given, and every image file of a folder (sorted, not recursive)."""
+    from .data import _image_extensions
+    out: List[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            out.append(path)
+            continue
+        exts = _image_extensions()
+        found = sorted(f for f in path.iterdir() if f.suffix.lower() in exts and f.is_file())
+        if not found:
+            raise UsageError(f'{str(path)!r} is a folder without image files (extensions: {", ".join(sorted(exts))})')
+        out.extend(found)
+    return out
+
+
 def _print_top(header: str, top) -> None:
     _say(header)
     w = max(len(str(name if name is not None else c)) for c, name, _ in top)
@@ -627,7 +643,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f'{str(out)!r} has no tasks (train one first: modcl train ... --out {out})')
     if args.task is not None and args.scorer != 'auto':
         raise UsageError('--scorer chooses the task of an image; it cannot be combined with --task')
-    images = [(Path(p), _read_image(Path(p))) for p in args.image]
+    images = [(p, _read_image(p)) for p in _image_paths(args.image)]
     if task is not None:
         model, _, _ = _load_adapters(args, out, [task])
         transform = eval_transform(model, _task_input_size(model, task))
@@ -1008,7 +1024,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description='Top-k classes of images under one task (--task, or the only task of --out); '
                                    'without --task, the task of each image is chosen among all tasks of --out '
                                    '(task-agnostic prediction) and printed with its probability.')
-    p.add_argument('image', metavar='IMAGE', nargs='+')
+    p.add_argument('image', metavar='IMAGE', nargs='+', help='image files, or folders (every image file in them)')
     p.add_argument('--out', required=True, metavar='DIR', help='adapter folder')
     p.add_argument('--task', metavar='NAME', help='task of the images (default: the only one; with several tasks, '
                                                   'chosen per image)')

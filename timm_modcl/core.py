@@ -948,6 +948,7 @@ class ModCLMixin:
                 layer, _, which = rest.rpartition('.')
                 norm_affine.setdefault(layer, {})[which] = nn.Parameter(take(k))
         stats = OrderedDict((k[len('stats.'):], take(k)) for k in stats_keys)
+        self._check_task_stats(name, stats, num_classes, error)
         head: nn.Module = nn.Identity()
         if any(k.startswith('head.') for k in expected):
             with torch.random.fork_rng(devices=[]):  # initialised, then overwritten: leave the global RNG alone
@@ -957,6 +958,16 @@ class ModCLMixin:
                     v.copy_(take(f'head.{k}'))
         return TaskState(name, num_classes, head, config, modulators=modulators, norm_stats=norm_stats,
                          norm_affine=norm_affine, stats=stats, class_names=class_names, metadata=metadata)
+
+    def _check_task_stats(self, name: str, stats: Mapping[str, torch.Tensor], num_classes: int, error) -> None:
+        """Validate a task's prototype statistics (as converted to the model's dtype) against the model: complete,
+        consistent, fitting its class count and feature size, usable for scoring. Raises ``error``."""
+        from .errors import StatisticsError
+        from .serving import check_prototype_statistics, prototype_dim
+        try:
+            check_prototype_statistics(stats, num_classes, prototype_dim(self), name)
+        except StatisticsError as e:
+            raise error(str(e)) from None
 
     # ------------------------------------------------------------------ state dict
     def _natural_task_keys(self, task_meta: Mapping[str, Any], config: TaskConfig, prefix: str = ''

@@ -41,6 +41,7 @@ of every module afterwards, also when the forward raises.
 """
 import contextlib
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -49,6 +50,7 @@ import torch
 import torch.nn as nn
 
 from . import scorers as _scorers
+from ._rng import keep_rng_on_error
 from .data import check_labels, unpack_batch
 from .errors import DataError, InputError, StatisticsError, TaskError, UnsupportedModelError
 from .layers import validate_input
@@ -57,7 +59,8 @@ from .task import BASE_TASK
 __all__ = [
     'ServingMixin', 'TaskPrediction', 'SCORERS', 'PROTOTYPE_STATS', 'DEFAULT_PROTOTYPE_RANK',
     'DEFAULT_PROTOTYPE_POWER', 'DEFAULT_PROTOTYPE_SHRINKAGE', 'compute_task_statistics', 'prototype_statistics',
-    'has_prototypes', 'score_prototypes',
+    'has_prototypes', 'score_prototypes', 'prototype_dim', 'check_prototype_statistics', 'MAX_PROTOTYPE_LOG_SCALE',
+    'MAX_PROTOTYPE_MEAN',
 ]
 
 #: Task scorers of ``predict_task_agnostic``.
@@ -252,31 +255,104 @@ def has_prototypes(model, name: str) -> bool:
     return all(k in stats for k in PROTOTYPE_STATS)
 
 
-class _TaskGaussian:
-    """A task's prototype statistics prepared for scoring (float64): class log-likelihoods by the Woodbury identity."""
+#: Bounds of usable prototype statistics (far outside what ``compute_task_statistics`` gives; beyond them scores
+#: overflow): |log| of the covariance scales, |class means| of the transformed features, and how far the priors may
+#: be from a probability vector and the basis columns from unit length (rounding of fp16/bf16 files).
+MAX_PROTOTYPE_LOG_SCALE = 80.0
+MAX_PROTOTYPE_MEAN = 1e12
+_PROTOTYPE_TOLERANCE = 1e-2
 
-    def __init__(self, name: str, stats: Dict[str, torch.Tensor], num_classes: int) -> None:
+
+def check_prototype_statistics(stats: Dict[str, torch.Tensor], num_classes: int, dim: Optional[int] = None,
+                               name: str = 'task') -> None:
+    """Validate a task's ``proto_*`` statistics (what loading an adapter or a state dict checks): the complete set,
+    floating-point and finite, shapes consistent with each other, ``num_classes`` (0: any) and the feature size
+    ``dim`` (``None``: any), power in (0, 4], priors a probability vector, scales and means within bounds, a positive
+    definite covariance and finite scores. Other statistics names (not ``proto_*``) are left to their owner.
+
+    Raises:
+        StatisticsError: naming the problem.
+    """
+    unknown = sorted(k for k in stats if k.startswith('proto_') and k not in PROTOTYPE_STATS)
+    if unknown:
+        raise StatisticsError(f'task {name!r}: unknown prototype statistics {unknown[:5]} (known: '
+                              f'{", ".join(PROTOTYPE_STATS)})')
+    if any(k in stats for k in PROTOTYPE_STATS):
+        _TaskGaussian(name, stats, num_classes, dim)
+
+
+def prototype_dim(model) -> Optional[int]:
+    """Size of the pre-logits features the prototype statistics of ``model``'s tasks describe, when the model says
+    (timm's ``head_hidden_size``, else the in-features of the base task's Linear head); ``None`` when unknown."""
+    size = getattr(model, 'head_hidden_size', None)
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    tasks = model._modcl.tasks
+    head = tasks[BASE_TASK].head if BASE_TASK in tasks else None
+    if isinstance(head, nn.Linear):
+        return int(head.in_features)
+    return None
+
+
+class _TaskGaussian:
+    """A task's prototype statistics prepared for scoring (float64): class log-likelihoods by the Woodbury identity.
+
+    Building one validates the statistics: the complete set of ``PROTOTYPE_STATS``, floating-point and finite,
+    shapes consistent with each other, with the task's class count and (``dim``) the model's feature size, power in
+    (0, 4], priors a probability vector, scales within ``MAX_PROTOTYPE_LOG_SCALE``, means within
+    ``MAX_PROTOTYPE_MEAN``, a positive definite covariance and finite scores at the class means.
+
+    Raises:
+        StatisticsError: naming the problem.
+    """
+
+    def __init__(self, name: str, stats: Dict[str, torch.Tensor], num_classes: int, dim: Optional[int] = None
+                 ) -> None:
         self.name = name
 
         def bad(msg: str) -> StatisticsError:
             return StatisticsError(f'task {name!r}: prototype statistics {msg}; recompute them with '
                                    f'compute_task_statistics(model, {name!r}, train_data)')
 
+        missing = [k for k in PROTOTYPE_STATS if k not in stats]
+        if missing:
+            raise bad(f'lack {", ".join(missing)}')
+        for k in PROTOTYPE_STATS:
+            if not isinstance(stats[k], torch.Tensor) or not stats[k].is_floating_point():
+                raise bad(f'have a {k} that is not a floating-point tensor')
+            if stats[k].device.type == 'meta':
+                raise bad(f'have a {k} without data (a meta tensor)')
         t = {k: stats[k].detach().to('cpu', torch.float64) for k in PROTOTYPE_STATS}
+        if not all(bool(torch.isfinite(v).all()) for v in t.values()):
+            raise bad('contain NaN or Inf values')
         mean, prior, basis = t['proto_mean'], t['proto_prior'], t['proto_basis']
         log_scale, log_noise, power = t['proto_log_scale'], t['proto_log_noise'], t['proto_power']
-        if mean.ndim != 2 or mean.shape[1] < 1:
-            raise bad('have class means of no valid shape')
-        c, dim = mean.shape
-        self.dim = dim
+        if mean.ndim != 2 or mean.shape[0] < 1 or mean.shape[1] < 1:
+            raise bad(f'have class means of shape {tuple(mean.shape)}, expected (classes, features)')
+        c, dim_ = mean.shape
+        self.dim = dim_
+        if dim is not None and dim_ != dim:
+            raise bad(f'describe features of size {dim_}, the model\'s features have size {dim}')
         if num_classes and c != num_classes:
             raise bad(f'have {c} classes, the task has {num_classes}')
         k = basis.shape[1] if basis.ndim == 2 else -1
-        if (prior.shape != (c,) or basis.ndim != 2 or basis.shape[0] != dim or log_scale.shape != (k,)
-                or log_noise.shape != (dim,) or power.ndim != 0):
-            raise bad('have inconsistent shapes')
-        if not (prior >= 0).all() or not float(prior.sum()) > 0 or not 0 < float(power) <= 4:
-            raise bad('have invalid values')
+        if (prior.shape != (c,) or basis.ndim != 2 or basis.shape[0] != dim_ or log_scale.shape != (k,)
+                or log_noise.shape != (dim_,) or power.ndim != 0 or k > dim_):
+            raise bad(f'have inconsistent shapes (mean {tuple(mean.shape)}, prior {tuple(prior.shape)}, basis '
+                      f'{tuple(basis.shape)}, log_scale {tuple(log_scale.shape)}, log_noise {tuple(log_noise.shape)}, '
+                      f'power {tuple(power.shape)})')
+        tol = _PROTOTYPE_TOLERANCE
+        if not 0 < float(power) <= 4:
+            raise bad(f'have power {float(power):g}, which must be in (0, 4]')
+        if (prior < 0).any() or (prior > 1 + tol).any() or abs(float(prior.sum()) - 1) > tol:
+            raise bad('have class priors that are not probabilities (non-negative, summing to 1)')
+        scales = torch.cat([log_scale, log_noise])
+        if float(scales.abs().max()) > MAX_PROTOTYPE_LOG_SCALE:
+            raise bad(f'have log scales up to {float(scales.abs().max()):.3g} (beyond +-{MAX_PROTOTYPE_LOG_SCALE:g})')
+        if float(mean.abs().max()) > MAX_PROTOTYPE_MEAN:
+            raise bad(f'have class means up to {float(mean.abs().max()):.3g} (beyond +-{MAX_PROTOTYPE_MEAN:g})')
+        if k and float((basis.norm(dim=0) - 1).abs().max()) > tol:
+            raise bad('have a basis that is not made of unit vectors')
         self.power = float(power)
         self.num_classes = c
         psi_inv_sqrt = (-0.5 * log_noise).exp()
@@ -297,7 +373,9 @@ class _TaskGaussian:
             self.u_mean = self._solve(mean)                                 # (C, k)
             self.u_mean_sq = self.u_mean.pow(2).sum(1)
         self.log_prior = torch.where(prior > 0, (prior / prior.sum()).log(), torch.full_like(prior, -math.inf))
-        self.const = -0.5 * (logdet + dim * _LOG_2PI)
+        self.const = -0.5 * (logdet + dim_ * _LOG_2PI)
+        if not math.isfinite(self.const) or not bool(torch.isfinite(self.class_log_likelihood(mean)).all()):
+            raise bad('give non-finite scores')
 
     def _solve(self, x: torch.Tensor) -> torch.Tensor:
         return torch.linalg.solve_triangular(self.chol, self.b @ x.t(), upper=False).t()
@@ -375,6 +453,7 @@ def _batches(data, batch_size: int, num_workers: int, what: str = 'data') -> Ite
     return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
+@keep_rng_on_error()
 def compute_task_statistics(
         model: nn.Module,
         task: str,
@@ -415,8 +494,11 @@ def compute_task_statistics(
     Raises:
         TaskNotFoundError: for an unknown task.
         TaskError: bad hyper-parameters, or a task without classes and no ``num_classes``.
-        DataError: for unusable data (not image/label pairs, labels out of range, no samples).
+        DataError: for unusable data (not image/label pairs, labels out of range, no samples, statistics that
+            would not load again).
         UnsupportedModelError: for a model without ``forward_features`` / ``forward_head(pre_logits=True)``.
+        InputError: images the model cannot take (NaN/Inf values, wrong shape or dtype).
+        On error the task's statistics and the global random states (torch, NumPy, Python) are as they were.
     """
     state = model._task(task)
     _check_hyper(rank, power, shrinkage)
@@ -454,6 +536,11 @@ def compute_task_statistics(
     stats = moments.finish(rank, float(power), float(shrinkage))
     stats = OrderedDict((k, v.to(ref.device, ref.dtype if ref.is_floating_point() else torch.float32))
                         for k, v in stats.items())
+    try:  # what is stored must load again (adapter files validate the statistics)
+        check_prototype_statistics(stats, num_classes, None, task)
+    except StatisticsError as e:
+        raise DataError(f'the data gave unusable prototype statistics ({e}); use more varied samples or rank=0') \
+            from None
     state.stats.update(stats)
     return stats
 
@@ -631,6 +718,10 @@ class ServingMixin:
         else:
             if isinstance(tasks, str) or not isinstance(tasks, Iterable):
                 raise TaskError(f'tasks must be a list of task names, got {type(tasks).__name__}')
+            tasks = list(tasks)
+            bad = [t for t in tasks if not isinstance(t, str)]
+            if bad:
+                raise TaskError(f'tasks must be a list of task names (strings), got {bad[0]!r}')
             names = list(dict.fromkeys(tasks))
             if not names:
                 raise TaskError('tasks is empty: give at least one task to choose from')
@@ -644,6 +735,7 @@ class ServingMixin:
                     f'compute_task_statistics(model, task, train_data) (or train with train_task(..., '
                     f'prototypes=True)), or use scorer="energy"')
             _feature_fn(self)
+            names = self._usable_prototype_tasks(names)
         elif scorer in _scorers.BASE_SCORERS:
             _feature_fn(self)
             _scorers.check_candidates(self, names)
@@ -653,6 +745,26 @@ class ServingMixin:
                 raise TaskError(f'task(s) {", ".join(map(repr, headless[:5]))} have no head; the {scorer!r} scorer '
                                 f'scores heads (use scorer="prototype")')
         return names
+
+    def _usable_prototype_tasks(self, names: List[str]) -> List[str]:
+        """The tasks whose prototype statistics can score this model's features; the others are skipped with a
+        warning (statistics changed after loading, or not fitting the model), so one bad task does not stop the
+        prediction of the others. Raises ``StatisticsError`` when none is usable."""
+        st = self._modcl
+        dim = prototype_dim(self)
+        usable, problems = [], []
+        for n in names:
+            try:
+                _TaskGaussian(n, st.tasks[n].stats, st.tasks[n].num_classes, dim)
+            except StatisticsError as e:
+                problems.append(str(e))
+            else:
+                usable.append(n)
+        if not usable:
+            raise StatisticsError('no candidate task has usable prototype statistics: ' + ' | '.join(problems[:5]))
+        for problem in problems:
+            warnings.warn(f'{problem}; the task is skipped', RuntimeWarning, stacklevel=4)
+        return usable
 
     def predict_task_agnostic(
             self, x: torch.Tensor, scorer: str = 'prototype', tasks: Optional[Sequence[str]] = None,
@@ -676,7 +788,8 @@ class ServingMixin:
             TaskError: unknown scorer, no learned tasks, an empty candidate list, or (head scorers) a task without
                 head.
             TaskNotFoundError: a candidate is not a task of the model.
-            StatisticsError: (``'prototype'``) a candidate has no or unusable prototype statistics.
+            StatisticsError: (``'prototype'``) a candidate has no prototype statistics, or none has usable ones (a
+                task whose statistics are unusable is skipped with a ``RuntimeWarning``).
             InputError: ``x`` is not a batch the model takes.
             The model is unchanged on error.
         """

@@ -29,6 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from . import distributed as _dist
 from ._io import atomic_write_json
+from ._rng import keep_rng_on_error
 from .data import check_labels, unpack_batch
 from .errors import CheckpointError, DataError, DistributedError, NonFiniteLossError, TaskError
 from .metrics import AccuracyMatrix
@@ -754,6 +755,7 @@ def _accuracy(model: nn.Module, loader: DataLoader, task: Optional[str], device:
     return correct / seen
 
 
+@keep_rng_on_error()
 def evaluate(
         model: nn.Module,
         data: DataLike,
@@ -779,6 +781,8 @@ def evaluate(
         TaskNotFoundError: for an unknown task.
         DataError: for empty data or labels out of the task's range.
         DistributedError: a NCCL process group with a model on the CPU.
+        InputError: images the model cannot take (NaN/Inf values, wrong shape or dtype).
+        On error the global random states (torch, NumPy, Python) are as they were.
     """
     model = _dist.unwrap_model(model)
     if task is not None:

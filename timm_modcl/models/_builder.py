@@ -1,5 +1,6 @@
 """Shared builder of the ``modcl_*`` models: timm's own builder for the plain architecture, then ``modulate``."""
 import dataclasses
+import os
 import re
 from pathlib import Path
 from typing import Any, Dict
@@ -9,6 +10,7 @@ from timm.models import get_pretrained_cfg
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._registry import _model_default_cfgs, model_entrypoint
 
+from .._rng import keep_rng_on_error
 from ..errors import AdapterError
 from ..model import modulate
 
@@ -33,19 +35,36 @@ def modcl_cfgs(plain: str, **overrides: Dict[str, Any]) -> Dict[str, Dict[str, A
     return out
 
 
+def _adapters_kind(adapters) -> str:
+    """What ``adapters=`` names, checked before the model is built: ``'folder'``, ``'file'`` or ``'hub'``.
+
+    Raises:
+        AdapterError: not a path or repo id, or a path that does not exist and is not a Hub repo id either.
+    """
+    if not isinstance(adapters, (str, os.PathLike)):
+        raise AdapterError(f'adapters= must be an adapter folder, an adapter file or a Hub repo id, got '
+                           f'{type(adapters).__name__}')
+    path = Path(adapters)
+    if path.is_dir():
+        return 'folder'
+    if path.exists():
+        return 'file'
+    if isinstance(adapters, str) and _REPO_ID.fullmatch(adapters) and '..' not in adapters:
+        return 'hub'
+    raise AdapterError(f'adapters={str(adapters)!r}: no such file or folder, and not a Hub repo id '
+                       f'("namespace/name")')
+
+
 def _load_adapters(model: nn.Module, adapters, **kwargs) -> None:
     """``adapters=`` of ``timm.create_model``: an adapter folder, one adapter file, or a Hub repo id."""
     from ..hub import pull_tasks
-    path = Path(adapters)
-    if path.is_dir():
-        model.load_tasks(path, **kwargs)
-    elif path.exists():
-        model.load_task(path, **kwargs)
-    elif isinstance(adapters, str) and _REPO_ID.fullmatch(adapters) and '..' not in adapters:
-        pull_tasks(model, adapters, **kwargs)
+    kind = _adapters_kind(adapters)
+    if kind == 'folder':
+        model.load_tasks(Path(adapters), **kwargs)
+    elif kind == 'file':
+        model.load_task(Path(adapters), **kwargs)
     else:
-        raise AdapterError(f'adapters={str(adapters)!r}: no such file or folder, and not a Hub repo id '
-                           f'("namespace/name")')
+        pull_tasks(model, adapters, **kwargs)
 
 
 def create_modcl(variant: str, pretrained: bool = False, pretrained_filter_fn=None, **kwargs) -> nn.Module:
@@ -54,11 +73,25 @@ def create_modcl(variant: str, pretrained: bool = False, pretrained_filter_fn=No
 
     Extra keyword arguments: ``adapters=`` (folder, file or Hub repo id) adds saved tasks, ``adapter_kwargs=``
     passes options (``names``, ``revision``, ``token``, ...) to the loader, ``freeze=`` is passed to ``modulate``.
+
+    Raises:
+        AdapterError: ``adapters=`` names nothing that exists (checked before the model is built), or its adapters
+            do not load (``AdapterFormatError``, ``FingerprintMismatchError``, ``HubError``, ...). On any error the
+            global random states (torch, NumPy, Python) are as they were.
     """
     plain = variant[len('modcl_'):]
     adapters = kwargs.pop('adapters', None)
     adapter_kwargs = kwargs.pop('adapter_kwargs', None) or {}
     freeze = kwargs.pop('freeze', ())
+    if adapters is not None:
+        _adapters_kind(adapters)  # a bad argument fails before the weights are initialised from the global RNG
+    with keep_rng_on_error():  # an error after that (a bad adapter, the Hub) puts the random states back
+        return _build(variant, plain, pretrained, pretrained_filter_fn, adapters, adapter_kwargs, freeze, kwargs)
+
+
+def _build(variant: str, plain: str, pretrained: bool, pretrained_filter_fn, adapters, adapter_kwargs, freeze,
+           kwargs: Dict[str, Any]) -> nn.Module:
+    """The body of ``create_modcl``: timm's builder, ``modulate``, then the adapters."""
     cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.pop('pretrained_cfg', None),
         pretrained_cfg_overlay=kwargs.pop('pretrained_cfg_overlay', None))
