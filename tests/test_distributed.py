@@ -244,7 +244,9 @@ def test_train_task_unwraps_a_ddp_made_before_set_task(world_of_one):
     changed = [k for k, v in t0.items() if not torch.equal(v, model._task('t').tensors()[k])]
     assert any(k.startswith('modulator.') for k in changed) and any(k.startswith('head.') for k in changed)
     # nothing of the DDP wrapping stays on the model: training again in one process works
-    assert not model._forward_hooks and not model._forward_pre_hooks
+    from timm_modcl.core import _prepare_compiled_call  # the model's own (torch.compile) hook stays
+    assert not model._forward_hooks
+    assert all(h is _prepare_compiled_call for h in model._forward_pre_hooks.values())
     train_task(model, 't', _toy(), epochs=1, batch_size=4, seed=0, progress=False, distributed=False)
     # evaluate / predict accept the wrapped model as well, and the sharded evaluation of one process is the plain one
     x = _toy(6, 1)

@@ -2,7 +2,8 @@
 nothing for the *contents* (optimizer moments and hyper-parameters, scheduler, history, random states, epoch, task
 tensors), non-finite tensors are never saved, a NaN loss ends with a typed error and the task put back, a failing
 ``train_task(seed=...)`` leaves the global random states alone, and a resume of a finished ``modcl train`` exits 0.
-Ends with a fuzz run of hundreds of checkpoints mutated in their values."""
+Also the training-data finding of the first hardening review: an image that fails to decode is named. Ends with a fuzz
+run of hundreds of checkpoints mutated in their values."""
 import contextlib
 import io
 import json
@@ -49,7 +50,8 @@ class _Interrupt(Exception):
 
 
 class _Reads(Dataset):
-    """The same samples; after ``after`` reads, ``then`` happens: an interruption, or a NaN image."""
+    """The same samples; after ``after`` reads, ``then`` happens: an interruption, or an image that makes the loss
+    NaN."""
 
     def __init__(self, data, after, then='interrupt'):
         self.data, self.after, self.then, self.reads = data, after, then, 0
@@ -63,7 +65,9 @@ class _Reads(Dataset):
         if self.reads > self.after:
             if self.then == 'interrupt':
                 raise _Interrupt()
-            x = torch.full_like(x, float('nan'))
+            # finite, so the model's input check lets it in (a NaN image is an InputError before the forward), but
+            # it overflows float32 in the first convolution: the loss is NaN
+            x = torch.full_like(x, 3e38)
         return x, y
 
 
@@ -329,7 +333,7 @@ def test_save_task_refuses_an_infinite_modulator(tmp_path):
 
 @pytest.mark.parametrize('epoch', [1, 2])
 def test_nan_loss_ends_with_a_typed_error_and_puts_the_task_back(epoch, tmp_path):
-    """A NaN image in epoch ``epoch``: NonFiniteLossError, the task (BN statistics included) as the failing epoch
+    """An image that makes the loss NaN in epoch ``epoch``: NonFiniteLossError, the task (BN statistics included) as the failing epoch
     found it, the checkpoint of the last good epoch untouched, no NaN anywhere, the random states as before."""
     data = _data()
     ck = tmp_path / 'ck.safetensors'
@@ -474,6 +478,21 @@ def test_modcl_train_resume_of_a_finished_run_says_so_and_exits_0(tmp_path):
     code, out = _main(run + ['--resume'])
     assert code == 2 and 'already exists' in out
     assert adapter.read_bytes() == saved
+
+
+# ---------------------------------------------------------------------------- training data: images that fail to decode
+def test_image_that_fails_to_decode_is_named(tmp_path):
+    from timm_modcl.data import image_folder_datasets
+    for c in 'ab':
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.fromarray((np.random.rand(64, 64, 3) * 255).astype('uint8')).save(tmp_path / c / f'{i}.jpg')
+    broken = tmp_path / 'a' / '1.jpg'
+    broken.write_bytes(broken.read_bytes()[:-200])  # truncated at the end: passes PIL's up-front verify()
+    data = image_folder_datasets(tmp_path, input_size=16, val_fraction=0)
+    with pytest.warns(UserWarning, match=f'cannot decode image {broken}.*truncated'):
+        items = [data.train[i] for i in range(len(data.train))]
+    assert data.train.decode_failures == [str(broken)] and len(items) == 6
 
 
 # ------------------------------------------------------------------------------------------ fuzz

@@ -1,7 +1,9 @@
 """Hardening 3 (issue 20), the model / statistics / input component: ``modulate``'s head and wrapper checks (item 7),
 prototype statistics validated at load and skipped when unusable at predict time, non-finite inputs (item 8), the
-global random states on the evaluation error paths (item 9) and the last untyped errors (item 10). Every bad input
-gets a typed ``ModCLError`` and leaves the model, its files and the global random states as they were."""
+global random states on the evaluation error paths (item 9) and the last untyped errors (item 10). Also the model
+findings of the first hardening review: task heads, pooling and resolutions (``add_task``, ``reset_classifier``),
+batches of one and inputs of another dtype. Every bad input gets a typed ``ModCLError`` and leaves the model, its files
+and the global random states as they were."""
 import contextlib
 import io
 import random
@@ -52,6 +54,20 @@ def _assert_rng(before):
     assert now[1][0] == before[1][0] and np.array_equal(now[1][1], before[1][1]) and now[1][2:] == before[1][2:], \
         'the NumPy random state moved'
     assert now[2] == before[2], 'the Python random state moved'
+
+
+def _state_and_rng(model):
+    """Cheap fingerprint of everything a failed call must leave alone."""
+    tensors = [t for task in model._modcl.tasks.values() for t in task.tensors().values()]
+    tensors += list(model._frozen_tensors().values())
+    return (list(model.tasks), model.active_task, model.training, [(id(t), t._version) for t in tensors],
+            torch.random.get_rng_state())
+
+
+def _assert_same(model, before):
+    now = _state_and_rng(model)
+    assert now[:4] == before[:4]
+    assert torch.equal(now[4], before[4]), 'the global random state moved'
 
 
 def _data(num_classes, n=12, seed=0):
@@ -129,6 +145,56 @@ def test_modulate_refuses_compiled_and_scripted_models():
         timm_modcl.modulate(timm.create_model('resnet18'), head=3)
     # the plain model still modulates after the refusals
     assert timm_modcl.is_modcl_model(timm_modcl.modulate(plain))
+
+
+# ---------------------------------------------------------------- task heads, pooling and resolutions
+def test_huge_num_classes_and_resolutions_that_modulate_nothing():
+    model = _model()
+    before = _state_and_rng(model)
+    with pytest.raises(TaskError, match='num_classes'):
+        model.add_task('h', 10 ** 9)
+    with pytest.raises(timm_modcl.ResolutionError, match='leaves every layer unmodulated'):
+        model.add_task('r', 3, (1000, 1000))
+    _assert_same(model, before)
+    info = model.add_task('none', 3, None)  # explicitly no modulators: norm state and head only
+    assert info.num_modulator_params == 0 and info.resolution is None
+
+
+def test_reset_classifier_checks_num_classes_and_keeps_shared_pooling():
+    model = _model()
+    for bad in ('x', 2.5, -1, True):
+        with pytest.raises(TaskError, match='num_classes'):
+            model.reset_classifier(bad)
+    assert model.num_classes == 1000
+    model.add_task('a', 3)
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), model.use_task('base'):
+        base = model(x)
+    with pytest.raises(TaskError, match='pooling of every task'):
+        model.reset_classifier(5, global_pool='max')
+    model.reset_classifier(5)  # the active task's head, pooling as it was
+    assert model._task('a').num_classes == 5
+    with torch.no_grad(), model.use_task('base'):
+        assert torch.equal(model(x), base)
+
+
+def test_adding_a_task_keeps_hooks_on_the_pooling():
+    model = _model()
+    calls = []
+    model.global_pool.register_forward_hook(lambda *a: calls.append(1))
+    pool = model.global_pool
+    model.add_task('a', 3)
+    assert model.global_pool is pool
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert calls == [1]
+
+
+def test_a_layer_resolution_callable_is_applied_to_every_layer():
+    model = _model()
+    model.add_task('a', 3, layer_resolution=lambda name, shape: (4, 4))
+    config = model._task('a').config
+    assert {config.layer(n) for n in model.modulated_layers} == {(4, 4)}
 
 
 # ---------------------------------------------------------------- item 8: prototype statistics at load
@@ -387,6 +453,32 @@ def test_nan_batch_in_train_mode_leaves_the_bn_statistics():
     model(_x())  # a finite batch still trains the statistics
     assert not torch.equal(next(iter(model._task('t').norm_stats.values()))['running_mean'],
                            next(iter(bn.values()))['running_mean'])
+
+
+# ---------------------------------------------------------------- input: batches of one and other dtypes
+def test_single_sample_batch_in_train_mode_changes_nothing():
+    model = _model()
+    model.add_task('b', 3)
+    model.train()
+    x = torch.randn(1, 3, 32, 32)
+    before = _state_and_rng(model)
+    stats = {k: v.clone() for k, v in model._task('b').tensors().items() if k.startswith('bn.')}
+    with pytest.raises(InputError, match='batch of 1'):
+        model(x)
+    assert all(torch.equal(v, model._task('b').tensors()[k]) for k, v in stats.items())
+    _assert_same(model, before)
+    model.eval()
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int64])
+def test_input_of_another_dtype(dtype):
+    model = _model()
+    x = torch.randn(2, 3, 32, 32).to(dtype)
+    with pytest.raises(InputError, match='float32|floating-point'):
+        model(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # mixed precision stays allowed
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
 
 
 # ---------------------------------------------------------------- item 9: random states on the evaluation error paths

@@ -1,6 +1,8 @@
 """Hardening of the storage component (issue 20): adapter folders, merges, the index and the Hub.
 
-Each test names the item of issue 20 it covers; each failed before its fix. Child processes and kills are bounded in
+Also the storage findings of the first hardening review: adapter folders read only their own files, a failed
+``save_tasks`` writes nothing, the Hub ends stalls and broken connections in bounded time with a clear error. Each test
+of issue 20 names the item it covers; each failed before its fix. Child processes and kills are bounded in
 count and time; every server is the fake Hub on 127.0.0.1.
 """
 import contextlib
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -62,6 +65,20 @@ def _snapshot(folder):
             for p in sorted(folder.rglob('*'))}
 
 
+def _state(model):
+    """Cheap fingerprint of everything a failed call must leave alone."""
+    tensors = [t for task in model._modcl.tasks.values() for t in task.tensors().values()]
+    tensors += list(model._frozen_tensors().values())
+    return (list(model.tasks), model.active_task, model.training, [(id(t), t._version) for t in tensors],
+            torch.random.get_rng_state())
+
+
+def _assert_same(model, before):
+    now = _state(model)
+    assert now[:4] == before[:4]
+    assert torch.equal(now[4], before[4]), 'the global random state moved'
+
+
 def _run(argv):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -105,6 +122,79 @@ def test_remote_index_is_read_by_the_library_within_its_timeout(hub, tmp_path):
     with pytest.raises(HubError, match='did not answer in time'):
         remote_index('alice/ad', endpoint=hub.url, cache_dir=tmp_path / 'c2', timeout=1)
     assert time.perf_counter() - t0 < 10
+
+
+# ---------------------------------------------------------------- the Hub: stalls, dropped connections, timeouts
+def _pushed(hub, tmp_path):
+    model = _model()
+    model.add_task('t1', 3, (8, 8))
+    model.push_tasks_to_hub('alice/ad', token=hub.alice, endpoint=hub.url)
+    return model
+
+
+def test_pull_from_a_stalled_hub_ends_in_bounded_time(hub, tmp_path):
+    _pushed(hub, tmp_path)
+    hub.fault = lambda method, path: 'stall' if ADAPTER_FILE in path else None
+    model = _model()
+    before = _state(model)
+    t0 = time.perf_counter()
+    with pytest.raises(HubError, match='did not answer in time.*nothing was loaded.*timeout='):
+        model.load_tasks_from_hub('alice/ad', endpoint=hub.url, cache_dir=tmp_path / 'c', timeout=2)
+    assert time.perf_counter() - t0 < 10
+    _assert_same(model, before)
+
+
+def test_push_to_a_stalled_hub_ends_in_bounded_time(hub, tmp_path):
+    model = _model()
+    model.add_task('t1', 3, (8, 8))
+    hub.fault = lambda method, path: 'stall' if method == 'POST' and '/commit/' in path else None
+    t0 = time.perf_counter()
+    with pytest.raises(HubError, match='did not answer in time.*may still land'):
+        model.push_tasks_to_hub('alice/ad', token=hub.alice, endpoint=hub.url, timeout=2)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_dropped_connection_and_dead_server_say_what_failed(hub, tmp_path, monkeypatch):
+    monkeypatch.setattr('huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT', 2, raising=False)
+    _pushed(hub, tmp_path)
+    hub.fault = lambda method, path: 'drop' if ADAPTER_FILE in path else None
+    model = _model()
+    before = _state(model)
+    with pytest.raises(HubError, match="adapter file of task 't1'.*retry") as info:
+        model.load_tasks_from_hub('alice/ad', endpoint=hub.url, cache_dir=tmp_path / 'c', timeout=30)
+    assert 'ReadError' not in str(info.value).split(':')[0]
+    _assert_same(model, before)
+    url = hub.url
+    hub.stop()
+    with pytest.raises(HubError, match='cannot be reached.*HF_ENDPOINT'):
+        model.load_tasks_from_hub('alice/ad', endpoint=url, cache_dir=tmp_path / 'c2', timeout=30)
+    _assert_same(model, before)
+    with pytest.raises(HubError, match='timeout must be a positive'):
+        model.load_tasks_from_hub('alice/ad', endpoint=url, timeout=0)
+
+
+@pytest.mark.parametrize('timeout', [float('inf'), float('nan'), 0])
+def test_hub_timeout_must_be_finite(hub, timeout):
+    model = _model()
+    with pytest.raises(HubError, match='finite number of seconds'):
+        model.load_tasks_from_hub('alice/ad', endpoint=hub.url, timeout=timeout)
+    with pytest.raises(HubError, match='not found'):  # a huge finite timeout works (no OverflowError in the wait)
+        model.load_tasks_from_hub('alice/ad', endpoint=hub.url, timeout=1e300)
+
+
+def test_hub_timeout_from_the_environment_must_be_finite(hub, monkeypatch):
+    monkeypatch.setenv('MODCL_HUB_TIMEOUT', 'inf')
+    with pytest.raises(HubError, match='MODCL_HUB_TIMEOUT'):
+        _model().load_tasks_from_hub('alice/ad', endpoint=hub.url)
+
+
+def test_push_with_bad_input_creates_no_repo_or_branch(hub):
+    from huggingface_hub import HfApi
+    model = _model()
+    model.add_task('a', 3)
+    with pytest.raises(AdapterError):
+        model.push_tasks_to_hub('alice/new', token=hub.alice, endpoint=hub.url, revision='dev', dtype=torch.int8)
+    assert not HfApi(endpoint=hub.url, token=hub.alice).repo_exists('alice/new')
 
 
 # ---------------------------------------------------------------- item 4: deeply nested JSON gets a typed error
@@ -196,6 +286,79 @@ def test_load_json_bounds_depth_without_recursing():
     for text in ('[' * 65 + ']' * 65, _deep(), '{"a":' * 5000 + '1' + '}' * 5000, '[' * 10 ** 6):
         with pytest.raises(AdapterFormatError, match='nested more than 64 levels|corrupt'):
             load_json(text, AdapterFormatError, 'x')
+
+
+# ---------------------------------------------------------------- adapter folders: own files only, all or nothing
+def test_adapter_folders_refuse_links_devices_and_fifos(tmp_path):
+    model = _model()
+    model.add_task('t1', 3, (8, 8))
+    folder = model.save_tasks(tmp_path / 'ad')
+    outside = _model().eval()
+    outside.add_task('t1', 3, (8, 8))
+    elsewhere = outside.save_tasks(tmp_path / 'elsewhere')
+    task_dir = folder / 't1'
+    real = tmp_path / 'real_t1'
+    task_dir.rename(real)
+
+    cases = {
+        'a linked task folder': lambda: os.symlink(elsewhere / 't1', task_dir),
+        'a linked adapter file': lambda: (task_dir.mkdir(), os.symlink(elsewhere / 't1' / ADAPTER_FILE,
+                                                                       task_dir / ADAPTER_FILE)),
+        'a link to /dev/zero': lambda: (task_dir.mkdir(), os.symlink('/dev/zero', task_dir / ADAPTER_FILE)),
+        'a FIFO': lambda: (task_dir.mkdir(), os.mkfifo(task_dir / ADAPTER_FILE)),
+    }
+    fresh = _model()
+    before = _state(fresh)
+    for label, make in cases.items():
+        make()
+        t0 = time.perf_counter()
+        with pytest.raises(AdapterError, match='link|regular file'):
+            fresh.load_tasks(folder)
+        assert time.perf_counter() - t0 < 5, label
+        _assert_same(fresh, before)
+        if task_dir.is_symlink():
+            task_dir.unlink()
+        else:
+            for f in task_dir.iterdir():
+                f.unlink()
+            task_dir.rmdir()
+    real.rename(task_dir)
+    assert fresh.load_tasks(folder) == ['t1']
+    with pytest.raises(AdapterError, match='regular file'):
+        fresh.load_task('/dev/zero')
+
+
+def test_load_tasks_takes_one_name_as_a_string(tmp_path):
+    model = _model()
+    model.add_task('t1', 3, (8, 8))
+    model.add_task('t', 3, (8, 8))
+    folder = model.save_tasks(tmp_path / 'ad')
+    assert _model().load_tasks(folder, names='t1') == ['t1']
+
+
+def test_save_tasks_writes_nothing_when_a_later_task_cannot_be_saved(tmp_path):
+    model = _model()
+    model.add_task('a', 3)
+    model.add_task('b', 3)
+    with torch.no_grad():
+        model._task('b').head.weight[0, 0] = 1e6  # overflows float16
+    with pytest.raises(AdapterError):
+        model.save_tasks(tmp_path / 'out', dtype=torch.float16)
+    assert not (tmp_path / 'out').exists() or not any((tmp_path / 'out').rglob('*'))
+
+
+def test_failed_load_of_a_folder_with_a_headless_task_leaves_the_random_state(tmp_path):
+    model = _model()
+    model.add_task('a', 3)
+    model.add_task('b', 3)
+    folder = model.save_tasks(tmp_path / 'ad', include_head=False)
+    (folder / 'b' / ADAPTER_FILE).write_bytes(b'garbage' * 10)
+    fresh = _model()
+    before = _state(fresh)
+    with pytest.raises(AdapterFormatError), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        fresh.load_tasks(folder)
+    _assert_same(fresh, before)
 
 
 # ---------------------------------------------------------------- item 5: concurrent writers of one folder lose nothing
@@ -347,6 +510,24 @@ def test_merge_does_not_follow_a_symlinked_task_folder_or_file_in_the_destinatio
     with pytest.raises(AdapterError, match='symbolic link'):
         model.save_tasks(tmp_path / 'dest_2', names=['t1'])
     assert sorted(p.name for p in outside.iterdir()) == ['keep.txt']
+
+
+def test_merge_refuses_an_adapter_with_a_corrupt_task_header(tmp_path):
+    model = _model()
+    model.add_task('a', 3)
+    src = model.save_tasks(tmp_path / 'src')
+    path = src / 'a' / ADAPTER_FILE
+    good = path.read_bytes()
+    for task in (None, 'not json', '[]'):
+        meta, tensors = read_adapter(good)
+        meta = dict(meta)
+        if task is None:
+            meta.pop('task')
+        else:
+            meta['task'] = task
+        path.write_bytes(st_save(dict(tensors), metadata=meta))
+        with pytest.raises(AdapterFormatError):
+            timm_modcl.merge_adapter_folders([src], tmp_path / f'dest_{task is None}')
 
 
 _KILL_SCRIPT = r'''
