@@ -148,16 +148,19 @@ class _State:
         # held by calls that must change shared state to run (a task_scope on a model in train mode flips it to eval)
         self.lock = threading.RLock()
         self.module_list: Optional[List[nn.Module]] = None   # the module tree, flat (see ModCLMixin._all_modules)
+        self.prototype_cache: Dict[str, tuple] = {}          # prepared prototype Gaussians (ServingMixin._gaussian)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         del state['lock']
         state['module_list'] = None
+        state['prototype_cache'] = {}
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.lock = threading.RLock()
+        self.__dict__.setdefault('prototype_cache', {})
 
 
 def _json_tensor(obj: Any) -> torch.Tensor:

@@ -755,7 +755,7 @@ class ServingMixin:
         usable, problems = [], []
         for n in names:
             try:
-                _TaskGaussian(n, st.tasks[n].stats, st.tasks[n].num_classes, dim)
+                self._gaussian(n, dim)
             except StatisticsError as e:
                 problems.append(str(e))
             else:
@@ -832,8 +832,26 @@ class ServingMixin:
             class_probs=torch.tensor(probs, dtype=torch.float32), logits=logits)
 
     def _gaussians(self, names: List[str]) -> List[_TaskGaussian]:
+        dim = prototype_dim(self)
+        return [self._gaussian(n, dim) for n in names]
+
+    def _gaussian(self, name: str, dim: Optional[int]) -> _TaskGaussian:
+        """A task's prepared (validated, factorised) Gaussian, kept per task until its statistics change (keyed on
+        the identity and version counter of every statistics tensor), so a prediction does not redo the float64
+        Cholesky factorisation of every candidate."""
         st = self._modcl
-        return [_TaskGaussian(n, st.tasks[n].stats, st.tasks[n].num_classes) for n in names]
+        task = st.tasks[name]
+        # the objects themselves (not their ids, which a new tensor may reuse) and their versions
+        key = (task, task.num_classes, dim, tuple((k, v, getattr(v, '_version', None))
+                                                  for k, v in task.stats.items() if k in PROTOTYPE_STATS))
+        entry = st.prototype_cache.get(name)
+        if entry is not None and _same_stats_key(entry[0], key):
+            return entry[1]
+        gaussian = _TaskGaussian(name, task.stats, task.num_classes, dim)   # raises StatisticsError
+        for stale in [n for n in st.prototype_cache if n not in st.tasks]:
+            del st.prototype_cache[stale]
+        st.prototype_cache[name] = (key, gaussian)
+        return gaussian
 
     def _prototype_scores(self, x: torch.Tensor, gaussians: List[_TaskGaussian]
                           ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -841,6 +859,11 @@ class ServingMixin:
         with self.task_scope(BASE_TASK):
             f = self._base_features(x)
         return _score(f.to('cpu', torch.float64), gaussians)
+
+
+def _same_stats_key(a: tuple, b: tuple) -> bool:
+    return (a[0] is b[0] and a[1:3] == b[1:3] and len(a[3]) == len(b[3])
+            and all(x[0] == y[0] and x[1] is y[1] and x[2] == y[2] for x, y in zip(a[3], b[3])))
 
 
 def _restore_modes(modes: Sequence[Tuple[nn.Module, bool]]) -> None:
