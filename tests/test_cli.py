@@ -209,10 +209,9 @@ def _without_prototypes(trained, dest):
     return dest
 
 
-def _with_prototypes(trained, data, dest):
-    """A copy of the adapter folder whose tasks carry prototype statistics of their images."""
+def _with_prototypes(trained, data, dest, scorer='prototype'):
+    """A copy of the adapter folder whose tasks carry prototype (or ``scorer``'s) statistics of their images."""
     from timm_modcl.data import eval_transform
-    from timm_modcl.serving import compute_task_statistics
     model = _copy_folder(trained, dest)
     for task in ('pets', 'shapes'):
         transform = eval_transform(model, SIZE)
@@ -221,7 +220,7 @@ def _with_prototypes(trained, data, dest):
             for f in sorted((data / task / name).glob('[0-9]*')):
                 xs.append(transform(Image.open(f).convert('RGB')))
                 ys.append(c)
-        compute_task_statistics(model, task, (torch.stack(xs), torch.tensor(ys)))
+        model.compute_task_statistics(task, (torch.stack(xs), torch.tensor(ys)), scorer=scorer)
     model.save_tasks(dest)
     return dest
 
@@ -257,6 +256,19 @@ def test_predict_without_task_chooses_the_task(trained, data, tmp_path):
     names = {'shapes': ('circle', 'square', 'star'), 'pets': ('cat', 'dog')}
     for task, line in zip(chosen, lines[1::2]):
         assert line.split()[0] == '1.' and line.split()[1] in names[task] and line.endswith('%')
+
+
+def test_predict_without_task_uses_ranpac_statistics_when_every_task_has_them(trained, data, tmp_path):
+    images = [data / 'shapes' / 'star' / '0.jpg', data / 'pets' / 'cat' / '1.png']
+    folder = _with_prototypes(trained, data, tmp_path / 'ranpac', scorer='ranpac')
+    rc, out, err = _run(['predict', *images, '--out', folder, '--topk', '1'])
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert all(line.endswith('by the ranpac scorer):') for line in lines[::2])
+    assert [line.split()[2].rstrip(',') for line in lines[::2]] == ['shapes', 'pets']
+    rc, out, err = _run(['predict', images[0], '--out', folder, '--scorer', 'ncm'])
+    assert rc == 0, err
+    assert out.splitlines()[0].endswith('by the ncm scorer):')
 
 
 # ---------------------------------------------------------------------------------------------------- errors

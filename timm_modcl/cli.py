@@ -659,13 +659,15 @@ def _predict_task_agnostic(args: argparse.Namespace, out: Path, images) -> int:
     import torch
 
     from .data import eval_transform
+    from .scorers import has_ranpac
     from .serving import has_prototypes
 
     model, index, _ = _load_adapters(args, out)
     names = list(index['tasks'])
     scorer = args.scorer
     if scorer == 'auto':
-        scorer = 'prototype' if all(has_prototypes(model, n) for n in names) else 'energy'
+        scorer = ('ranpac' if all(has_ranpac(model, n) for n in names) else
+                  'prototype' if all(has_prototypes(model, n) for n in names) else 'energy')
     if args.device is not None:
         model.to(args.device)
     # tasks trained at different input sizes see the image as they were trained on it: score each size group
@@ -1028,10 +1030,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', required=True, metavar='DIR', help='adapter folder')
     p.add_argument('--task', metavar='NAME', help='task of the images (default: the only one; with several tasks, '
                                                   'chosen per image)')
-    p.add_argument('--scorer', choices=['auto', 'prototype', 'energy', 'max_softmax'], default='auto',
-                   help='how the task is chosen without --task: "prototype" (class statistics stored with the tasks; '
-                        'one extra forward), "energy" or "max_softmax" (confidence of each task\'s head; one forward '
-                        'per task); default "auto": prototype when every task has statistics, else energy')
+    p.add_argument('--scorer', choices=['auto', 'ranpac', 'ncm', 'prototype', 'energy', 'max_softmax'],
+                   default='auto',
+                   help='how the task is chosen without --task: "ranpac" or "ncm" (random-feature statistics stored '
+                        'with the tasks by compute_task_statistics(..., scorer="ranpac")), "prototype" (Gaussian class '
+                        'statistics; one extra forward), "energy" or "max_softmax" (confidence of each task\'s head; '
+                        'one forward per task); default "auto": ranpac when every task has its statistics, else '
+                        'prototype when every task has those, else energy')
     p.add_argument('--topk', type=int, default=5, help='number of classes shown (default: 5)')
     p.add_argument('--device', default=None)
     _add_backbone_args(p)
