@@ -170,6 +170,18 @@ def test_info_and_tasks(trained):
     assert index['backbone_fingerprint'] in out and 'modcl_mobilenetv2_100' in out
     assert 'tasks:        2' in out and '2 classes: cat, dog' in out and '3 classes: circle, square, star' in out
     assert 'resolution 4x4' in out and 'KiB' in out and 'input size: 32px' in out
+    # values and bytes are counted from the same tensors, and add up to the file's size
+    from safetensors import safe_open
+    file_lines = [line.split() for line in out.splitlines() if line.strip().startswith('file:')]
+    assert len(file_lines) == 2
+    for words, task in zip(file_lines, ('pets', 'shapes')):
+        path = trained.out / task / 'adapter_model.safetensors'
+        with safe_open(str(path), 'pt') as f:
+            tensors = [f.get_tensor(k) for k in f.keys()]
+        values = sum(t.numel() for t in tensors)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        assert words[1] == f'{values:,}' and words[4] == f'{nbytes / 1024:.1f}'
+        assert words[-2] == f'{path.stat().st_size / 1024:.1f}'
 
     rc, out, err = _run(['tasks', '--out', trained.out])
     assert rc == 0, err

@@ -462,6 +462,8 @@ def describe_adapter(source: Union[_PathLike, bytes], inside: Optional[_PathLike
         'num_norm_values': count('norm.') + sum(t.numel() for k, t in tensors.items()
                                                if k.startswith('bn.') and not k.endswith('num_batches_tracked')),
         'num_stats_values': count('stats.'),
+        'num_values': sum(t.numel() for t in tensors.values()),
+        'tensor_bytes': sum(t.numel() * t.element_size() for t in tensors.values()),
         'timm_modcl_version': meta.get('timm_modcl_version', ''),
         'metadata': validate_metadata(task.get('metadata'), error=AdapterFormatError),
     }

@@ -579,10 +579,19 @@ def cmd_info(args: argparse.Namespace) -> int:
         config = r['config']
         res = config.resolution
         layers = f', {len(config.layer_resolution)} per-layer override(s)' if config.layer_resolution else ''
-        _say(f'    modulation: {config.variant}, resolution {res[0]}x{res[1]}{layers}' if res else
-             f'    modulation: none{layers}')
-        _say(f'    size:       {r["num_added_values"]:,} values ({r["num_modulator_params"]:,} in modulators), '
-             f'{r["file_bytes"] / 1024:.1f} KiB ({r["dtype"]})')
+        if config.method == 'lora':
+            _say(f'    method:     lora, rank {config.rank}' + (f', alpha {config.alpha:g}' if config.alpha else '')
+                 + layers if res else f'    method:     none{layers}')
+        else:
+            _say(f'    modulation: {config.variant}, resolution {res[0]}x{res[1]}{layers}' if res else
+                 f'    modulation: none{layers}')
+        stats = f' + {r["num_stats_values"]:,} statistics values' if r['num_stats_values'] else ''
+        what = 'LoRA factors' if config.method == 'lora' else 'modulators'
+        _say(f'    values:     {r["num_added_values"]:,} ({r["num_modulator_params"]:,} in {what}){stats}')
+        # bytes counted from the same tensors: all of the file's (BatchNorm counters as int64) plus its JSON header
+        _say(f'    file:       {r["num_values"]:,} values = {r["tensor_bytes"] / 1024:.1f} KiB of tensors '
+             f'({r["dtype"]}) + {(r["file_bytes"] - r["tensor_bytes"]) / 1024:.1f} KiB header = '
+             f'{r["file_bytes"] / 1024:.1f} KiB')
         if meta.get('input_size'):
             _say(f'    input size: {meta["input_size"]}px')
         if meta.get('metric_val_acc'):
