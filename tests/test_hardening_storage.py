@@ -805,3 +805,19 @@ def test_deeply_nested_checkpoint_state_is_a_checkpoint_error():
             parse_checkpoint(data)
     with pytest.raises(CheckpointError):  # and in the header itself
         parse_checkpoint(_raw_adapter(data, _deep()))
+
+
+# ------------------------------------------------------------------------------------------ paths of other types
+@pytest.mark.parametrize('bad', [None, 123, 1.5, ['a'], b'bytes'])
+def test_paths_of_other_types_are_adapter_errors(bad, tmp_path):
+    """load_tasks / save_task / save_tasks / merge given something that is not a path: AdapterError, nothing
+    written (they raised an untyped TypeError)."""
+    from timm_modcl import AdapterError, merge_adapter_folders
+    model = _model()
+    model.add_task('a', 3)
+    calls = [lambda: model.load_tasks(bad), lambda: model.save_task('a', bad), lambda: model.save_tasks(bad),
+             lambda: merge_adapter_folders([bad], tmp_path / 'dest'), lambda: merge_adapter_folders([tmp_path], bad)]
+    for call in calls:
+        with pytest.raises(AdapterError, match='must be a path'):
+            call()
+    assert list(tmp_path.iterdir()) == [] and list(model.tasks) == ['base', 'a']

@@ -73,6 +73,13 @@ _V1_RESOLUTIONS = [(a, b) for a in (1, 2, 4, 8, 16, 32, 64) for b in (1, 2, 4, 8
 
 
 # ---------------------------------------------------------------------------------------------------- file helpers
+def _path(value: Any, what: str) -> Path:
+    """``Path(value)`` for a str or os.PathLike; an ``AdapterError`` naming ``what`` for anything else."""
+    if isinstance(value, (str, os.PathLike)) and not isinstance(value, bytes):
+        return Path(value)
+    raise AdapterError(f'{what} must be a path (str or os.PathLike), got {type(value).__name__}')
+
+
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + '\n').encode()
 
@@ -221,7 +228,7 @@ def save_task(
         AdapterError: for an unsupported dtype, an unwritable path, or a tensor the loader would refuse (NaN or
             Inf values, negative BN variances, modulators beyond ``MAX_MODULATOR``): nothing is written.
     """
-    path = Path(path)
+    path = _path(path, 'the adapter path')
     if path.is_dir():
         path = path / f'{name}.safetensors'
     data = adapter_bytes(model, name, dtype=dtype, include_head=include_head, include_stats=include_stats)
@@ -494,7 +501,7 @@ def save_tasks(
             writer held the folder for over two minutes, or a task has a tensor the loader would refuse (NaN or Inf
             values, ...): then nothing is written.
     """
-    directory = Path(directory)
+    directory = _path(directory, 'the adapter folder')
     names = [n for n in model._modcl.tasks if n != BASE_TASK] if names is None else task_names(names)
     for n in names:
         model._task(n)
@@ -641,7 +648,7 @@ def load_tasks(
         AdapterError, AdapterFormatError, FingerprintMismatchError, TaskExistsError: as ``load_task``, or when a
         requested task is not in the folder. On error the model is unchanged.
     """
-    directory = Path(directory)
+    directory = _path(directory, 'the adapter folder')
     index = read_index(directory)
     wanted = list(index['tasks']) if names is None else task_names(names)
     for n in wanted:
@@ -702,11 +709,11 @@ def merge_adapter_folders(sources: Iterable[_PathLike], destination: _PathLike, 
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
-    destination = Path(destination)
+    destination = _path(destination, 'the merge destination')
     if destination.exists() and not destination.is_dir():
         raise AdapterError(f'destination {str(destination)!r} is a file, not a folder')
     dest_key = destination.resolve()
-    sources = [Path(s) for s in sources]
+    sources = [_path(s, 'a merge source') for s in sources]
     if not sources:
         raise AdapterError('merge_adapter_folders needs at least one source folder')
     folders: List[Path] = []
