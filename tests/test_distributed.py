@@ -361,3 +361,20 @@ def test_ddp_on_cuda_with_sync_batchnorm(tmp_path):
         rep = json.loads((tmp_path / f'rank{r}.json').read_text())
         assert rep['device'] == f'cuda:{r}'
         assert rep['other_unchanged'] and rep['classes_restored'] and rep['finite'], rep
+
+
+@pytest.mark.parametrize('mode, error', [('label', 'DataError'), ('nan', 'NonFiniteLossError')])
+def test_an_error_on_one_rank_ends_every_rank_with_the_same_typed_error(tmp_path, mode, error):
+    """A bad label or a NaN loss in rank 1's shard: both processes end with the same ModCLError (rank 0 names
+    rank 1) instead of rank 0 waiting for gloo's timeout ("Connection closed by peer"); a NaN loss puts the task back
+    on both."""
+    code, out = torchrun([str(ROOT / 'tests' / 'ddp_fail_worker.py'), str(tmp_path), mode], timeout=180,
+                         cwd=str(ROOT / 'tests'))
+    assert code == 0, out[-3000:]
+    reports = [json.loads((tmp_path / f'{r}.json').read_text()) for r in (0, 1)]
+    assert [r['error'] for r in reports] == [error, error] and all(r['modcl'] for r in reports), reports
+    assert reports[0]['message'].startswith('process 1 failed: ')
+    assert reports[0]['message'][len('process 1 failed: '):] == reports[1]['message']
+    assert all(r['seconds'] < 60 for r in reports), reports
+    if mode == 'nan':
+        assert all(r['unchanged'] for r in reports)   # epoch 1: put back to the start on both ranks

@@ -16,6 +16,7 @@ The helpers here are small wrappers around ``torch.distributed``; they work (as 
 import atexit
 import contextlib
 import datetime
+import json
 import os
 import warnings
 from typing import Iterator, List, Optional, Sequence
@@ -263,6 +264,31 @@ def all_gather_bytes(data: bytes, device: torch.device) -> List[bytes]:
     bufs = [torch.empty_like(buf) for _ in range(world)]
     dist.all_gather(bufs, buf)
     return [bytes(b[:int(s.item())].cpu().numpy().tobytes()) for b, s in zip(bufs, sizes)]
+
+
+def raise_together(error: Optional[BaseException], device: torch.device) -> None:
+    """Every process calls this at the same point with the error it met there (or ``None``). When any process met
+    one, every process raises: its own error if it met one, else the first failing rank's error class (a
+    ``ModCLError``; anything else becomes a ``DistributedError``) with its message, prefixed with that rank, instead
+    of waiting in its next collective until the process group times out (gloo's "Connection closed by peer").
+    Costs one small all-reduce.
+    """
+    if not is_distributed() or get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    if all_reduce_numbers([0.0 if error is None else 1.0], device, op='max')[0] == 0:
+        return
+    from . import errors as _errors
+    mine = None if error is None else [type(error).__name__, str(error)]
+    reports = [json.loads(b.decode('utf-8')) for b in all_gather_bytes(json.dumps(mine).encode('utf-8'), device)]
+    if error is not None:
+        raise error
+    rank, (name, message) = next((r, item) for r, item in enumerate(reports) if item is not None)
+    cls = getattr(_errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, _errors.ModCLError)):
+        cls = DistributedError
+    raise cls(f'process {rank} failed: {message}')
 
 
 def check_same_backbone(model: nn.Module, device: torch.device) -> None:

@@ -587,22 +587,43 @@ def train_task(
                 loss_sum, correct, seen = 0.0, 0, 0
                 bar = tqdm(train_loader, desc=f'{task} {epoch + 1}/{epochs}', disable=not show, leave=True,
                            dynamic_ncols=True)
-                for batch in bar:
-                    x, y = unpack_batch(batch, 'train_data')
-                    check_labels(y, num_classes, task, images=len(x))
-                    x = x.to(device, non_blocking=True)
-                    if x.is_floating_point():
-                        x = x.to(model_dtype)
-                    y = y.to(device, non_blocking=True).long()
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                        logits = net(x)
-                        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-                    if not torch.isfinite(loss):  # the forward in train mode moved the BN statistics already
+                batches = iter(bar)
+                while True:
+                    # an error of one process (a bad sample or label in its shard, a NaN loss) ends every process
+                    # with the same typed error before the backward's all-reduce (raise_together)
+                    error: Optional[Exception] = None
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        break
+                    except Exception as e:  # noqa: BLE001 (raised below, on every process)
+                        error = e
+                    if error is None:
+                        try:
+                            x, y = unpack_batch(batch, 'train_data')
+                            check_labels(y, num_classes, task, images=len(x))
+                            x = x.to(device, non_blocking=True)
+                            if x.is_floating_point():
+                                x = x.to(model_dtype)
+                            y = y.to(device, non_blocking=True).long()
+                            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                                logits = net(x)
+                                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+                            if not torch.isfinite(loss):
+                                raise NonFiniteLossError(
+                                    f'task {task!r}: the loss became {loss.item()} in epoch {epoch + 1}; the task is '
+                                    f'put back to its last good state and nothing of it was saved (lower the '
+                                    f'learning rate, or look for NaN or Inf values in the data)')
+                        except Exception as e:  # noqa: BLE001 (raised below, on every process)
+                            error = e
+                    try:
+                        if ddp:
+                            _dist.raise_together(error, comm)
+                        elif error is not None:
+                            raise error
+                    except NonFiniteLossError:  # the forward in train mode moved the BN statistics already
                         _put_back(model, task, last_good)
-                        raise NonFiniteLossError(
-                            f'task {task!r}: the loss became {loss.item()} in epoch {epoch + 1}; the task is put back '
-                            f'to its last good state and nothing of it was saved (lower the learning rate, or '
-                            f'look for NaN or Inf values in the data)')
+                        raise
                     optimizer.zero_grad(set_to_none=True)
                     if scaler is not None:
                         scaler.scale(loss).backward()
