@@ -22,25 +22,12 @@ from safetensors.torch import save as st_save
 import timm
 from timm_modcl import AdapterError, AdapterFormatError, InvalidTaskNameError, ModCLError, TaskError
 from timm_modcl.adapter import ADAPTER_FILE, INDEX_FILE, read_adapter
+from _hardening import assert_same_state as _assert_same, model_state as _state
 
 
 def _model(seed=0):
     torch.manual_seed(seed)
     return timm.create_model('modcl_mobilenetv2_050').eval()
-
-
-def _state(model):
-    """Cheap fingerprint of everything a failed call must leave alone."""
-    tensors = [t for task in model._modcl.tasks.values() for t in task.tensors().values()]
-    tensors += list(model._frozen_tensors().values())
-    return (list(model.tasks), model.active_task, model.training, [(id(t), t._version) for t in tensors],
-            torch.random.get_rng_state())
-
-
-def _assert_same(model, before):
-    now = _state(model)
-    assert now[:4] == before[:4]
-    assert torch.equal(now[4], before[4]), 'the global random state moved'
 
 
 @pytest.fixture(scope='module')

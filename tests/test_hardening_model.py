@@ -23,6 +23,7 @@ from timm_modcl import (
 )
 from timm_modcl.adapter import adapter_bytes, read_adapter
 from timm_modcl.serving import PROTOTYPE_STATS
+from _hardening import assert_same_state as _assert_same, model_state as _state_and_rng
 
 SIZE = 32
 
@@ -54,20 +55,6 @@ def _assert_rng(before):
     assert now[1][0] == before[1][0] and np.array_equal(now[1][1], before[1][1]) and now[1][2:] == before[1][2:], \
         'the NumPy random state moved'
     assert now[2] == before[2], 'the Python random state moved'
-
-
-def _state_and_rng(model):
-    """Cheap fingerprint of everything a failed call must leave alone."""
-    tensors = [t for task in model._modcl.tasks.values() for t in task.tensors().values()]
-    tensors += list(model._frozen_tensors().values())
-    return (list(model.tasks), model.active_task, model.training, [(id(t), t._version) for t in tensors],
-            torch.random.get_rng_state())
-
-
-def _assert_same(model, before):
-    now = _state_and_rng(model)
-    assert now[:4] == before[:4]
-    assert torch.equal(now[4], before[4]), 'the global random state moved'
 
 
 def _data(num_classes, n=12, seed=0):

@@ -29,6 +29,7 @@ import timm_modcl
 from timm_modcl import AdapterError, AdapterFormatError, HubError, ModCLError, StateDictError
 from timm_modcl.adapter import ADAPTER_FILE, INDEX_FILE, describe_adapter, read_adapter, read_index
 from timm_modcl.cli import main
+from _hardening import assert_same_state as _assert_same, model_state as _state
 
 ARCH = 'modcl_mobilenetv2_050'
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,20 +64,6 @@ def _snapshot(folder):
     return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() and not p.is_symlink() else
                                          os.readlink(p) if p.is_symlink() else 'dir')
             for p in sorted(folder.rglob('*'))}
-
-
-def _state(model):
-    """Cheap fingerprint of everything a failed call must leave alone."""
-    tensors = [t for task in model._modcl.tasks.values() for t in task.tensors().values()]
-    tensors += list(model._frozen_tensors().values())
-    return (list(model.tasks), model.active_task, model.training, [(id(t), t._version) for t in tensors],
-            torch.random.get_rng_state())
-
-
-def _assert_same(model, before):
-    now = _state(model)
-    assert now[:4] == before[:4]
-    assert torch.equal(now[4], before[4]), 'the global random state moved'
 
 
 def _run(argv):
