@@ -115,20 +115,37 @@ def _check_ridge(ridge: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
-class _Sums:
-    """Float64 sums of one task's random features: class counts, class sums and the Gram matrix."""
+class ClassMoments:
+    """Float64 sums of features per class: counts, class sums and the sum of outer products (Gram matrix), added
+    batch by batch and summed over processes; the statistics of the ``ranpac`` / ``ncm`` scorers and of the
+    ``prototype`` scorer (``serving``) are made from them."""
 
     def __init__(self, num_classes: int, dim: int) -> None:
         self.count = torch.zeros(num_classes, dtype=torch.float64)
         self.sum = torch.zeros(num_classes, dim, dtype=torch.float64)
-        self.gram = torch.zeros(dim, dim, dtype=torch.float64)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64)
 
-    def add(self, h: torch.Tensor, y: torch.Tensor) -> None:
-        h = h.detach().to('cpu', torch.float64)
+    def add(self, f: torch.Tensor, y: torch.Tensor) -> None:
+        f = f.detach().to('cpu', torch.float64)
         y = y.to('cpu', torch.long)
         self.count.index_add_(0, y, torch.ones(len(y), dtype=torch.float64))
-        self.sum.index_add_(0, y, h)
-        self.gram.addmm_(h.t(), h)
+        self.sum.index_add_(0, y, f)
+        self.outer.addmm_(f.t(), f)
+
+    def all_reduce(self) -> None:
+        """Sum over the processes of the default ``torch.distributed`` group (through the GPU under NCCL)."""
+        import torch.distributed as dist
+        for t in (self.count, self.sum, self.outer):
+            if dist.get_backend() == 'nccl':
+                buf = t.to(torch.device('cuda', torch.cuda.current_device()))
+                dist.all_reduce(buf)
+                t.copy_(buf.cpu())
+            else:
+                dist.all_reduce(t)
+
+
+class _Sums(ClassMoments):
+    """One task's random-feature sums, and their ``ranpac_*`` statistics."""
 
     def add_stats(self, stats: Dict[str, torch.Tensor], name: str) -> None:
         count, mean, gram = _unpack(stats, name)
@@ -137,26 +154,16 @@ class _Sums:
                                   f'{tuple(mean.shape)} into {tuple(self.sum.shape)}')
         self.count += count
         self.sum += mean * count[:, None]
-        self.gram += gram * float(count.sum())
-
-    def all_reduce(self) -> None:
-        import torch.distributed as dist
-        for t in (self.count, self.sum, self.gram):
-            if dist.get_backend() == 'nccl':
-                buf = t.to(torch.device('cuda', torch.cuda.current_device()))
-                dist.all_reduce(buf)
-                t.copy_(buf.cpu())
-            else:
-                dist.all_reduce(t)
+        self.outer += gram * float(count.sum())
 
     def finish(self, seed: int, ridge: float) -> 'OrderedDict[str, torch.Tensor]':
         n = float(self.count.sum())
         if n < 1:
             raise DataError('no samples to compute random-feature statistics from')
-        dim = self.gram.shape[0]
+        dim = self.outer.shape[0]
         iu = torch.triu_indices(dim, dim)
         out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
-        out['ranpac_gram'] = (self.gram[iu[0], iu[1]] / n).float()
+        out['ranpac_gram'] = (self.outer[iu[0], iu[1]] / n).float()
         out['ranpac_mean'] = (self.sum / self.count.clamp_min(1)[:, None]).float()
         out['ranpac_count'] = self.count.float()
         out['ranpac_seed'] = torch.tensor(float(seed))

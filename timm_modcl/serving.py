@@ -154,31 +154,8 @@ def _check_hyper(rank: Any, power: Any, shrinkage: Any) -> None:
         raise TaskError(f'shrinkage must be a number in [0, 1], got {shrinkage!r}')
 
 
-class _Moments:
-    """Sufficient statistics of (transformed) features per class: counts, sums, and the sum of outer products."""
-
-    def __init__(self, num_classes: int, dim: int) -> None:
-        self.count = torch.zeros(num_classes, dtype=torch.float64)
-        self.sum = torch.zeros(num_classes, dim, dtype=torch.float64)
-        self.outer = torch.zeros(dim, dim, dtype=torch.float64)
-
-    def add(self, f: torch.Tensor, y: torch.Tensor) -> None:
-        f = f.detach().to('cpu', torch.float64)
-        y = y.to('cpu', torch.long)
-        self.count.index_add_(0, y, torch.ones(len(y), dtype=torch.float64))
-        self.sum.index_add_(0, y, f)
-        self.outer.addmm_(f.t(), f)
-
-    def all_reduce(self) -> None:
-        import torch.distributed as dist
-        for t in (self.count, self.sum, self.outer):
-            if dist.get_backend() == 'nccl':
-                dev = torch.device('cuda', torch.cuda.current_device())
-                buf = t.to(dev)
-                dist.all_reduce(buf)
-                t.copy_(buf.cpu())
-            else:
-                dist.all_reduce(t)
+class _Moments(_scorers.ClassMoments):
+    """Sufficient statistics of (transformed) features per class, and the prototype statistics made from them."""
 
     def finish(self, rank: int, power: float, shrinkage: float) -> 'OrderedDict[str, torch.Tensor]':
         n = float(self.count.sum())
@@ -750,7 +727,6 @@ class ServingMixin:
         """The tasks whose prototype statistics can score this model's features; the others are skipped with a
         warning (statistics changed after loading, or not fitting the model), so one bad task does not stop the
         prediction of the others. Raises ``StatisticsError`` when none is usable."""
-        st = self._modcl
         dim = prototype_dim(self)
         usable, problems = [], []
         for n in names:
