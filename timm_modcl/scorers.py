@@ -34,12 +34,13 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 
 from .data import check_labels, unpack_batch
-from .errors import DataError, StatisticsError, TaskError
+from .errors import DataError, StatisticsError, TaskError, UnsupportedModelError
 from .task import BASE_TASK
 
 __all__ = [
@@ -112,6 +113,68 @@ def _check_dim_seed(dim: Any, seed: Any) -> None:
 def _check_ridge(ridge: Any) -> None:
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 < ridge < math.inf:
         raise TaskError(f'ridge must be a positive finite number, got {ridge!r}')
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def _batches(data, batch_size: int, num_workers: int, what: str = 'data') -> Iterable:
+    """A DataLoader over ``data``: a Dataset or DataLoader of ``(image, label)``, or a pair of tensors."""
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        if data[0].shape[:1] != data[1].shape[:1]:
+            raise DataError(f'{what}: {data[0].shape[0]} images but {data[1].shape[0]} labels')
+        data = TensorDataset(*data)
+    if isinstance(data, DataLoader):
+        return data
+    if not isinstance(data, Dataset):
+        raise DataError(f'{what} must be a torch Dataset or DataLoader of (image, label), or a pair of tensors, '
+                        f'got {type(data).__name__}')
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f'batch_size must be a positive integer, got {batch_size!r}')
+    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def _feature_fn(model: nn.Module) -> None:
+    if not (callable(getattr(model, 'forward_features', None)) and callable(getattr(model, 'forward_head', None))):
+        raise UnsupportedModelError(
+            f'{type(model).__name__} has no forward_features / forward_head(pre_logits=True): task statistics need '
+            f'the pre-logits features of a timm classification model')
+
+
+def check_all_reduce(all_reduce: bool) -> None:
+    """``all_reduce=True`` of the statistics functions needs a process group.
+
+    Raises:
+        TaskError: without an initialised ``torch.distributed`` group.
+    """
+    if all_reduce:
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            raise TaskError('all_reduce=True needs an initialised torch.distributed process group')
+
+
+def for_each_base_feature(model, task: str, data, num_classes: int, fn: Callable[[torch.Tensor, torch.Tensor], None],
+                          *, batch_size: int, num_workers: int, progress: bool, desc: str) -> None:
+    """Run the frozen base model (eval, no autograd, per-call ``base`` task) over ``data`` and call ``fn(features,
+    labels)`` per batch: what every scorer's statistics are made from.
+
+    Raises:
+        DataError: unusable data, labels out of ``task``'s range, or non-finite features.
+        UnsupportedModelError: a model without ``forward_features`` / ``forward_head(pre_logits=True)``.
+    """
+    from tqdm.auto import tqdm
+    _feature_fn(model)
+    loader = _batches(data, batch_size, num_workers)
+    ref = model._ref_tensor()
+    with model._serving(), model.task_scope(BASE_TASK):
+        for batch in tqdm(loader, desc=f'{task} {desc}', disable=not progress, leave=False):
+            x, y = unpack_batch(batch, 'data')
+            check_labels(y, num_classes, task, images=len(x))
+            if x.is_floating_point():
+                x = x.to(ref.device, ref.dtype)
+            f = model._base_features(x)
+            if not torch.isfinite(f).all():
+                raise DataError('the backbone gave NaN or Inf features for the data')
+            fn(f, y)
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
@@ -314,7 +377,6 @@ def compute_ranpac_statistics(
         DataError: unusable data.
         UnsupportedModelError: a model without ``forward_features`` / ``forward_head(pre_logits=True)``.
     """
-    from .serving import _batches, _feature_fn
     state = model._task(task)
     _check_dim_seed(dim, seed)
     _check_ridge(ridge)
@@ -324,30 +386,17 @@ def compute_ranpac_statistics(
         raise TaskError(f'task {task!r} has no classes: pass num_classes= for its statistics')
     if state.num_classes and num_classes != state.num_classes:
         raise TaskError(f'task {task!r} has {state.num_classes} classes, got num_classes={num_classes}')
-    if all_reduce:
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
-            raise TaskError('all_reduce=True needs an initialised torch.distributed process group')
+    check_all_reduce(all_reduce)
     sums = _Sums(num_classes, dim)
     if accumulate and has_ranpac(model, task):
         if float(state.stats['ranpac_seed']) != seed:
             raise StatisticsError(f'task {task!r}: accumulate=True with seed {seed}, the statistics have seed '
                                   f'{float(state.stats["ranpac_seed"]):g}')
         sums.add_stats(state.stats, task)
-    _feature_fn(model)
-    loader = _batches(data, batch_size, num_workers)
-    from tqdm.auto import tqdm
+    for_each_base_feature(model, task, data, num_classes,
+                          lambda f, y: sums.add(random_features(f.float(), dim, seed), y),
+                          batch_size=batch_size, num_workers=num_workers, progress=progress, desc='random features')
     ref = model._ref_tensor()
-    with model._serving(), model.task_scope(BASE_TASK):
-        for batch in tqdm(loader, desc=f'{task} random features', disable=not progress, leave=False):
-            x, y = unpack_batch(batch, 'data')
-            check_labels(y, num_classes, task, images=len(x))
-            if x.is_floating_point():
-                x = x.to(ref.device, ref.dtype)
-            f = model._base_features(x)
-            if not torch.isfinite(f).all():
-                raise DataError('the backbone gave NaN or Inf features for the data')
-            sums.add(random_features(f.float(), dim, seed), y)
     if all_reduce:
         sums.all_reduce()
     stats = sums.finish(seed, float(ridge))   # float32 whatever the model's dtype: counts stay exact
@@ -581,7 +630,6 @@ def select_ridge(model, data: Dict[str, Any], grid: Sequence[float] = RIDGE_GRID
         StatisticsError: a task lacks usable random-feature statistics.
         DataError: unusable data.
     """
-    from .serving import _batches
     if not isinstance(data, dict) or len(data) < 2:
         raise TaskError('select_ridge needs validation data of at least two tasks: {task: data}')
     grid = list(grid)

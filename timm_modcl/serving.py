@@ -51,7 +51,7 @@ import torch.nn as nn
 
 from . import scorers as _scorers
 from ._rng import keep_rng_on_error
-from .data import check_labels, unpack_batch
+from .data import check_labels
 from .errors import DataError, InputError, StatisticsError, TaskError, UnsupportedModelError
 from .layers import validate_input
 from .task import BASE_TASK
@@ -414,22 +414,6 @@ def _score(feats: torch.Tensor, gaussians: Sequence['_TaskGaussian']) -> Tuple[t
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def _batches(data, batch_size: int, num_workers: int, what: str = 'data') -> Iterable:
-    from torch.utils.data import DataLoader, Dataset, TensorDataset
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        if data[0].shape[:1] != data[1].shape[:1]:
-            raise DataError(f'{what}: {data[0].shape[0]} images but {data[1].shape[0]} labels')
-        data = TensorDataset(*data)
-    if isinstance(data, DataLoader):
-        return data
-    if not isinstance(data, Dataset):
-        raise DataError(f'{what} must be a torch Dataset or DataLoader of (image, label), or a pair of tensors, '
-                        f'got {type(data).__name__}')
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise DataError(f'batch_size must be a positive integer, got {batch_size!r}')
-    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-
-
 @keep_rng_on_error()
 def compute_task_statistics(
         model: nn.Module,
@@ -485,27 +469,17 @@ def compute_task_statistics(
         raise TaskError(f'task {task!r} has no classes: pass num_classes= for its prototype statistics')
     if state.num_classes and num_classes != state.num_classes:
         raise TaskError(f'task {task!r} has {state.num_classes} classes, got num_classes={num_classes}')
-    if all_reduce:
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
-            raise TaskError('all_reduce=True needs an initialised torch.distributed process group')
-    _feature_fn(model)
-    loader = _batches(data, batch_size, num_workers)
+    _scorers.check_all_reduce(all_reduce)
     moments: Optional[_Moments] = None
-    from tqdm.auto import tqdm
+
+    def add(f: torch.Tensor, y: torch.Tensor) -> None:
+        nonlocal moments
+        if moments is None:
+            moments = _Moments(num_classes, f.shape[1])
+        moments.add(_power(f.to(torch.float64), float(power)), y)
+    _scorers.for_each_base_feature(model, task, data, num_classes, add, batch_size=batch_size,
+                                   num_workers=num_workers, progress=progress, desc='prototypes')
     ref = model._ref_tensor()
-    with model._serving(), model.task_scope(BASE_TASK):
-        for batch in tqdm(loader, desc=f'{task} prototypes', disable=not progress, leave=False):
-            x, y = unpack_batch(batch, 'data')
-            check_labels(y, num_classes, task, images=len(x))
-            if x.is_floating_point():
-                x = x.to(ref.device, ref.dtype)
-            f = model._base_features(x)
-            if not torch.isfinite(f).all():
-                raise DataError('the backbone gave NaN or Inf features for the data')
-            if moments is None:
-                moments = _Moments(num_classes, f.shape[1])
-            moments.add(_power(f.to(torch.float64), float(power)), y)
     if moments is None:
         moments = _Moments(num_classes, 1)
     if all_reduce:
@@ -520,13 +494,6 @@ def compute_task_statistics(
             from None
     state.stats.update(stats)
     return stats
-
-
-def _feature_fn(model: nn.Module) -> None:
-    if not (callable(getattr(model, 'forward_features', None)) and callable(getattr(model, 'forward_head', None))):
-        raise UnsupportedModelError(
-            f'{type(model).__name__} has no forward_features / forward_head(pre_logits=True): the prototype scorer '
-            f'needs the pre-logits features of a timm classification model')
 
 
 # ---------------------------------------------------------------------------------------------------- mixin
@@ -664,7 +631,7 @@ class ServingMixin:
             UnsupportedModelError: the model has no ``forward_features`` / ``forward_head(pre_logits=True)``.
         """
         self._check_batch(x)
-        _feature_fn(self)
+        _scorers._feature_fn(self)
         with self._serving(), self.task_scope(BASE_TASK):
             return self._base_features(x)
 
@@ -711,10 +678,10 @@ class ServingMixin:
                     f'task(s) {", ".join(map(repr, missing[:5]))} have no prototype statistics; compute them with '
                     f'compute_task_statistics(model, task, train_data) (or train with train_task(..., '
                     f'prototypes=True)), or use scorer="energy"')
-            _feature_fn(self)
+            _scorers._feature_fn(self)
             names = self._usable_prototype_tasks(names)
         elif scorer in _scorers.BASE_SCORERS:
-            _feature_fn(self)
+            _scorers._feature_fn(self)
             _scorers.check_candidates(self, names)
         else:
             headless = [n for n in names if st.tasks[n].num_classes < 1]
