@@ -284,7 +284,13 @@ def _unpack(stats: Dict[str, torch.Tensor], name: str, num_classes: int = 0
     return count, mean, gram
 
 
-def _check_labels_features(features: Any, labels: Any, num_classes: int) -> torch.Tensor:
+def check_features_and_labels(features: Any, labels: Any, num_classes: int) -> torch.Tensor:
+    """``labels`` as a tensor, after checking a ``(N, D)`` finite floating-point feature batch and its ``N`` labels
+    in ``[0, num_classes)``.
+
+    Raises:
+        DataError: naming what does not fit.
+    """
     if not isinstance(features, torch.Tensor) or features.ndim != 2 or not features.is_floating_point():
         raise DataError('features must be a 2-D floating-point tensor (N, D)')
     labels = torch.as_tensor(labels)
@@ -314,7 +320,7 @@ def ranpac_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes:
     """
     _check_dim_seed(dim, seed)
     _check_ridge(ridge)
-    labels = _check_labels_features(features, labels, num_classes)
+    labels = check_features_and_labels(features, labels, num_classes)
     sums = _Sums(num_classes, dim)
     sums.add(random_features(features.float(), dim, seed), labels)
     return sums.finish(seed, float(ridge))

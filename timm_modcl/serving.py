@@ -51,7 +51,6 @@ import torch.nn as nn
 
 from . import scorers as _scorers
 from ._rng import keep_rng_on_error
-from .data import check_labels
 from .errors import DataError, InputError, StatisticsError, TaskError, UnsupportedModelError
 from .layers import validate_input
 from .task import BASE_TASK
@@ -213,14 +212,7 @@ def prototype_statistics(
         TaskError: for bad ``rank``, ``power`` or ``shrinkage``.
     """
     _check_hyper(rank, power, shrinkage)
-    if not isinstance(features, torch.Tensor) or features.ndim != 2 or not features.is_floating_point():
-        raise DataError('features must be a 2-D floating-point tensor (N, D)')
-    labels = torch.as_tensor(labels)
-    if labels.shape != features.shape[:1]:
-        raise DataError(f'got {labels.shape[0] if labels.ndim else "no"} labels for {features.shape[0]} features')
-    check_labels(labels, num_classes, images=features.shape[0])
-    if not torch.isfinite(features).all():
-        raise DataError('features contain NaN or Inf values')
+    labels = _scorers.check_features_and_labels(features, labels, num_classes)
     moments = _Moments(num_classes, features.shape[1])
     moments.add(_power(features.to(torch.float64), float(power)), labels)
     return moments.finish(rank, float(power), float(shrinkage))
