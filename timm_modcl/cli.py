@@ -17,7 +17,6 @@ Errors in what was asked (missing folders, bad images, unknown model or task, ..
 ``modcl: error: ...`` and exit code 2; ``--verbose`` shows the traceback.
 """
 import argparse
-import difflib
 import json
 import os
 import sys
@@ -27,15 +26,17 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .errors import FingerprintMismatchError, ModCLError, TaskExistsError
+# RANDOM_INIT_SEED, WeightsUnavailableError and _create: names this module had, used by tests and benchmarks
+from .backbone import RANDOM_INIT_SEED, WeightsUnavailableError, resolve_backbone  # noqa: F401
+from .backbone import check_model_name as _check_model_name
+from .backbone import create_backbone as _create  # noqa: F401
+from .errors import ModCLError, TaskExistsError
+from .multisize import predict_images_task_agnostic, task_input_size as _task_input_size
 
 __all__ = ['main', 'build_parser']
 
 PROG = 'modcl'
 DEFAULT_MODEL = 'modcl_mobilenetv2_100'
-#: Seed of the random backbone of ``--no-pretrained``: the same seed gives the same backbone (and fingerprint), so
-#: adapters trained on a random backbone can be evaluated and extended later.
-RANDOM_INIT_SEED = 0
 DEMO_OUT = 'modcl_demo'
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -43,10 +44,6 @@ EXIT_FAILURE = 1
 
 class UsageError(ModCLError, ValueError):
     """A command-line argument cannot be used."""
-
-
-class WeightsUnavailableError(ModCLError, RuntimeError):
-    """Pretrained backbone weights could not be downloaded or read."""
 
 
 def _say(*args, **kwargs) -> None:
@@ -97,121 +94,6 @@ def _configure_threads(requested: Optional[int]) -> Optional[int]:
 
 
 # ---------------------------------------------------------------------------------------------------- backbone
-def _check_model_name(name: str) -> Tuple[str, Optional[str]]:
-    """``(architecture, tag or None)`` of a modcl model name, or a UsageError suggesting the known names."""
-    import timm
-    import timm_modcl  # noqa: F401  (registers the models)
-    from timm.models import split_model_name_tag
-    arch, tag = split_model_name_tag(name)
-    known = timm.list_models('modcl_*')
-    if arch not in known:
-        close = difflib.get_close_matches(arch, known, n=1)
-        hint = f'did you mean {close[0]!r}? ' if close else ''
-        what = 'is a timm model but not a modcl model' if timm.is_model(arch) else 'is not a known model'
-        raise UsageError(f'{name!r} {what}; {hint}choose one of: {", ".join(known)}')
-    if tag and name not in timm.list_pretrained(f'{arch}.*'):
-        raise UsageError(f'{name!r}: {arch} has no pretrained tag {tag!r}; known: '
-                         f'{", ".join(timm.list_pretrained(f"{arch}.*"))}')
-    return arch, tag or None
-
-
-def _create(name: str, file: Optional[str] = None, pretrained: bool = False):
-    import timm
-    import torch
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)  # random parts (and --no-pretrained backbones) are reproducible
-        if file is not None:
-            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
-        return timm.create_model(name, pretrained=pretrained)
-
-
-def _from_file(name: str, file: str):
-    path = Path(file).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(2, 'weights file does not exist', str(path))
-    if path.is_dir():
-        raise UsageError(f'weights file {str(path)!r} is a folder; pass the checkpoint file')
-    try:
-        return _create(name, file=str(path))
-    except ModCLError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any reader error of a foreign checkpoint
-        raise WeightsUnavailableError(f'could not load weights file {str(path)!r}: {_one_line(e)}') from e
-
-
-def _cached_weights(name: str) -> Optional[str]:
-    """A pretrained checkpoint of ``name`` already in the Hugging Face or torch hub cache, if any."""
-    from timm.models import get_pretrained_cfg
-    cfg = get_pretrained_cfg(name)
-    if cfg is None:
-        return None
-    if cfg.hf_hub_id:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-            for fname in ('model.safetensors', 'pytorch_model.bin'):
-                hit = try_to_load_from_cache(cfg.hf_hub_id.split('@')[0], fname)
-                if isinstance(hit, str) and os.path.isfile(hit):
-                    return hit
-        except Exception:  # noqa: BLE001 - cache lookup is best effort
-            return None
-    if cfg.url:
-        import torch.hub
-        hit = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(cfg.url))
-        if os.path.isfile(hit):
-            return hit
-    return None
-
-
-def _reachable(name: str, timeout: float = 3.0) -> Optional[str]:
-    """``None`` if the host serving ``name``'s pretrained weights answers, else why not (a quick check, so an
-    offline machine fails in seconds instead of after the download client's retries)."""
-    import socket
-    from urllib.parse import urlparse
-    from timm.models import get_pretrained_cfg
-    from ._settings import hub_offline
-    cfg = get_pretrained_cfg(name)
-    if cfg is None or not (cfg.hf_hub_id or cfg.url):
-        return f'{name} has no pretrained weights to download'
-    if cfg.hf_hub_id:
-        if hub_offline():
-            return 'HF_HUB_OFFLINE is set'
-        from huggingface_hub import constants
-        url = constants.ENDPOINT
-    else:
-        url = cfg.url
-    u = urlparse(url)
-    host, port = u.hostname, u.port or (443 if u.scheme == 'https' else 80)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
-        return f'cannot reach {host}: {e.strerror or e}'
-    return None
-
-
-def _from_hub(name: str):
-    cached = _cached_weights(name)
-    if cached is not None:
-        try:
-            return _create(name, file=cached)
-        except Exception:  # noqa: BLE001 - a broken cache entry: try a download
-            pass
-    why = _reachable(name)
-    if why is not None:
-        raise WeightsUnavailableError(why)
-    try:
-        return _create(name, pretrained=True)
-    except Exception as e:  # noqa: BLE001
-        raise WeightsUnavailableError(_one_line(e)) from e
-
-
-def _describe_source(kind: str, name: str, file: Optional[str] = None) -> str:
-    if kind == 'file':
-        return f'file:{Path(file).name}'
-    if kind == 'random':
-        return f'random-init(seed={RANDOM_INIT_SEED})'
-    return f'hub:{name}'
-
-
 def _backbone(
         name: str,
         args: argparse.Namespace,
@@ -220,59 +102,14 @@ def _backbone(
         fallback_random: bool = False,
         what: str = 'the adapters',
 ):
-    """Build the modcl model ``name`` with the backbone weights the arguments ask for.
-
-    ``--weights FILE``: that checkpoint. ``--no-pretrained``: the seeded random backbone. ``--pretrained``: the
-    pretrained weights of timm (downloaded, or from the cache). Neither: with a known ``fingerprint`` (adapters
-    exist), the first of ``MODCL_WEIGHTS``, the random backbone and the pretrained weights that matches it; without,
-    ``MODCL_WEIGHTS`` or the pretrained weights, and with ``fallback_random`` the random backbone when they cannot
-    be had. Returns ``(model, source description)``.
-    """
-    from ._settings import weights_file
-    weights = getattr(args, 'weights', None)
-    pretrained = getattr(args, 'pretrained', None)
-    if weights is not None:
-        candidates = [('file', weights)]
-    elif pretrained is False:
-        candidates = [('random', None)]
-    elif pretrained is True:
-        candidates = [('hub', None)]
-    else:
-        env = weights_file()
-        if fingerprint is not None:
-            candidates = ([('file', env)] if env else []) + [('random', None), ('hub', None)]
-        else:
-            candidates = [('file', env)] if env else [('hub', None)]
-    explicit = weights is not None or pretrained is not None
-    tried: List[str] = []
-    for kind, file in candidates:
-        source = _describe_source(kind, name, file)
-        try:
-            if kind == 'file':
-                model = _from_file(name, file)
-            elif kind == 'random':
-                model = _create(name)
-            else:
-                model = _from_hub(name)
-        except WeightsUnavailableError as e:
-            if explicit or fingerprint is None:
-                if fallback_random and kind == 'hub':
-                    _say(f'could not download pretrained weights ({e}); falling back to random initialisation')
-                    return _create(name), _describe_source('random', name)
-                raise WeightsUnavailableError(
-                    f'could not get pretrained weights for {name} ({e}); pass --weights FILE (a local checkpoint, '
-                    f'or set MODCL_WEIGHTS) or --no-pretrained') from None
-            tried.append(f'{source} ({e})')
-            continue
-        if fingerprint is None or model.backbone_fingerprint() == fingerprint:
-            return model, source
-        tried.append(source)
-        if explicit:
-            break
-    raise FingerprintMismatchError(
-        f'{what} were trained on other backbone weights (fingerprint {fingerprint[:12]}...) than '
-        f'{" / ".join(tried)}; pass --weights FILE with the checkpoint they were trained on'
-        + ('' if explicit else ' (or --pretrained / --no-pretrained)'))
+    """``(model, source description)``: ``resolve_backbone`` with ``--weights`` / ``--[no-]pretrained``; says so
+    when ``fallback_random`` falls back to the random backbone."""
+    model, source, fallback = resolve_backbone(
+        name, file=getattr(args, 'weights', None), pretrained=getattr(args, 'pretrained', None),
+        fingerprint=fingerprint, fallback_random=fallback_random, what=what)
+    if fallback is not None:
+        _say(f'could not download pretrained weights ({fallback}); falling back to random initialisation')
+    return model, source
 
 
 def _read_index_if_any(out: Path) -> Optional[Dict[str, Any]]:
@@ -307,14 +144,6 @@ def _load_adapters(args: argparse.Namespace, out: Path, names: Optional[Sequence
     model, source = _backbone(arch, args, index['backbone_fingerprint'], what=f'the adapters in {str(out)!r}')
     load_tasks(model, out, names=names)
     return model, index, source
-
-
-def _task_input_size(model, task: str) -> Optional[int]:
-    v = model.tasks[task].metadata.get('input_size')
-    try:
-        return int(v) if v else None
-    except ValueError:
-        return None
 
 
 def _progress(args) -> bool:
@@ -665,49 +494,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _predict_task_agnostic(args: argparse.Namespace, out: Path, images) -> int:
     """``modcl predict`` without ``--task``: score every task, print the chosen task and its top classes."""
-    import torch
-
-    from .data import eval_transform
-    from .scorers import has_ranpac
-    from .serving import has_prototypes
-
     model, index, _ = _load_adapters(args, out)
-    names = list(index['tasks'])
-    scorer = args.scorer
-    if scorer == 'auto':
-        scorer = ('ranpac' if all(has_ranpac(model, n) for n in names) else
-                  'prototype' if all(has_prototypes(model, n) for n in names) else 'energy')
     if args.device is not None:
         model.to(args.device)
-    # tasks trained at different input sizes see the image as they were trained on it: score each size group
-    groups: Dict[Optional[int], List[str]] = {}
-    for n in names:
-        groups.setdefault(_task_input_size(model, n), []).append(n)
-    transforms = {size: eval_transform(model, size) for size in groups}
-    for image, img in images:
-        scores, preds = [], []
-        for size, group in groups.items():
-            x = transforms[size](img).unsqueeze(0)
-            if args.device is not None:
-                x = x.to(args.device)
-            pred = model.predict_task_agnostic(x, scorer=scorer, tasks=group)
-            preds.append(pred)
-            scores.append(pred.task_scores[0])
-        all_scores = torch.cat(scores)
-        task_probs = all_scores.softmax(0)
-        best = int(all_scores.argmax())
-        offsets = [0]
-        for s in scores:
-            offsets.append(offsets[-1] + len(s))
-        g = max(i for i in range(len(preds)) if offsets[i] <= best)
-        pred = preds[g]
-        name = pred.tasks[0]
-        probs = pred.logits[0].float().softmax(0)
-        k = min(args.topk, probs.numel())
-        p, idx = probs.topk(k)
-        class_names = model.tasks[name].class_names
+    choices = predict_images_task_agnostic(model, [img for _, img in images], tasks=list(index['tasks']),
+                                           scorer=args.scorer, device=args.device)
+    for (image, _), choice in zip(images, choices):
+        probs = choice.logits.softmax(0)
+        p, idx = probs.topk(min(args.topk, probs.numel()))
+        class_names = model.tasks[choice.task].class_names
         top = [(c, None if class_names is None else class_names[c], q) for c, q in zip(idx.tolist(), p.tolist())]
-        _print_top(f'{image.name} (task {name}, {100 * float(task_probs[best]):.2f}% by the {scorer} scorer):', top)
+        _print_top(f'{image.name} (task {choice.task}, {100 * choice.task_prob:.2f}% by the {choice.scorer} '
+                   f'scorer):', top)
     return 0
 
 
