@@ -650,8 +650,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """``modcl serve``: the tasks of --out and/or --repo-id over HTTP (see ``timm_modcl.serve``)."""
     try:
-        from .serve import ServeConfig, create_app, download_hub_adapters, folder_adapters, is_loopback, run, \
-            setup_logging
+        from .serve import ServeConfig, create_app, folder_adapters, is_loopback, run, setup_logging
     except ImportError as e:
         raise UsageError(f'{e}' if 'timm_modcl[serve]' in str(e) else
                          f'modcl serve needs the serve extra ({e}): pip install "timm_modcl[serve]"') from None
@@ -671,8 +670,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.task and args.repo_id is None and len(initial) < len(set(args.task)):
             raise UsageError(f'{args.out!r} has no task {sorted(set(args.task) - set(initial))[0]!r}')
     if args.repo_id is not None:
-        index, files = download_hub_adapters(args.repo_id, args.task, revision=args.revision,
-                                             subfolder=args.subfolder, endpoint=args.endpoint, token=args.token)
+        from .hub import download_adapter_files  # bounded by MODCL_HUB_TIMEOUT
+        index, files = download_adapter_files(args.repo_id, args.task, revision=args.revision,
+                                              subfolder=args.subfolder, endpoint=args.endpoint, token=args.token)
         if arch is None:
             arch, fingerprint, what = index['architecture'], index['backbone_fingerprint'], repr(args.repo_id)
         initial.update(files)
