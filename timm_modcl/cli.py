@@ -159,9 +159,25 @@ def _quiet(*args, **kwargs) -> None:
     pass
 
 
+def _check_data(data: str) -> None:
+    """A ``--data`` folder must exist (a ``PREFIX/NAME`` dataset is checked when it is read)."""
+    from .data_sources import describe_missing_folder, parse_data
+    if parse_data(data).kind == 'folder' and not Path(data).exists():
+        raise FileNotFoundError(2, describe_missing_folder(data).replace(f'data folder {data!r} ', 'data folder '),
+                                str(data))
+
+
+def _dataset_kwargs(args: argparse.Namespace, num_classes: bool = True) -> Dict[str, Any]:
+    """``task_datasets``'s arguments of a ``PREFIX/NAME`` ``--data`` (timm's train.py names); ``num_classes``:
+    with ``--num-classes`` (evaluation takes the task's)."""
+    kw = dict(data_dir=args.data_dir, train_split=args.train_split, val_split=args.val_split or None,
+              class_map=args.class_map, download=args.dataset_download)
+    return dict(kw, num_classes=args.num_classes) if num_classes else kw
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .adapter import load_tasks, save_tasks
-    from .data import image_folder_datasets
+    from .data_sources import task_datasets
     from .distributed import get_world_size, init_distributed, is_main_process
     from .task import validate_task_name
     from .train import evaluate, train_task
@@ -190,8 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         name = args.model or DEFAULT_MODEL
     arch, _ = _check_model_name(name)
-    if not Path(args.data).exists():  # fail before building the model
-        raise FileNotFoundError(2, 'data folder does not exist', str(args.data))
+    _check_data(args.data)  # fail before building the model
 
     t0 = time.perf_counter()
     model, source = _backbone(name, args, None if index is None else index['backbone_fingerprint'],
@@ -199,18 +214,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     previous = [t for t in (index or {}).get('tasks', []) if t != args.task]
     if previous:
         load_tasks(model, out, names=previous)
-    train_ds, val_ds, classes = image_folder_datasets(
+    train_ds, val_ds, classes = task_datasets(
         args.data, model, input_size=args.input_size, val_fraction=args.val_fraction, seed=args.seed,
-        augment=not args.no_augment)
+        augment=not args.no_augment, batch_size=args.batch_size, **_dataset_kwargs(args))
     if len(classes) < 2:
-        raise UsageError(f'{args.data!r} has a single class folder ({classes[0]!r}); a task needs at least 2 classes')
+        raise UsageError(f'{args.data!r} has a single class' + (' folder' if Path(args.data).is_dir() else '')
+                         + f' ({classes[0]!r}); a task needs at least 2 classes')
     size = (args.input_size or model.pretrained_cfg.get('input_size', (3, 224, 224))[-1])
-    skipped = len(train_ds.skipped_files) + (len(val_ds.skipped_files) if val_ds is not None else 0)
+    skipped = len(getattr(train_ds, 'skipped_files', ())) + len(getattr(val_ds, 'skipped_files', ()))
     say(f'{args.task}: {len(classes)} classes, {len(train_ds)} training / {len(val_ds) if val_ds else 0} '
         f'validation images at {size}px' + (f' ({skipped} unreadable file(s) skipped)' if skipped else '')
         + f'; {arch}, backbone {source}' + (f', {len(previous)} existing task(s)' if previous else '')
         + (f'; {get_world_size()} processes (DistributedDataParallel)' if ddp else ''))
     import torch
+    from torch.utils.data import DataLoader, IterableDataset
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)  # the new head's initialisation: --seed makes the whole run reproducible
         model.add_task(
@@ -220,6 +237,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       'epochs': str(args.epochs)},
             replace=True)
     head_lr = {} if args.head_lr is None else {'head_lr': args.head_lr}  # else train_task's default
+    if isinstance(train_ds, IterableDataset):  # WebDataset shards: streamed, shuffled and split by timm's reader
+        train_ds = DataLoader(train_ds, batch_size=args.batch_size, num_workers=args.workers)
     history = train_task(
         model, args.task, train_ds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, **head_lr,
         weight_decay=args.weight_decay, device=args.device, seed=args.seed,
@@ -230,7 +249,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not is_main_process():
         return 0
     meta = model._task(args.task).metadata
-    meta['train_images'] = str(len(train_ds))
+    meta['train_images'] = str(len(train_ds.dataset if isinstance(train_ds, DataLoader) else train_ds))
     if acc is not None:
         meta['metric_val_acc'] = f'{acc:.4f}'
         meta['val_images'] = str(len(val_ds))
@@ -290,9 +309,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _eval_targets(args, model, index) -> List[Tuple[str, Path]]:
+    from .data_sources import parse_data
+    if parse_data(args.data).kind != 'folder':  # one dataset: one task
+        if args.task or len(index['tasks']) == 1:
+            return [(args.task or index['tasks'][0], args.data)]
+        raise UsageError(f'{str(args.out)!r} has {len(index["tasks"])} tasks: pass --task NAME')
+    _check_data(args.data)
     data = Path(args.data)
-    if not data.exists():
-        raise FileNotFoundError(2, 'data folder does not exist', str(data))
     if args.task:
         # a folder with one subfolder per task works with --task too (unless the task has a class of that name)
         if (data / args.task).is_dir() and args.task not in (model.tasks[args.task].class_names or ()):
@@ -308,7 +331,7 @@ def _eval_targets(args, model, index) -> List[Tuple[str, Path]]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import eval_transform, image_folder_datasets
+    from .data_sources import eval_dataset
     from .train import evaluate
 
     out = Path(args.out)
@@ -321,19 +344,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for task, folder in targets:
         info = model.tasks[task]
         size = _task_input_size(model, task)
-        if args.split == 'all':
-            ds, _, _ = image_folder_datasets(folder, model, input_size=size, class_names=info.class_names,
-                                             val_fraction=0.0)
-            ds.transform = eval_transform(model, size)
-        else:
-            _, ds, _ = image_folder_datasets(folder, model, input_size=size, class_names=info.class_names,
-                                             val_fraction=args.val_fraction, seed=args.seed)
-            if ds is None:
-                raise UsageError(f'{str(folder)!r} has no validation images; pass --split all to evaluate on every '
-                                 f'image')
-        if info.class_names is None and len(ds.class_names) != info.num_classes:
-            raise UsageError(f'task {task!r} has {info.num_classes} classes, {str(folder)!r} has '
-                             f'{len(ds.class_names)} class folders')
+        ds = eval_dataset(folder, model, split=args.split, class_names=info.class_names, num_classes=info.num_classes,
+                          input_size=size, val_fraction=args.val_fraction, seed=args.seed,
+                          **_dataset_kwargs(args, num_classes=False))
+        if ds is None:
+            raise UsageError(f'{str(folder)!r} has no validation images; pass --split all to evaluate on every '
+                             f'image')
         acc = evaluate(model, ds, task, batch_size=args.batch_size, device=args.device, num_workers=args.workers)
         rows.append((task, info.num_classes, len(ds), acc))
     w = max(4, *(len(r[0]) for r in rows))
@@ -701,6 +717,24 @@ def _add_backbone_args(p: argparse.ArgumentParser, train: bool = False) -> None:
                         + ('' if train else '; default: whichever the adapters were trained on'))
 
 
+def _add_dataset_args(p: argparse.ArgumentParser) -> None:
+    """The dataset arguments of timm's train.py (for a --data of hfds/NAME, torch/NAME or wds/NAME)."""
+    g = p.add_argument_group('datasets other than image folders (timm\'s create_dataset)')
+    g.add_argument('--data-dir', metavar='DIR', default=None,
+                   help='where the dataset is: torch/: its root (required); wds/: the folder of the shards and their '
+                        '_info.json (required); hfds/: the datasets cache (default: the Hugging Face cache)')
+    g.add_argument('--train-split', default='train', metavar='NAME', help='training split (default: train)')
+    g.add_argument('--val-split', default='validation', metavar='NAME',
+                   help='validation split (default: validation); without it, --val-fraction of the training split '
+                        'is held out; "" for none')
+    g.add_argument('--class-map', metavar='FILE', default=None,
+                   help='text file of class names, one per line, in label order (the classes and their order)')
+    g.add_argument('--num-classes', type=_positive_int, default=None, metavar='N',
+                   help='number of classes of a wds/ dataset without --class-map')
+    g.add_argument('--dataset-download', action='store_true',
+                   help='download hfds/ or torch/ datasets that have no local copy (default: local copies only)')
+
+
 def _add_common(p: argparse.ArgumentParser, threads: bool = True) -> None:
     p.add_argument('--verbose', '-v', action='store_true', default=argparse.SUPPRESS,
                    help='show tracebacks of errors')
@@ -757,7 +791,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('train', help='learn a task from an image folder and add it to an adapter folder',
                        description='Learn a new task from an image folder (one subfolder per class, or train/ and '
                                    'val/ with class subfolders) and save it with the tasks already in --out.')
-    p.add_argument('--data', required=True, metavar='DIR', help='image folder of the task')
+    p.add_argument('--data', required=True, metavar='DATA',
+                   help='the task\'s data: an image folder, or hfds/NAME, torch/NAME, wds/NAME (as timm\'s train.py)')
     p.add_argument('--task', required=True, metavar='NAME', help='name of the new task')
     p.add_argument('--out', required=True, metavar='DIR', help='adapter folder (created, or extended)')
     p.add_argument('--model', metavar='NAME', default=None,
@@ -789,6 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='continue from --checkpoint if it exists (same arguments), else start from scratch')
     p.add_argument('--sync-bn', action='store_true',
                    help='under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)')
+    _add_dataset_args(p)
     _add_backbone_args(p, train=True)
     _add_common(p)
     p.set_defaults(func=cmd_train)
@@ -807,7 +843,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description='Accuracy of one task (--task) on --data, or of every task that has a '
                                    'subfolder of that name in --data.')
     p.add_argument('--out', required=True, metavar='DIR', help='adapter folder')
-    p.add_argument('--data', required=True, metavar='DIR', help='image folder')
+    p.add_argument('--data', required=True, metavar='DATA',
+                   help='image folder (or one subfolder per task), or hfds/NAME, torch/NAME, wds/NAME as for train')
     p.add_argument('--task', metavar='NAME', help='task to evaluate (default: all tasks with data)')
     p.add_argument('--split', choices=['val', 'all'], default='val',
                    help='"val": the validation split (val/ folder, or the held-out share as in training); '
@@ -818,6 +855,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default=None)
     p.add_argument('--workers', type=_non_negative_int, default=0)
     p.add_argument('--json', metavar='FILE', help='also write the results as JSON')
+    _add_dataset_args(p)
     _add_backbone_args(p)
     _add_common(p)
     p.set_defaults(func=cmd_eval)

@@ -9,7 +9,7 @@ import os
 import random
 import warnings
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -233,8 +233,9 @@ class ImageFiles(Dataset):
                         f'be decoded')
 
 
-def _split(samples: List[Tuple[str, int]], fraction: float, seed: int):
-    """Stratified split: about ``fraction`` of each class to the second part, at least one image kept in the first."""
+def _split(samples: List[Tuple[Any, int]], fraction: float, seed: int, key=None):
+    """Stratified split of ``(item, class index)`` pairs: about ``fraction`` of each class to the second part, at least
+    one image kept in the first; both sorted by ``key`` (default: the natural order of the item, a path)."""
     by_class: Dict[int, List[Tuple[str, int]]] = {}
     for s in samples:
         by_class.setdefault(s[1], []).append(s)
@@ -248,7 +249,8 @@ def _split(samples: List[Tuple[str, int]], fraction: float, seed: int):
             n_val = 1
         second += items[:n_val]
         first += items[n_val:]
-    key = lambda s: _natural_key(s[0])  # noqa: E731
+    if key is None:
+        key = lambda s: _natural_key(s[0])  # noqa: E731
     return sorted(first, key=key), sorted(second, key=key)
 
 
