@@ -103,7 +103,7 @@ def test_torchvision_dataset_errors(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- hfds/
 def _tiny_hf(path, labels, names=('ant', 'bee')):
-    datasets = pytest.importorskip('datasets')
+    import datasets  # the dev extra installs it (and webdataset), so these tests run, never skip
     images = [Image.fromarray(np.stack([_pixels(y, i)] * 3, -1)) for i, y in enumerate(labels)]
     features = datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(names=list(names))})
     ds = datasets.Dataset.from_dict({'image': images, 'label': labels}, features=features)
@@ -128,7 +128,6 @@ def test_hf_dataset_local_copy_train_and_eval(tmp_path, monkeypatch):
 
 
 def test_hf_dataset_without_local_copy_needs_download_flag(tmp_path):
-    pytest.importorskip('datasets')
     rc, _, err = _run(['train', '--data', 'hfds/nobody/no-such-dataset', '--data-dir', tmp_path / 'c', '--task', 't',
                        '--out', tmp_path / 'ad', *TRAIN])
     _one_line_error(rc, err, "'hfds/nobody/no-such-dataset' has no local copy", '--dataset-download')
@@ -165,7 +164,6 @@ def _shards(folder, labels, per_shard=4):
 
 
 def test_webdataset_shards_train(tmp_path):
-    pytest.importorskip('webdataset')
     shards = _shards(tmp_path / 'shards', [0, 1] * 4)
     rc, said, err = _run(['train', '--data', 'wds/tiny', '--data-dir', shards, '--task', 'w', '--out',
                           tmp_path / 'ad', *TRAIN])
@@ -180,7 +178,6 @@ def test_webdataset_shards_train(tmp_path):
 
 
 def test_webdataset_label_out_of_range(tmp_path):
-    pytest.importorskip('webdataset')
     shards = _shards(tmp_path / 'shards', [0, 1, 5, 1])
     rc, _, err = _run(['train', '--data', 'wds/tiny', '--data-dir', shards, '--task', 'w', '--out', tmp_path / 'ad',
                        '--num-classes', '2', *TRAIN])
