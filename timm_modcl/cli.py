@@ -448,33 +448,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_image(image: Path):
-    from PIL import Image, UnidentifiedImageError
-    if not image.is_file():
-        raise FileNotFoundError(2, 'image does not exist', str(image))
-    try:
-        with Image.open(image) as im:
-            return im.convert('RGB')
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UsageError(f'cannot read image {str(image)!r}: {_one_line(e)}') from None
-
-
-def _image_paths(paths) -> List[Path]:
-    """``modcl predict``'s images: files as given, and every image file of a folder (sorted, not recursive)."""
-    from .data import _image_extensions
-    out: List[Path] = []
-    for path in map(Path, paths):
-        if not path.is_dir():
-            out.append(path)
-            continue
-        exts = _image_extensions()
-        found = sorted(f for f in path.iterdir() if f.suffix.lower() in exts and f.is_file())
-        if not found:
-            raise UsageError(f'{str(path)!r} is a folder without image files (extensions: {", ".join(sorted(exts))})')
-        out.extend(found)
-    return out
-
-
 def _print_top(header: str, top) -> None:
     _say(header)
     w = max(len(str(name if name is not None else c)) for c, name, _ in top)
@@ -483,7 +456,7 @@ def _print_top(header: str, top) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .data import eval_transform
+    from .data import eval_transform, image_files, read_rgb_image
     from .train import predict
 
     out = Path(args.out)
@@ -497,7 +470,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f'{str(out)!r} has no tasks (train one first: modcl train ... --out {out})')
     if args.task is not None and args.scorer != 'auto':
         raise UsageError('--scorer chooses the task of an image; it cannot be combined with --task')
-    images = [(p, _read_image(p)) for p in _image_paths(args.image)]
+    images = [(p, read_rgb_image(p)) for p in image_files(args.image)]
     if task is not None:
         model, _, _ = _load_adapters(args, out, [task])
         transform = eval_transform(model, _task_input_size(model, task))
