@@ -253,3 +253,25 @@ def test_multisize_merges_scores_across_input_sizes():
         expect = torch.tensor(list(scores.values())).softmax(0).max().item()
         assert choice.task_prob == pytest.approx(expect, rel=1e-4)
         assert choice.logits.shape == (model.tasks[best].num_classes,)
+
+
+def test_hub_download_of_modcl_serve_is_bounded(hub, tmp_path):
+    """``modcl serve --repo-id`` downloads through ``hub.download_adapter_files``: within the time bound, or a
+    HubError (it used to download with only huggingface_hub's per-request timeout, retried)."""
+    import time
+
+    from timm_modcl.adapter import ADAPTER_FILE
+    from timm_modcl.errors import HubError
+    from timm_modcl.hub import download_adapter_files
+    model = backbone.create_backbone(ARCH)
+    model.add_task('t1', 3, (8, 8))
+    model.push_tasks_to_hub('alice/ad', token=hub.alice, endpoint=hub.url)
+    index, files = download_adapter_files('alice/ad', endpoint=hub.url, cache_dir=tmp_path / 'c', timeout=30)
+    assert index['tasks'] == ['t1'] and list(files) == ['t1'] and files['t1'].endswith(ADAPTER_FILE)
+    with pytest.raises(HubError, match="no task"):
+        download_adapter_files('alice/ad', ['t2'], endpoint=hub.url, cache_dir=tmp_path / 'c', timeout=30)
+    hub.fault = lambda method, path: 'stall' if ADAPTER_FILE in path else None
+    t0 = time.perf_counter()
+    with pytest.raises(HubError, match='did not answer in time'):
+        download_adapter_files('alice/ad', endpoint=hub.url, cache_dir=tmp_path / 'c2', timeout=2)
+    assert time.perf_counter() - t0 < 10

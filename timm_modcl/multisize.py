@@ -103,13 +103,13 @@ def predict_images_task_agnostic(
     if scorer == 'auto':
         scorer = auto_scorer(model, names)
     groups = group_tasks_by_input_size(model, names)
+    transforms = {size: eval_transform(model, size) for size in groups}
     choices: List[TaskChoice] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         preds = []
         for size, group in groups.items():
-            transform = eval_transform(model, size)
-            x = torch.stack([transform(img) for img in chunk])
+            x = torch.stack([transforms[size](img) for img in chunk])
             if device is not None:
                 x = x.to(device)
             preds.append(model.predict_task_agnostic(x, scorer=scorer, tasks=group))

@@ -9,19 +9,10 @@ from ..backbone import check_model_name as _check_model_name
 from ..backbone import resolve_backbone
 from ..errors import ModCLError
 
-
 PROG = 'modcl'
-
-
 DEFAULT_MODEL = 'modcl_mobilenetv2_100'
-
-
 DEMO_OUT = 'modcl_demo'
-
-
 EXIT_USAGE = 2
-
-
 EXIT_FAILURE = 1
 
 

@@ -56,14 +56,8 @@ def _number_type(cast, ok, expected: str):
 
 
 _positive_int = _number_type(int, lambda v: v >= 1, 'a positive integer')
-
-
 _non_negative_int = _number_type(int, lambda v: v >= 0, 'a non-negative integer')
-
-
 _fraction = _number_type(float, lambda v: 0.0 <= v < 1.0, 'a number in [0, 1)')
-
-
 _non_negative_float = _number_type(float, lambda v: v >= 0.0, 'a non-negative number')
 
 
