@@ -137,6 +137,11 @@ def test_hf_dataset_without_local_copy_needs_download_flag(tmp_path):
 def test_hf_dataset_class_map_and_bad_labels(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _tiny_hf(tmp_path / 'three', [0, 1, 2] * 3, names=('ant', 'bee', 'cricket'))
+    (tmp_path / 'three.txt').write_text('cricket\nbee\nant\n')  # the class map sets the classes' order
+    train, val, classes = task_datasets('hfds/three', data_dir=tmp_path / 'c', class_map=tmp_path / 'three.txt',
+                                        input_size=SIZE, val_split=None, val_fraction=0.0)
+    assert classes == ['cricket', 'bee', 'ant'] and val is None
+    assert [train[i][1] for i in range(3)] == [2, 1, 0] and train[0][0].shape == (3, SIZE, SIZE)
     (tmp_path / 'two.txt').write_text('bee\nant\n')
     with pytest.raises(DataError, match="label 'cricket' is not among the classes of the class map"):
         task_datasets('hfds/three', data_dir=tmp_path / 'c', class_map=tmp_path / 'two.txt', input_size=SIZE)
