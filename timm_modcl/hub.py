@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import (
@@ -30,7 +30,7 @@ from .errors import HubError
 from .task import BASE_TASK
 from .version import __version__
 
-__all__ = ['push_tasks', 'pull_tasks', 'remote_index', 'task_model_card', 'HubMixin']
+__all__ = ['push_tasks', 'pull_tasks', 'remote_index', 'download_adapter_files', 'task_model_card', 'HubMixin']
 
 LIBRARY_NAME = 'timm_modcl'
 
@@ -199,6 +199,45 @@ def remote_index(
         revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint, local_files_only=local_files_only,
         library_name=LIBRARY_NAME, library_version=__version__)
     return _fetch_index(deadline, repo_id, subfolder, kw)
+
+
+def download_adapter_files(
+        repo_id: str,
+        names: Optional[Iterable[str]] = None,
+        *,
+        revision: Optional[str] = None,
+        subfolder: Optional[str] = None,
+        token: Optional[str] = None,
+        cache_dir: Optional[str] = None,
+        endpoint: Optional[str] = None,
+        local_files_only: bool = False,
+        timeout: Optional[float] = None,
+) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """Download a Hub repo's checked index and the adapter files of some tasks (default: all it lists) into the
+    huggingface_hub cache, all within ``timeout`` seconds (default ``MODCL_HUB_TIMEOUT`` or 120), without building
+    a model (e.g. for ``modcl serve --repo-id``).
+
+    Returns:
+        ``(index, {task: local path of its adapter file})``; the files are read (and checked) by whoever loads them.
+
+    Raises:
+        HubError: as ``pull_tasks`` (not found, a task the repo does not list, not cached while offline, network,
+            no answer within ``timeout``).
+        AdapterFormatError: the index is corrupt.
+    """
+    deadline = _deadline(timeout)
+    wanted = None if names is None else task_names(names)
+    kw: Dict[str, Any] = dict(
+        revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint, local_files_only=local_files_only,
+        library_name=LIBRARY_NAME, library_version=__version__)
+    index = _fetch_index(deadline, repo_id, subfolder, kw)
+    wanted = list(index['tasks']) if wanted is None else wanted
+    missing = [n for n in wanted if n not in index['tasks']]
+    if missing:
+        raise HubError(f'{repo_id!r} has no task(s) {missing}; it has {index["tasks"]}')
+    files = {n: _within(deadline, lambda n=n: hf_hub_download(repo_id, _join(subfolder, f'{n}/{ADAPTER_FILE}'), **kw),
+                        f'adapter file of task {n!r}', repo_id, revision) for n in wanted}
+    return index, files
 
 
 def _base_model_id(model) -> Optional[str]:
