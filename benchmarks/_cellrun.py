@@ -107,6 +107,26 @@ def _augmented_train_loaders(B):
     return plain, loaders
 
 
+def diverged_result(spec: Dict[str, Any], splits, message: str) -> Dict[str, Any]:
+    """The record of a cell whose loss became non-finite: accuracy 0 on every evaluated split (every test image
+    counted wrong), no counts, ``diverged`` set, so searches rank the setting last and summaries stay well-formed."""
+    import baselines as B
+    seq = spec["kind"] == "sequence"
+    out: Dict[str, Any] = {"diverged": message, "train_s": 0.0, "eval_s": 0.0,
+                           "train_images": [len(s.y_train) for s in splits] if seq else len(splits[0].y_train),
+                           "counts": [{} for _ in splits] if seq else {}, "history": []}
+    for split in spec["evaluate"]:
+        ns = [int(len(s.y_val if split == "val" else s.y_test)) for s in splits]
+        out[f"{split}_acc"] = [0.0] * len(ns) if seq else 0.0
+        out[f"{split}_n"] = ns if seq else ns[0]
+        if split == "test":
+            bits = [B.pack_bits(np.zeros(n, dtype=bool)) for n in ns]
+            out["test_correct"] = bits if seq else bits[0]
+            if seq:
+                out["test_matrix"] = [[0.0] * len(ns) for _ in ns]
+    return out
+
+
 def run_cell(spec: Dict[str, Any], deadline: Optional[float], running_dir: Optional[str]) -> Dict[str, Any]:
     """Run one cell (in a worker process or in-process) and return its record."""
     import torch
@@ -149,6 +169,8 @@ def run_cell(spec: Dict[str, Any], deadline: Optional[float], running_dir: Optio
                                      spec["evaluate"])
     except B.BudgetExceeded:
         status, result = "budget", {"progress": progress}
+    except FloatingPointError as e:  # a rate on the grid's edge diverged: a finished cell scoring 0
+        result = diverged_result(spec, splits, str(e))
     finally:
         if plain is not None:
             B._train_loaders = plain

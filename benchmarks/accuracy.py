@@ -4,6 +4,7 @@ the library's own training recipe.
     nice -n 10 python benchmarks/accuracy.py --workers 2          # the whole protocol (about 6 h on 2 CPU cores)
     python benchmarks/accuracy.py --plan                          # cells per stage and the estimated hours
     python benchmarks/accuracy.py --quick                         # every stage end to end, tiny (a few minutes)
+    python benchmarks/accuracy.py --paper-scale --cache DIR --time-budget-s 270   # GPU: chosen settings, 224 px
 
 Stages, run in this priority order so that a partial run is useful (a rerun skips saved cells; ``--time-budget-s``
 stops cleanly and the summary marks what is missing):
@@ -154,6 +155,7 @@ class Settings:
     stem: str = STEM
     time_budget_s: Optional[float] = None
     bootstrap: int = 1000
+    hp_from: Optional[str] = None                    # paper scale: chosen settings from this accuracy_v2.json
     mode: str = "full"
 
     def data(self) -> Dict[str, Any]:
@@ -176,7 +178,9 @@ def _deep_merge(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
 
 def _profile_hp(name: str) -> Dict[str, Any]:
     res, layers = PROFILES[name]
-    return {"config": {"resolution": list(res), "layer_resolution": [[k, list(v)] for k, v in layers.items()]}}
+    from timm_modcl.config import DEFAULT_CONFIG
+    cfg = dict(DEFAULT_CONFIG.to_dict(), resolution=list(res), layer_resolution=[[k, list(v)] for k, v in layers.items()])
+    return {"config": cfg}
 
 
 def structure_options(method: str) -> Tuple[List[Dict[str, Any]], str]:
@@ -193,7 +197,8 @@ def structure_options(method: str) -> Tuple[List[Dict[str, Any]], str]:
 
 
 def budgets() -> Tuple[List[Tuple[str, str, Dict[str, Any]]], str]:
-    """(label, method, hp) of the accuracy-vs-bytes curve: ``baselines.BUDGETS`` or a fallback."""
+    """(label, method, hp) of the accuracy-vs-bytes curve: ``baselines.BUDGETS`` or a fallback. Each hp updates the
+    method's :func:`base_hp` key by key (so a modcl ``config`` there is the whole config, not a patch)."""
     import baselines as B
     got = getattr(B, "BUDGETS", None)
     if got:
@@ -386,6 +391,10 @@ class Protocol:
         self.test_specs: Dict[str, List[Dict[str, Any]]] = {}
         self.bytes_specs: Dict[str, Dict[str, Any]] = {}
         self.recipe_out: Dict[str, Dict[str, Any]] = {}
+        self.preset: Dict[str, Dict[str, Any]] = {}
+        if st.hp_from:
+            data = json.loads(Path(st.hp_from).read_text())
+            self.preset = {m: v["chosen"] for m, v in data.get("methods", {}).items() if v.get("chosen")}
 
     def recipe(self, lr: float, head_lr: float, epochs: Optional[int] = None, augment: bool = False) -> Dict[str, Any]:
         r = {"epochs": epochs or self.st.epochs, "batch_size": self.st.batch_size, "lr": _r(lr),
@@ -439,6 +448,21 @@ class Protocol:
     # -- stage 1: tuning
     def tune(self, method: str):
         st, table = self.st, []
+        if st.hp_from:  # no search: the settings chosen by a finished protocol run
+            if method not in self.preset:
+                _log(f"{method}: no chosen setting in {st.hp_from}; skipped")
+                return
+            pre = self.preset[method]
+            self.chosen[method] = dict(pre, point=pre.get("grid_point"))
+            self.tuning[method] = {"validation": [], "preset": st.hp_from, "settings_tried": 0,
+                                   "structure_source": st.hp_from, "tuning_seeds": [], "tuning_tasks": [],
+                                   "axes": [], "structure_options": [pre.get("structure_option", {})],
+                                   "grid": {"grid_size": pre.get("grid_size", []), "extensions": {},
+                                            "cap_hit": False, "position": pre.get("grid_position", []),
+                                            "best": pre.get("grid_point", [])}}
+            if "test" in st.stages:
+                yield from self.test(method)
+            return
         two = method != "linear_probe"
         seeds = st.seq_tune_seeds if method in SEQUENTIAL else st.tune_seeds
         options, source = structure_options(method)
@@ -505,7 +529,7 @@ class Protocol:
             while method not in self.chosen:
                 yield WAIT
             row = self.chosen[method]
-            full = _deep_merge(base_hp(method), hp)
+            full = dict(base_hp(method), **hp)  # a budget's hp replaces whole keys (a complete modcl config)
             specs = []
             for seed in st.bytes_seeds:
                 specs += specs_for(st, method, full, self.recipe(row["lr"], row["head_lr"]), st.bytes_tasks, seed,
@@ -542,7 +566,7 @@ class Protocol:
         st = self.st
         out: Dict[str, Generator] = {}
         methods = st.methods_present()
-        if "tune" in st.stages:
+        if "tune" in st.stages or "test" in st.stages:  # test cells follow each method's tuning (or preset)
             for m in methods:
                 out[f"tune {m}"] = self.tune(m)
         if "bytes" in st.stages:
@@ -911,6 +935,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Settings, argparse
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny end-to-end run of every stage (a few minutes)")
     ap.add_argument("--plan", action="store_true", help="print cells per stage and the estimated hours; run nothing")
+    ap.add_argument("--paper-scale", action="store_true",
+                    help="GPU: 224 px, 30 epochs, full training sets, --device cuda, AMP, seeds 0-2, test stage only, "
+                         "settings from --hp-from (default benchmarks/results/accuracy_v2.json); no re-tuning")
+    ap.add_argument("--hp-from", help="accuracy_v2.json whose chosen settings are tested (no tuning)")
+    ap.add_argument("--device", help="cpu (default) or cuda")
     ap.add_argument("--stages", help="comma-separated subset of tune,test,bytes,recipe")
     ap.add_argument("--tasks", help="comma-separated test tasks (default: " + ",".join(_fetch.TASK_ORDER) + ")")
     ap.add_argument("--tune-tasks", help="comma-separated tuning tasks")
@@ -933,8 +962,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Settings, argparse
                       max_extensions=1, bytes_tasks=two[:1], bytes_seeds=(0, 1), recipe_tasks=two[:1],
                       recipe_seeds=(0, 1), recipe_tune_seeds=(100,), recipe_tune_tasks=two[:1], recipe_epochs=2, stem=STEM + "_quick",
                       bootstrap=100, mode="quick")
+    if a.paper_scale:
+        st = Settings(size=224, epochs=30, train_n=None, device="cuda", amp=True, workers=1, threads=4,
+                      loader_workers=6, test_seeds=(0, 1, 2), seq_test_seeds=(0, 1, 2), stages=("test",),
+                      hp_from=str(RESULTS / f"{STEM}.json"), stem=STEM + "_paper_scale", mode="paper-scale")
     for name, conv in (("limit", int), ("workers", int), ("threads", int), ("cache", str), ("out_dir", str),
-                       ("time_budget_s", float), ("bootstrap", int)):
+                       ("time_budget_s", float), ("bootstrap", int), ("hp_from", str), ("device", str)):
         v = getattr(a, name)
         if v is not None:
             setattr(st, name, conv(v))
@@ -956,6 +989,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Settings, argparse
         ap.error(f"unknown stages {bad}")
     if set(st.tune_seeds) & set(st.test_seeds):
         ap.error("tuning seeds must not be test seeds")
+    if st.hp_from and not Path(st.hp_from).is_file():
+        ap.error(f"--hp-from {st.hp_from} does not exist (run the protocol first)")
     return st, a
 
 
@@ -966,6 +1001,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         print_plan(pl)
         print("cut to fit:\n  - " + "\n  - ".join(CUTS))
         return {"plan": pl}
+    if st.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: CUDA is not available here")
     out_dir = Path(st.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _fetch.backbone_weights(st.cache)  # fetch once, before the workers start

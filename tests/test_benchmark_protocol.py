@@ -156,3 +156,26 @@ def test_plan_fits_six_hours():
     assert all(s["cells"] > 0 for s in pl["stages"].values())
     # the default (current) settings fit too
     assert A.plan(A.Settings())["hours"] <= 6.0
+
+
+# ---------------------------------------------------------------------------------------------------- divergence
+def test_a_diverged_cell_scores_zero_and_stays_well_formed():
+    """A rate at the grid's far edge may make the loss non-finite: the cell is kept with accuracy 0 (every test image
+    wrong) instead of ending the whole run."""
+    import numpy as np
+
+    import _cellrun
+    import baselines as B
+
+    class S:  # the fields of _fetch.TaskSplits that a diverged record needs
+        def __init__(self, n_val, n_test):
+            self.y_train, self.y_val, self.y_test = np.zeros(5), np.zeros(n_val), np.zeros(n_test)
+
+    task = {"kind": "task", "evaluate": ["val", "test"]}
+    r = _cellrun.diverged_result(task, [S(7, 9)], "loss nan")
+    assert r["val_acc"] == 0.0 and r["test_n"] == 9 and r["diverged"] == "loss nan"
+    assert not B.unpack_bits(r["test_correct"], 9).any() and r["counts"] == {}
+    seq = {"kind": "sequence", "evaluate": ["val", "test"]}
+    r = _cellrun.diverged_result(seq, [S(7, 9), S(3, 4)], "loss inf")
+    assert r["val_acc"] == [0.0, 0.0] and r["test_n"] == [9, 4] and len(r["test_matrix"]) == 2
+    assert [B.unpack_bits(c, n).sum() for c, n in zip(r["test_correct"], (9, 4))] == [0, 0]
