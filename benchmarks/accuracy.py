@@ -9,10 +9,11 @@ the library's own training recipe.
 Stages, run in this priority order so that a partial run is useful (a rerun skips saved cells; ``--time-budget-s``
 stops cleanly and the summary marks what is missing):
 
-1. **Tuning** (tuning-only seeds 100 and 101, validation splits of two tuning tasks, ``TUNE_TASKS``). Every method
-   gets the same search: a joint adapter-lr x head-lr grid of 3 x 3 half-decade steps around the method's customary
-   adapter rate (``START_LR``) and one head-rate centre for everyone (``START_HEAD_LR``), extended by a line of 3
-   while the best point lacks a tried neighbour (at most ``MAX_EXTENSIONS`` = 2 per axis and side, the same for
+1. **Tuning** (tuning-only seeds 100 and 101, validation splits of two tuning tasks, ``Settings.tune_tasks``:
+   Animal-Shape and the RGB task, or digits while there is none). Every method gets the same search: a joint
+   adapter-lr x head-lr grid of 3 x 3 half-decade steps around the method's customary adapter rate (``START_LR``)
+   and one head-rate centre for everyone (``START_HEAD_LR``), extended by a line of 3 while the best point lacks a
+   tried neighbour (at most ``MAX_EXTENSIONS`` = 2 per axis and side, the same for
    everyone; the cap is recorded when hit), then the method's 3 structural options (``baselines.STRUCTURE``; the
    first is the default structure the grid ran on) at the chosen rates. The criterion is the mean over tuning seeds
    and tuning tasks of validation accuracy. The linear probe (one rate) gets the same 9 settings on its one axis,
@@ -22,9 +23,11 @@ stops cleanly and the summary marks what is missing):
    seed); paired differences vs modcl (default) with t intervals over seeds and Holm-adjusted p-values over the
    comparisons (Bonferroni-widened intervals too); the paired bootstrap over seeds and test images only as an extra.
 3. **Accuracy vs bytes** (``baselines.BUDGETS``): each configuration at its method's chosen rates (not re-tuned) on
-   ``BYTES_TASKS`` x test seeds 0, 1, 2; a plot and a table of accuracy at matched bytes with t intervals.
+   ``Settings.bytes_tasks`` (the tuning tasks) x test seeds 0, 1, 2; a plot and a table of accuracy at matched
+   bytes with t intervals.
 4. **Library recipe** (what ``modcl train`` does: timm's training augmentation, 30 epochs, cosine) for modcl, LoRA,
-   BN + head, linear probe and full fine-tuning on ``RECIPE_TASKS`` x seeds 0, 1, 2. Reduced, equal tuning rule:
+   BN + head, linear probe and full fine-tuning on ``Settings.recipe_tasks`` (the tuning tasks) x seeds 0, 1, 2.
+   Reduced, equal tuning rule:
    the adapter rate at the short protocol's chosen value and one half-decade step either side (3 settings, head rate
    at its chosen ratio to the adapter rate), tuning seed 100, validation of the second tuning task. The linear probe
    caches its features, so its cells get no augmentation (recorded per cell as ``augment_applied``).
@@ -179,7 +182,8 @@ def _deep_merge(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
 def _profile_hp(name: str) -> Dict[str, Any]:
     res, layers = PROFILES[name]
     from timm_modcl.config import DEFAULT_CONFIG
-    cfg = dict(DEFAULT_CONFIG.to_dict(), resolution=list(res), layer_resolution=[[k, list(v)] for k, v in layers.items()])
+    cfg = dict(DEFAULT_CONFIG.to_dict(), resolution=list(res),
+               layer_resolution=[[k, list(v)] for k, v in layers.items()])
     return {"config": cfg}
 
 
@@ -660,12 +664,12 @@ def print_plan(pl: Dict[str, Any]) -> None:
 
 
 CUTS = [
-    "tuning on 2 of the tasks (TUNE_TASKS) and 2 tuning seeds (100, 101)",
+    "tuning on 2 of the tasks (Settings.tune_tasks) and 2 tuning seeds (100, 101)",
     "rate grids of 3 x 3 half-decade steps, at most 2 extensions per axis and side",
     "sequential fine-tuning and LwF: tuned on 1 tuning seed, tested on 3 seeds (0..2)",
     "accuracy vs bytes: 2 tasks x 3 seeds, each configuration at its method's chosen rates (no per-budget search)",
     "library recipe: 5 methods, 2 tasks x 3 seeds; tuning = 3 adapter rates around the short protocol's choice on "
-    "1 tuning seed and 1 task (RECIPE_TUNE_TASKS)",
+    "1 tuning seed and 1 task (Settings.recipe_tune_tasks)",
     "no data-size sweep (protocol v1 has one)",
 ]
 
@@ -885,8 +889,8 @@ def _recipe_summary(p: Protocol, st: Settings) -> Dict[str, Any]:
     return {"tasks": list(st.recipe_tasks), "seeds": list(st.recipe_seeds), "epochs": st.recipe_epochs,
             "sched": st.sched, "augment": "timm create_transform(is_training=True)",
             "tuning_rule": "3 adapter rates: the short protocol's choice and one half-decade step either side, head "
-                           "rate at the chosen ratio; tuning seed(s) " + ", ".join(map(str, st.recipe_tune_seeds)) + ", task(s) "
-                           + ", ".join(st.recipe_tune_tasks),
+                           "rate at the chosen ratio; tuning seed(s) " + ", ".join(map(str, st.recipe_tune_seeds))
+                           + ", task(s) " + ", ".join(st.recipe_tune_tasks),
             "methods": rows}
 
 
@@ -951,7 +955,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Settings, argparse
     ap.add_argument("--threads", type=int, help="torch threads per worker (default 1)")
     ap.add_argument("--cache", help="data/weights folder (see _fetch.py)")
     ap.add_argument("--out-dir", help="results folder (default benchmarks/results)")
-    ap.add_argument("--time-budget-s", type=float, help="stop after this many seconds, keep and summarise what finished")
+    ap.add_argument("--time-budget-s", type=float,
+                    help="stop after this many seconds, keep and summarise what finished")
     ap.add_argument("--bootstrap", type=int, help="bootstrap replicates of the extra interval (default 1000; 0: none)")
     a = ap.parse_args(argv)
     st = Settings()
@@ -960,7 +965,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Settings, argparse
         st = Settings(size=32, epochs=1, train_n=40, limit=60, tasks=two, tune_tasks=two[:1], tune_seeds=(100,),
                       test_seeds=(0, 1), seq_tune_seeds=(100,), seq_test_seeds=(0, 1), grid_width=2,
                       max_extensions=1, bytes_tasks=two[:1], bytes_seeds=(0, 1), recipe_tasks=two[:1],
-                      recipe_seeds=(0, 1), recipe_tune_seeds=(100,), recipe_tune_tasks=two[:1], recipe_epochs=2, stem=STEM + "_quick",
+                      recipe_seeds=(0, 1), recipe_tune_seeds=(100,), recipe_tune_tasks=two[:1], recipe_epochs=2,
+                      stem=STEM + "_quick",
                       bootstrap=100, mode="quick")
     if a.paper_scale:
         st = Settings(size=224, epochs=30, train_n=None, device="cuda", amp=True, workers=1, threads=4,

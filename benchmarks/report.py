@@ -420,7 +420,8 @@ def v2_markdown(summary: Dict[str, Any], stem: str = "accuracy_v2") -> str:
                      f"{'x'.join(map(str, b['grid_size']))}, extensions {b['extensions'] or 'none'}"
                      f"{', cap hit' if b['cap_hit'] else ''}; {b['structure_options']} structural option(s) from "
                      f"{b['structure_source']}), tuning seeds {b['tuning_seeds']}, {b['tuning_cell_s'] / 60:.0f} "
-                     f"min of cell time; chosen structure {s['chosen']['structure']}: {s['chosen']['structure_option']}")
+                     f"min of cell time; chosen structure {s['chosen']['structure']}: "
+                     f"{s['chosen']['structure_option']}")
     lines += ["", "## Code", "", f"Benchmark code hash {code.get('bench_code_hash')}, timm_modcl source hash "
               f"{code.get('package_hash')}, commit {code.get('git_commit')}. Cells by hash:", ""]
     lines += [f"- {k}: {v} cells" for k, v in (code.get("cells_by_hash") or {}).items()]
