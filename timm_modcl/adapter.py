@@ -54,7 +54,7 @@ __all__ = [
     'save_task', 'load_task', 'save_tasks', 'load_tasks', 'read_adapter', 'read_index', 'read_index_file', 'parse_index', 'write_index',
     'adapter_metadata', 'adapter_bytes', 'describe_adapter', 'load_task_files', 'merge_adapter_folders',
     'read_file', 'AdapterMixin', 'payload_bytes', 'adapter_payload', 'read_payload', 'read_folder', 'check_adapters',
-    'index_bytes', 'index_layer_table',
+    'index_bytes', 'index_layer_table', 'adapter_config_bytes',
 ]
 
 ADAPTER_FORMAT = 'timm_modcl.adapter'
@@ -340,11 +340,13 @@ def adapter_payload(
     if name is not None:
         task_meta['name'] = validate_task_name(name)
     headless = meta.get('has_head') == 'false' and not any(k.startswith('head.') for k in tensors)
+    max_fresh_head = max(_FRESH_HEAD_FACTOR * sum(t.numel() for t in tensors.values()), 1_000_000)
     try:
+        if headless and table is not None:  # before anything else is looked at: the largest allocation asked for
+            table.check_fresh_head(task_meta.get('name'), task_meta.get('num_classes'), max_fresh_head)
         payload = TaskPayload.from_meta(task_meta, tensors, headless=headless and bool(task_meta.get('num_classes')))
         if table is not None:
-            file_values = sum(t.numel() for t in tensors.values())
-            payload.check(table, max_fresh_head=max(_FRESH_HEAD_FACTOR * file_values, 1_000_000))
+            payload.check(table, max_fresh_head=max_fresh_head)
     except PayloadError as e:
         raise AdapterFormatError(f'{label}: {e}') from None
     return payload
@@ -496,12 +498,10 @@ def save_tasks(
     arch, tag = _architecture(model)
     fingerprint = model.backbone_fingerprint()
     # every task serialised first: one that cannot be (an fp16 overflow) fails before any file is written
-    files = {n: (adapter_bytes(model, n, dtype=dtype, include_head=include_head),
-                 _json_bytes(dict(model.task_info(n).meta(), architecture=arch, pretrained_tag=tag,
-                                  backbone_fingerprint=fingerprint, timm_modcl_version=__version__,
-                                  format=ADAPTER_FORMAT, format_version=ADAPTER_FORMAT_VERSION,
-                                  dtype=str(dtype or torch.float32).replace('torch.', ''))))
-             for n in names}
+    files = {}
+    for n in names:
+        data = adapter_bytes(model, n, dtype=dtype, include_head=include_head)
+        files[n] = (data, adapter_config_bytes(data))
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -526,6 +526,20 @@ def save_tasks(
         except OSError as e:
             raise AdapterError(f'could not write adapters to {str(directory)!r}: {e}') from e
     return directory
+
+
+def adapter_config_bytes(data: bytes) -> bytes:
+    """The human-readable ``adapter_config.json`` of an adapter: its task description and header fields.
+
+    Raises:
+        AdapterFormatError: not a readable adapter.
+    """
+    meta, _ = read_adapter(data)
+    config = dict(_task_json(meta, 'adapter'))
+    config.update({k: meta.get(k, '') for k in ('architecture', 'pretrained_tag', 'backbone_fingerprint',
+                                                 'timm_modcl_version', 'format', 'dtype')})
+    config['format_version'] = int(meta['format_version'])
+    return _json_bytes(config)
 
 
 def _check_task_folders(directory: Path, names: Iterable[str]) -> None:

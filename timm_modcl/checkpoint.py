@@ -86,7 +86,7 @@ def _load(data: bytes, label: str):
     try:
         meta, tensors = read_safetensors(data, label, max_header=_MAX_HEADER)
     except PayloadError as e:
-        raise CheckpointError(f'{label} is not a readable checkpoint: {e}') from None
+        raise CheckpointError(f'{e}: not a checkpoint, or a corrupt one') from None
     return tensors, meta
 
 

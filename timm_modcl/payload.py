@@ -135,6 +135,20 @@ class LayerTable:
             return {}
         return {k: (num_classes,) + tuple(s) for k, s in self.head.items()}
 
+    def check_fresh_head(self, name: Any, num_classes: Any, max_values: int) -> None:
+        """Refuse a fresh head of ``num_classes`` classes with more than ``max_values`` values (a headless adapter
+        asking for a huge allocation).
+
+        Raises:
+            PayloadError: naming the size.
+        """
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 0 < num_classes <= MAX_CLASSES:
+            return  # the payload's own check names a bad class count
+        fresh = sum(math.prod(s) for s in self.head_shapes(num_classes).values())
+        if fresh > max_values:
+            raise PayloadError(f'task {name!r} has no head and asks for a fresh one of {num_classes:,} classes '
+                               f'({fresh:,} values), far more than the file holds; save the adapter with its head')
+
     def expected(self, config: TaskConfig, num_classes: int, head: bool = True) -> 'OrderedDict[str, _Shape]':
         """Flat names and shapes of the tensors a task of ``config`` must have (statistics excluded)."""
         out: 'OrderedDict[str, _Shape]' = OrderedDict()
@@ -409,11 +423,7 @@ class TaskPayload:
             if tuple(t.shape) != tuple(shape):
                 raise PayloadError(f'task {name!r}: {k!r} has shape {tuple(t.shape)}, expected {tuple(shape)}')
         if self.headless and max_fresh_head is not None:
-            fresh = sum(math.prod(s) for s in table.head_shapes(self.num_classes).values())
-            if fresh > max_fresh_head:
-                raise PayloadError(f'task {name!r} has no head and asks for a fresh one of {self.num_classes:,} '
-                                   f'classes ({fresh:,} values), far more than the file holds; save the adapter '
-                                   f'with its head')
+            table.check_fresh_head(name, self.num_classes, max_fresh_head)
         if self.stats and table.feature_dim is not None:
             self._check_stats(self.stats, table.feature_dim)
         return self
@@ -421,7 +431,7 @@ class TaskPayload:
     def describe(self) -> Dict[str, Any]:
         """Sizes by role (what ``modcl info`` prints)."""
         count = lambda role: sum(t.numel() for t in role.values())  # noqa: E731
-        return {
+        out = {
             'num_modulator_params': count(self.modulators),
             'num_head_params': count(self.head),
             'num_norm_values': count(self._role('norm')) + sum(
@@ -430,6 +440,8 @@ class TaskPayload:
             'num_values': self.num_values,
             'tensor_bytes': sum(t.numel() * t.element_size() for t in self.tensors.values()),
         }
+        out['num_added_values'] = out['num_modulator_params'] + out['num_head_params'] + out['num_norm_values']
+        return out
 
 
 def task_json(meta: Mapping[str, Any]) -> str:
