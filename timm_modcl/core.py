@@ -32,7 +32,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .layers import (
-    WeightCache, check_input, is_norm_layer, is_weight_layer, modulate_layer,
+    WeightCache, check_input, frozen_names, is_norm_layer, is_weight_layer, modulate_layer,
     scoped_task, task_scope, unmodulate_layer,
 )
 from .payload import MAX_CLASSES, MAX_MODULATOR, LayerTable, TaskPayload, modulator_shapes
@@ -164,6 +164,17 @@ def _read_json_tensor(t: Any) -> Any:
     if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.ndim != 1 or t.numel() > _MAX_META_BYTES:
         raise StateDictError(f'{_META_KEY!r} must be a 1-D uint8 tensor of JSON text')
     return load_json(bytes(t.cpu().numpy().tobytes()), StateDictError, f'{_META_KEY!r}')
+
+
+def attach(model: nn.Module, *, head: Optional[str], base: type, freeze: Sequence[str] = (),
+           cache_bytes: Optional[int] = None) -> None:
+    """Set up a model whose class already mixes in ``ModCLMixin`` (what ``timm_modcl.modulate`` does after changing
+    its class): find and freeze the layers, then create the ``base`` task.
+
+    Raises:
+        UnsupportedModelError: a classifier or parameter the mixin cannot handle (nothing of the model changed).
+    """
+    model._modcl_setup(head, base, freeze, cache_bytes)
 
 
 def _prepare_compiled_call(model: nn.Module, args) -> None:
@@ -822,7 +833,7 @@ class ModCLMixin:
         out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
         for layers in (st.weight_layers, st.norm_layers):
             for layer, module in layers.items():
-                for k in module._modcl_frozen:
+                for k in frozen_names(module):
                     t = module._buffers.get(k)
                     if t is not None:
                         out[f'{layer}.{k}'] = t

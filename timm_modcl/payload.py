@@ -168,11 +168,11 @@ class LayerTable:
         return out
 
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-ready form (stored in adapter folder indexes)."""
+        """JSON-ready form (stored in adapter folder indexes; lists keep the model's layer order)."""
         return {
-            'weights': {n: [list(s), c] for n, (s, c) in self.weights.items()},
-            'bn_stats': {n: list(s) for n, s in self.bn_stats.items()},
-            'affine': {n: [{k: list(v) for k, v in s.items()}, bool(a)] for n, (s, a) in self.affine.items()},
+            'weights': [[n, list(s), c] for n, (s, c) in self.weights.items()],
+            'bn_stats': [[n, list(s)] for n, s in self.bn_stats.items()],
+            'affine': [[n, {k: list(v) for k, v in s.items()}, bool(a)] for n, (s, a) in self.affine.items()],
             'head': None if self.head is None else {k: list(s) for k, s in self.head.items()},
             'feature_dim': self.feature_dim,
         }
@@ -184,31 +184,32 @@ class LayerTable:
         Raises:
             PayloadError: a malformed table.
         """
-        if not isinstance(d, Mapping) or not isinstance(d.get('weights'), Mapping):
+        def rows(key: str, width: int) -> list:
+            value = d.get(key) or []
+            if not isinstance(value, list) or not all(
+                    isinstance(r, list) and len(r) == width and isinstance(r[0], str) for r in value):
+                raise PayloadError(f'the layer table is malformed ({key!r})')
+            return value
+
+        if not isinstance(d, Mapping) or not isinstance(d.get('weights'), list):
             raise PayloadError('the layer table is malformed (no weights)')
         weights = OrderedDict()
-        for n, v in d['weights'].items():
-            if not isinstance(v, list) or len(v) != 2 or not isinstance(v[1], int) or isinstance(v[1], bool) \
-                    or v[1] < 1:
+        for n, shape, chunks in rows('weights', 3):
+            if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
                 raise PayloadError(f'the layer table has a bad entry for {n!r}')
-            weights[str(n)] = (_shape(v[0], n), v[1])
-        bn = d.get('bn_stats') or {}
-        affine = d.get('affine') or {}
-        head = d.get('head')
-        dim = d.get('feature_dim')
-        if not isinstance(bn, Mapping) or not isinstance(affine, Mapping) or not (
-                head is None or isinstance(head, Mapping)) or not (
-                dim is None or isinstance(dim, int) and not isinstance(dim, bool) and dim > 0):
-            raise PayloadError('the layer table is malformed')
-        aff = OrderedDict()
-        for n, v in affine.items():
-            if not isinstance(v, list) or len(v) != 2 or not isinstance(v[0], Mapping) or not isinstance(v[1], bool) \
-                    or not set(v[0]) <= {'weight', 'bias'}:
+            weights[n] = (_shape(shape, n), chunks)
+        bn = OrderedDict((n, _shape(shape, n)) for n, shape in rows('bn_stats', 2))
+        affine = OrderedDict()
+        for n, shapes, always in rows('affine', 3):
+            if not isinstance(shapes, Mapping) or not set(shapes) <= {'weight', 'bias'} or not isinstance(always, bool):
                 raise PayloadError(f'the layer table has a bad affine entry for {n!r}')
-            aff[str(n)] = ({k: _shape(s, n) for k, s in v[0].items()}, v[1])
-        return cls(weights=weights, bn_stats=OrderedDict((str(n), _shape(s, n)) for n, s in bn.items()),
-                   affine=aff, head=None if head is None else {str(k): _shape(s, k) for k, s in head.items()},
-                   feature_dim=dim)
+            affine[n] = ({k: _shape(v, n) for k, v in shapes.items()}, always)
+        head, dim = d.get('head'), d.get('feature_dim')
+        if not (head is None or isinstance(head, Mapping)) or not (
+                dim is None or isinstance(dim, int) and not isinstance(dim, bool) and dim > 0):
+            raise PayloadError('the layer table is malformed (head)')
+        return cls(weights=weights, bn_stats=bn, affine=affine,
+                   head=None if head is None else {str(k): _shape(s, k) for k, s in head.items()}, feature_dim=dim)
 
 
 # ---------------------------------------------------------------------------------------------------- payload
