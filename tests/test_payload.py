@@ -156,6 +156,15 @@ def test_public_task_methods(trained):
     with pytest.raises(timm_modcl.TaskError):
         model.update_task_metadata('m', {'bad': object()})
     assert model.task_info('m').metadata == {'acc': '0.5', 'metric_val_acc': '0.75'}
+    assert model.backbone_dtype == torch.float32 and model.backbone_device == torch.device('cpu')
+    assert model.task_statistics('m') == {}
+    model.update_task_statistics('m', {'custom': torch.ones(2, dtype=torch.float64)})
+    assert list(model.task_statistics('m')) == ['custom'] and model.task_statistics('m')['custom'].dtype == torch.float64
+    for bad in ({'Bad-Name': torch.ones(1)}, {'other': torch.tensor([float('nan')])},
+                {'proto_mean': torch.zeros(3, 5)}):  # incomplete prototype statistics
+        with pytest.raises(PayloadError):
+            model.update_task_statistics('m', bad)
+        assert list(model.task_statistics('m')) == ['custom']
 
 
 # ---------------------------------------------------------------------------------------------------- one reader

@@ -25,7 +25,6 @@ to a temporary file that is renamed into place.
 import contextlib
 import errno
 import json
-import math
 import os
 import shutil
 import stat

@@ -904,6 +904,44 @@ class ModCLMixin:
         """
         return self._task(self._modcl.active if name is None else name).tensors(stats=stats)
 
+    def task_statistics(self, name: Optional[str] = None) -> 'OrderedDict[str, torch.Tensor]':
+        """A task's statistics (class prototypes, RanPAC moments, ...) by name: the live tensors (do not change
+        them in place; use ``update_task_statistics``).
+
+        Raises:
+            TaskNotFoundError: no such task.
+        """
+        return OrderedDict(self._task(self._modcl.active if name is None else name).stats)
+
+    def update_task_statistics(self, name: str, stats: Mapping[str, torch.Tensor]) -> None:
+        """Add or replace statistics of a task, validated as loading them from an adapter would (names, dtypes,
+        finite values, prototype statistics complete and of this model's feature size); kept in their dtype, on the
+        model's device.
+
+        Raises:
+            TaskNotFoundError: no such task.
+            PayloadError: statistics a loader would refuse (the task is unchanged).
+        """
+        task = self._task(name)
+        merged = dict(task.stats, **stats)
+        payload = TaskPayload(task.name, task.num_classes, task.config,
+                              OrderedDict((f'stats.{k}', v.detach()) for k, v in merged.items()), task.class_names,
+                              task.metadata)
+        payload.check_statistics(self.layer_table().feature_dim)
+        device = self._ref_tensor().device
+        for k, v in stats.items():
+            task.stats[k] = v.detach().to(device)
+
+    @property
+    def backbone_dtype(self) -> torch.dtype:
+        """The floating dtype of the frozen backbone (what task tensors are stored in)."""
+        return self._ref_tensor().dtype
+
+    @property
+    def backbone_device(self) -> torch.device:
+        """The device of the frozen backbone (where task tensors live)."""
+        return self._ref_tensor().device
+
     def update_task_metadata(self, name: str, metadata: Mapping[str, Any]) -> Dict[str, str]:
         """Add or change entries of a task's free-form metadata (numbers and booleans stored as strings).
 

@@ -381,15 +381,22 @@ class TaskPayload:
             if t.ndim == 0 or t.shape[0] != self.num_classes:
                 raise PayloadError(f'task {name!r}: {"head." + k!r} has shape {tuple(t.shape)}, which does not '
                                    f'fit its {self.num_classes} classes')
-        stats = {k: v for k, v in self.stats.items()}
-        if stats:
-            self._check_stats(stats, None)
+        self.check_statistics(None)
 
-    def _check_stats(self, stats: Mapping[str, torch.Tensor], dim: Optional[int]) -> None:
+    def check_statistics(self, feature_dim: Optional[int]) -> None:
+        """Check the prototype statistics (complete, consistent, of ``num_classes`` and, unless ``None``, of
+        ``feature_dim`` features; ``serving.check_prototype_statistics``).
+
+        Raises:
+            PayloadError: naming the problem.
+        """
+        stats = self.stats
+        if not stats:
+            return
         from .errors import StatisticsError
         from .serving import check_prototype_statistics
         try:
-            check_prototype_statistics(dict(stats), self.num_classes, dim, self.name)
+            check_prototype_statistics(dict(stats), self.num_classes, feature_dim, self.name)
         except StatisticsError as e:
             raise PayloadError(str(e)) from None
 
@@ -425,8 +432,8 @@ class TaskPayload:
                 raise PayloadError(f'task {name!r}: {k!r} has shape {tuple(t.shape)}, expected {tuple(shape)}')
         if self.headless and max_fresh_head is not None:
             table.check_fresh_head(name, self.num_classes, max_fresh_head)
-        if self.stats and table.feature_dim is not None:
-            self._check_stats(self.stats, table.feature_dim)
+        if table.feature_dim is not None:
+            self.check_statistics(table.feature_dim)
         return self
 
     def describe(self) -> Dict[str, Any]:
