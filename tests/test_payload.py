@@ -257,6 +257,9 @@ def test_push_and_pull_folders_build_no_backbone(trained, hub, tmp_path, monkeyp
     monkeypatch.setattr(timm, 'create_model', refuse)
     url = push_folder(src, 'alice/ad', token=hub.alice, endpoint=hub.url)
     assert 'alice/ad' in url
+    from huggingface_hub import hf_hub_download
+    card = Path(hf_hub_download('alice/ad', 'README.md', endpoint=hub.url, cache_dir=tmp_path / 'c')).read_text()
+    assert 'base_model: timm/mobilenetv2_050.lamb_in1k' in card and 'c0, c1, c2' in card and '`t2`' in card
     assert pull_folder('alice/ad', tmp_path / 'dst', tasks=['t2'], endpoint=hub.url,
                        cache_dir=tmp_path / 'c') == ['t2']
     assert (tmp_path / 'dst' / 't2' / ADAPTER_FILE).read_bytes() == (src / 't2' / ADAPTER_FILE).read_bytes()
