@@ -102,11 +102,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                    distributed=ddp) if val_ds else None
     if not is_main_process():
         return 0
-    meta = model._task(args.task).metadata
-    meta['train_images'] = str(len(train_ds.dataset if isinstance(train_ds, DataLoader) else train_ds))
+    meta = {'train_images': str(len(train_ds.dataset if isinstance(train_ds, DataLoader) else train_ds))}
     if acc is not None:
-        meta['metric_val_acc'] = f'{acc:.4f}'
-        meta['val_images'] = str(len(val_ds))
+        meta.update(metric_val_acc=f'{acc:.4f}', val_images=str(len(val_ds)))
+    model.update_task_metadata(args.task, meta)
     model.to('cpu')
     save_tasks(model, out, names=[args.task])
     history.to_json(out / args.task / 'train_history.json')
@@ -265,7 +264,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         row = [evaluate(model, tasks[j].test, tasks[j].name, device=device) for j in range(i + 1)]
         matrix.add_row(row)
         reference[t.name] = logits(t.name, t.test)
-        model._task(t.name).metadata['metric_test_acc'] = f'{row[-1]:.4f}'
+        model.update_task_metadata(t.name, {'metric_test_acc': f'{row[-1]:.4f}'})
         _say(f'[{i + 1}/{len(tasks)}] {t.name}: {len(t.train)} training images, {time.perf_counter() - t0:.1f} s; '
              f'accuracy on tasks so far: ' + ' '.join(f'{100 * a:.1f}' for a in row))
 
