@@ -110,9 +110,9 @@ _STD = torch.tensor(_fetch.IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def to_input(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 gray images ``(N, H, W)`` to the model's input: resized (bilinear) to ``size``, 3 channels,
-    ImageNet-normalised float32 ``(N, 3, size, size)``."""
-    x = images.unsqueeze(1).float().div_(255.0)
+    """uint8 gray ``(N, H, W)`` or RGB ``(N, H, W, 3)`` images to the model's input: resized (bilinear) to ``size``,
+    3 channels, ImageNet-normalised float32 ``(N, 3, size, size)``."""
+    x = (images.permute(0, 3, 1, 2) if images.ndim == 4 else images.unsqueeze(1)).float().div_(255.0)
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
     return (x - _MEAN) / _STD
