@@ -408,7 +408,8 @@ def balanced_subset(y: np.ndarray, n: Optional[int], seed: int) -> np.ndarray:
 
 @dataclass
 class TaskSplits:
-    """One task's images (uint8 ``(N, H, W)``, or ``(N, H, W, 3)`` for RGB) and labels: a training subset, the validation split and the test set."""
+    """One task's images (uint8 ``(N, H, W)``, or ``(N, H, W, 3)`` for RGB) and labels: a training subset, the
+    validation split and the test set."""
     name: str
     class_names: List[str]
     x_train: np.ndarray

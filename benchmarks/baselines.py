@@ -28,9 +28,10 @@ Methods (``METHODS``):
 ``lora``          PEFT LoRA (``LoraConfig`` / ``get_peft_model``, one adapter per task) on every ungrouped Conv2d
                   (stem, all 1x1 expand / project convs, head conv: 35 layers), ``lora_alpha = alpha_mult * r``
                   (default 2 r), optionally rsLoRA or without the head conv, no dropout; rank ``hp["rank"]`` (e.g.
-                  from :func:`lora_rank_for_budget`). The 17 depthwise convs are not targeted: PEFT's LoRA for a grouped conv needs a rank
-                  divisible by ``groups`` (32..960 here) with a dense ``C x C x 3 x 3`` ``lora_A``, i.e. more values
-                  than the layer has (they hold 64,224 of the 2,189,760 conv weights, 2.9 %).
+                  from :func:`lora_rank_for_budget`). The 17 depthwise convs are not targeted: PEFT's LoRA for a
+                  grouped conv needs a rank divisible by ``groups`` (32..960 here) with a dense ``C x C x 3 x 3``
+                  ``lora_A``, i.e. more values than the layer has (they hold 64,224 of the 2,189,760 conv weights,
+                  2.9 %).
 ``ia3``           PEFT IA3 (``IA3Config``) on every ungrouped Conv2d, as *feed-forward* modules: a learnt scale per
                   *input* channel (T-Few scales the FFN's intermediate activations, i.e. the input of its second
                   projection, which is what the project convs get here). Output scaling is not used: every conv here
