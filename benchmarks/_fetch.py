@@ -39,9 +39,11 @@ Datasets (each loader returns ``(x_pool, y_pool, x_test, y_test, class_names)``,
   motorcycle_left), one class per photo. No PyPI wheel or Debian package found here ships a labelled natural-image
   RGB dataset that can be read without unpickling or a download at run time, so the task is built from these
   photos as ``benchmarks/taskid.py`` builds its photo task (:func:`taskid.region_crops`, reused): random square
-  crops (side 60-100 % of the band width) resized to 64 x 64 RGB uint8; the pool (200 crops per photo) comes from
-  the left 70 % of each photo, the test set (100 per photo) from the right 30 %, i.e. another region of the same
-  scene (a shifted test set). The files are read from the cache folder, else from the installed scikit-image if its
+  crops (side 60-100 % of the band width) resized to 64 x 64 RGB uint8, in ``taskid.BANDS``' regions: the pool
+  holds 160 crops per photo from its left 50 % (training) and 40 from the next 20 % (the fixed validation split,
+  :func:`task_splits` takes exactly these), the test set 100 per photo from the right 30 %: validation and test
+  crops show other regions of the scene than training (crops of the training region would put validation at 100 %
+  and make it useless for tuning). The files are read from the cache folder, else from the installed scikit-image if its
   files match the pinned SHA-256, else extracted from the pinned wheel; they are decoded with Pillow (PNG / JPEG;
   nothing imported from the package, no ``skimage.data`` / pooch download). Crops are fixed (seed ``SPLIT_SEED``).
 
@@ -97,8 +99,7 @@ SKIMAGE_REQ = "scikit-image==0.26.0"
 PHOTO_FILES = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png", "retina.jpg",
                "rocket.jpg", "motorcycle_left.png")
 PHOTO_CLASSES = tuple(f.split(".")[0] for f in PHOTO_FILES)
-PHOTO_POOL_BAND, PHOTO_TEST_BAND = (0.0, 0.7), (0.7, 1.0)   # horizontal extent of each photo the crops come from
-PHOTO_POOL_N, PHOTO_TEST_N, PHOTO_PX = 200, 100, 64          # crops per photo, crop side in pixels
+PHOTO_TRAIN_N, PHOTO_VAL_N, PHOTO_TEST_N, PHOTO_PX = 160, 40, 100, 64  # crops per photo, crop side in pixels
 
 # SHA-256 of the files read (PyPI files are immutable per version: a mismatch means a different or tampered file)
 _SHA256 = {
@@ -357,17 +358,29 @@ def _crops_uint8(img: np.ndarray, band: Tuple[float, float], n: int, rng: np.ran
 
 
 def load_photos_rgb(cache: Optional[os.PathLike | str] = None):
-    """8 RGB photos from scikit-image 0.26.0, one class each: 200 crops per photo from its left 70 % (pool), 100
-    from its right 30 % (test); uint8 ``(N, 64, 64, 3)``."""
+    """8 RGB photos from scikit-image 0.26.0, one class each; uint8 ``(N, 64, 64, 3)``. Pool: per photo 160 crops of
+    ``taskid.BANDS["train"]`` then 40 of ``BANDS["val"]`` (:func:`photo_val_indices`); test: 100 of
+    ``BANDS["test"]``."""
+    try:
+        import taskid
+    except ImportError:  # pragma: no cover - imported as a package
+        from . import taskid  # type: ignore
     rng = np.random.default_rng(SPLIT_SEED)
     xs, ys, xt, yt = [], [], [], []
     for c, name in enumerate(PHOTO_FILES):
         img = _read_rgb(_photo_file(name, cache))
-        xs.append(_crops_uint8(img, PHOTO_POOL_BAND, PHOTO_POOL_N, rng))
-        xt.append(_crops_uint8(img, PHOTO_TEST_BAND, PHOTO_TEST_N, rng))
-        ys.append(np.full(PHOTO_POOL_N, c, dtype=np.int64))
+        xs += [_crops_uint8(img, taskid.BANDS["train"], PHOTO_TRAIN_N, rng),
+               _crops_uint8(img, taskid.BANDS["val"], PHOTO_VAL_N, rng)]
+        xt.append(_crops_uint8(img, taskid.BANDS["test"], PHOTO_TEST_N, rng))
+        ys.append(np.full(PHOTO_TRAIN_N + PHOTO_VAL_N, c, dtype=np.int64))
         yt.append(np.full(PHOTO_TEST_N, c, dtype=np.int64))
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(xt), np.concatenate(yt), list(PHOTO_CLASSES)
+
+
+def photo_val_indices() -> np.ndarray:
+    """Indices of ``load_photos_rgb``'s pool that are validation-region crops (the last 40 of each photo's 200)."""
+    per = PHOTO_TRAIN_N + PHOTO_VAL_N
+    return np.concatenate([np.arange(c * per + PHOTO_TRAIN_N, (c + 1) * per) for c in range(len(PHOTO_FILES))])
 
 
 LOADERS = {
@@ -430,14 +443,16 @@ def task_splits(name: str, train_n: Optional[int], seed: int, cache: Optional[os
     """The splits of one task for one seed.
 
     The validation split is a fixed class-balanced ``min(val_n, len(pool) // 5)`` images of the pool (seed
-    ``VAL_SEED``, the same for every seed and training size); the training subset is a class-balanced ``train_n``
+    ``VAL_SEED``, the same for every seed and training size; ``photos_rgb``: its validation-region crops); the training subset is a class-balanced ``train_n``
     images (``None``: all) of the rest, drawn with ``seed`` (so it is resampled per seed and never overlaps the
     validation split); the test set is the dataset's whole test split. ``limit`` caps every split (class-balanced,
     for dry runs). ``raw`` passes an already loaded ``LOADERS[name]()`` tuple.
     """
     x_pool, y_pool, x_te, y_te, classes = raw if raw is not None else LOADERS[name](cache)
-    n_val = min(val_n, len(y_pool) // 5)
-    val = balanced_subset(y_pool, n_val, VAL_SEED)
+    if name == "photos_rgb":  # validation crops come from their own region of each photo
+        val = photo_val_indices()
+    else:
+        val = balanced_subset(y_pool, min(val_n, len(y_pool) // 5), VAL_SEED)
     rest = np.setdiff1d(np.arange(len(y_pool)), val)
     train = rest[balanced_subset(y_pool[rest], train_n, seed)]
     test = np.arange(len(y_te))

@@ -205,6 +205,7 @@ def test_photos_rgb_task_is_rgb_with_test_crops_from_another_region():
     assert np.abs(sp.x_test[..., 0].astype(int) - sp.x_test[..., 2].astype(int)).mean() > 5
     x = B.to_input(torch.from_numpy(sp.x_train[:2]), 32)
     assert x.shape == (2, 3, 32, 32)
+    assert np.array_equal(np.sort(sp.y_val), np.repeat(np.arange(8), 40))  # the validation-region crops
     # no test crop equals a pool crop (different regions of the photos)
     pool = {a.tobytes() for a in sp.x_train} | {a.tobytes() for a in sp.x_val}
     assert not any(a.tobytes() in pool for a in sp.x_test)
