@@ -20,9 +20,7 @@ import argparse
 import contextlib
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Sequence, Tuple
 
@@ -31,6 +29,9 @@ import torch
 import timm
 import timm_modcl  # noqa: F401
 from timm_modcl.layers import _SCOPED, ModulatedWeight, TaskNorm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import interleaved  # noqa: E402  (medians of alternating repeats)
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 
@@ -89,19 +90,6 @@ def mixed_forward(model: torch.nn.Module, x: torch.Tensor, tasks: Sequence[str])
             for j, i in enumerate(order[s:e]):
                 out[i] = y[j]
     return out
-
-
-def interleaved(fns: Dict[str, callable], repeats: int, warmup: int = 2) -> Dict[str, float]:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: Dict[str, list] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None) -> Dict:
