@@ -330,3 +330,83 @@ def test_select_ridge_stores_the_most_accurate_ridge_and_refreshes_the_cache(ser
     finally:
         for n, s in saved.items():
             model._task(n).stats.update(s)
+
+
+# ---------------------------------------------------------------------------------------------------- device caches
+def _with_prototypes(model, data):
+    for name, (x, y) in data.items():
+        model.compute_task_statistics(name, (x, y), rank=2)
+
+
+def test_cache_counts_hits_and_misses_and_a_changed_statistic_refreshes(served):
+    model, data = served
+    saved = {n: _stats(model, n) for n in ('a', 'b')}
+    try:
+        _with_prototypes(model, data)
+        x = data['a'][0][:3]
+        model.predict_task_agnostic(x, scorer='prototype')      # builds what is missing
+        model.predict_classes(x)
+        before = scorers.cache_info(model)
+        for _ in range(3):
+            model.predict_task_agnostic(x, scorer='prototype')
+            model.predict_classes(x)
+        after = scorers.cache_info(model)
+        assert after['prototype_misses'] == before['prototype_misses']
+        assert after['ranpac_misses'] == before['ranpac_misses']
+        assert after['prototype_hits'] >= before['prototype_hits'] + 6     # two tasks, three calls
+        assert after['ranpac_hits'] >= before['ranpac_hits'] + 3
+        first = model.predict_task_agnostic(x, scorer='prototype').task_scores
+        with torch.no_grad():
+            model._task('a').stats['proto_mean'].add_(0.5)     # in place: only task 'a' is prepared again
+        changed = model.predict_task_agnostic(x, scorer='prototype').task_scores
+        now = scorers.cache_info(model)
+        assert now['prototype_misses'] == after['prototype_misses'] + 1
+        assert not torch.equal(changed[:, 0], first[:, 0]) and torch.equal(changed[:, 1], first[:, 1])
+    finally:
+        for n, s in saved.items():
+            model._task(n).stats = s
+
+
+def test_factors_follow_the_model_device_and_dtype(served):
+    model, data = served
+    x = data['a'][0][:3]
+    other = _model()
+    for n in ('a', 'b'):
+        other.add_task(n, model.tasks[n].num_classes, activate=False)
+        other._task(n).stats.update(_stats(model, n))
+    _with_prototypes(other, data)
+    names = ['a', 'b']
+    ref32 = other.predict_task_agnostic(x, scorer='prototype')
+    g32 = other._gaussians(names)
+    assert all(g.mean_s.dtype == torch.float32 and g.w.dtype == torch.float32 for g in g32)
+    assert all(g.mean_s.device == other._ref_tensor().device for g in g32)
+    assert scorers.decoded(other, names).weights.dtype == torch.float32
+    misses = scorers.cache_info(other)
+    other.double()                                            # the factors follow: built again in float64
+    ref64 = other.predict_task_agnostic(x.double(), scorer='prototype')
+    assert all(g.mean_s.dtype == torch.float64 and g.w.dtype == torch.float64 for g in other._gaussians(names))
+    assert scorers.decoded(other, names).weights.dtype == torch.float64
+    now = scorers.cache_info(other)
+    assert now['prototype_misses'] == misses['prototype_misses'] + 2
+    assert now['ranpac_misses'] == misses['ranpac_misses'] + 1
+    assert ref64.tasks == ref32.tasks
+    torch.testing.assert_close(ref64.task_scores, ref32.task_scores, rtol=1e-4, atol=1e-3)
+    other.float()
+    assert all(g.mean_s.dtype == torch.float32 for g in other._gaussians(names))
+
+
+def test_float32_prototype_scores_match_the_float64_reference(served):
+    model, data = served
+    from timm_modcl.serving import score_prototypes
+    saved = {n: _stats(model, n) for n in ('a', 'b')}
+    try:
+        _with_prototypes(model, data)
+        x = torch.cat([data['a'][0], data['b'][0]])
+        pred = model.predict_task_agnostic(x, scorer='prototype')
+        ref, _ = score_prototypes(model.prototype_features(x), [model._task(n).stats for n in ('a', 'b')])
+        assert ref.dtype == torch.float64
+        torch.testing.assert_close(pred.task_scores.double(), ref, rtol=2e-4, atol=1e-3)
+        assert torch.equal(pred.task_index, ref.argmax(1))
+    finally:
+        for n, s in saved.items():
+            model._task(n).stats = s

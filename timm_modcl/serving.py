@@ -40,6 +40,7 @@ Every method validates its arguments before it changes anything and restores the
 of every module afterwards, also when the forward raises.
 """
 import contextlib
+import copy
 import math
 import warnings
 from collections import OrderedDict
@@ -338,23 +339,35 @@ class _TaskGaussian:
             except RuntimeError:
                 raise bad('are not positive definite') from None
             logdet += float(log_scale.sum()) + 2 * float(chol.diagonal().log().sum())
-            self.b, self.chol = b, chol
-            self.u_mean = self._solve(mean)                                 # (C, k)
+            self.w = torch.linalg.solve_triangular(chol, b, upper=False)    # L^-1 V^T Psi^-1, (k, D)
+            self.u_mean = mean @ self.w.t()                                 # (C, k)
             self.u_mean_sq = self.u_mean.pow(2).sum(1)
         self.log_prior = torch.where(prior > 0, (prior / prior.sum()).log(), torch.full_like(prior, -math.inf))
         self.const = -0.5 * (logdet + dim_ * _LOG_2PI)
         if not math.isfinite(self.const) or not bool(torch.isfinite(self.class_log_likelihood(mean)).all()):
             raise bad('give non-finite scores')
 
-    def _solve(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.solve_triangular(self.chol, self.b @ x.t(), upper=False).t()
+    _FACTORS = ('psi_inv_sqrt', 'mean_s', 'mean_sq', 'w', 'u_mean', 'u_mean_sq', 'log_prior')
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> '_TaskGaussian':
+        """A copy whose factors (validated and factorised in float64 on the CPU) are on ``device`` in ``dtype``."""
+        out = copy.copy(self)
+        for k in self._FACTORS:
+            if hasattr(self, k):
+                setattr(out, k, getattr(self, k).to(device, dtype))
+        out.device, out.dtype = torch.device(device), dtype
+        return out
+
+    device = torch.device('cpu')
+    dtype = torch.float64
 
     def class_log_likelihood(self, f: torch.Tensor) -> torch.Tensor:
-        """``(N, C)`` log N(f; mu_c, Sigma) for transformed features ``f`` ``(N, D)`` (float64)."""
+        """``(N, C)`` log N(f; mu_c, Sigma) for transformed features ``f`` ``(N, D)`` on the factors' device and
+        dtype."""
         fs = f * self.psi_inv_sqrt
         q = fs.pow(2).sum(1, keepdim=True) - 2 * fs @ self.mean_s.t() + self.mean_sq
         if self.k:
-            u = self._solve(f)
+            u = f @ self.w.t()
             q = q - (u.pow(2).sum(1, keepdim=True) - 2 * u @ self.u_mean.t() + self.u_mean_sq)
         return -0.5 * q.clamp_min(0) + self.const
 
@@ -390,15 +403,16 @@ def score_prototypes(features: torch.Tensor, stats: Sequence[Dict[str, torch.Ten
 
 
 def _score(feats: torch.Tensor, gaussians: Sequence['_TaskGaussian']) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    transformed: Dict[float, torch.Tensor] = {}
+    transformed: Dict[tuple, torch.Tensor] = {}
     scores, posts = [], []
     for g in gaussians:
         if g.dim != feats.shape[1]:
             raise StatisticsError(f'task {g.name!r}: prototype statistics have features of size {g.dim}, the '
                                   f'features have size {feats.shape[1]}')
-        f = transformed.get(g.power)
+        key = (g.power, g.device, g.dtype)
+        f = transformed.get(key)
         if f is None:
-            f = transformed[g.power] = _power(feats, g.power)
+            f = transformed[key] = _power(feats.to(g.device, g.dtype), g.power)
         s, post = g.scores(f)
         scores.append(s)
         posts.append(post)
@@ -771,18 +785,22 @@ class ServingMixin:
         return [self._gaussian(n, dim) for n in names]
 
     def _gaussian(self, name: str, dim: Optional[int]) -> _TaskGaussian:
-        """A task's prepared (validated, factorised) Gaussian, kept per task until its statistics change (keyed on
-        the identity and version counter of every statistics tensor), so a prediction does not redo the float64
-        Cholesky factorisation of every candidate."""
+        """A task's prepared (validated, factorised) Gaussian on the model's device in ``scorers.score_dtype``
+        (float32 unless the model is float64), kept per task until its statistics change (keyed on the identity and
+        version counter of every statistics tensor) or the model moves, so a prediction does not redo the float64
+        Cholesky factorisation of any candidate (hits and misses: ``scorers.cache_info``)."""
         st = self._modcl
         task = st.tasks[name]
+        device, dtype = _scorers.score_dtype(self)
         # the objects themselves (not their ids, which a new tensor may reuse) and their versions
-        key = (task, task.num_classes, dim, tuple((k, v, getattr(v, '_version', None))
-                                                  for k, v in task.stats.items() if k in PROTOTYPE_STATS))
+        key = (task, task.num_classes, dim, (str(device), dtype),
+               tuple((k, v, getattr(v, '_version', None)) for k, v in task.stats.items() if k in PROTOTYPE_STATS))
         entry = st.prototype_cache.get(name)
         if entry is not None and _same_stats_key(entry[0], key):
+            _scorers.count_cache(self, 'prototype_hits')
             return entry[1]
-        gaussian = _TaskGaussian(name, task.stats, task.num_classes, dim)   # raises StatisticsError
+        _scorers.count_cache(self, 'prototype_misses')
+        gaussian = _TaskGaussian(name, task.stats, task.num_classes, dim).to(device, dtype)   # raises StatisticsError
         for stale in [n for n in st.prototype_cache if n not in st.tasks]:
             del st.prototype_cache[stale]
         st.prototype_cache[name] = (key, gaussian)
@@ -793,12 +811,12 @@ class ServingMixin:
         """Task log-likelihoods ``(N, T)`` and, per task, the class log-posterior within the task ``(N, C_t)``."""
         with self.task_scope(BASE_TASK):
             f = self._base_features(x)
-        return _score(f.to('cpu', torch.float64), gaussians)
+        return _score(f, gaussians)
 
 
 def _same_stats_key(a: tuple, b: tuple) -> bool:
-    return (a[0] is b[0] and a[1:3] == b[1:3] and len(a[3]) == len(b[3])
-            and all(x[0] == y[0] and x[1] is y[1] and x[2] == y[2] for x, y in zip(a[3], b[3])))
+    return (a[0] is b[0] and a[1:4] == b[1:4] and len(a[4]) == len(b[4])
+            and all(x[0] == y[0] and x[1] is y[1] and x[2] == y[2] for x, y in zip(a[4], b[4])))
 
 
 def _restore_modes(modes: Sequence[Tuple[nn.Module, bool]]) -> None:
