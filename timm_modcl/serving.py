@@ -60,9 +60,11 @@ __all__ = [
     'ServingMixin', 'TaskPrediction', 'SCORERS', 'PROTOTYPE_STATS', 'DEFAULT_PROTOTYPE_RANK',
     'DEFAULT_PROTOTYPE_POWER', 'DEFAULT_PROTOTYPE_SHRINKAGE', 'compute_task_statistics', 'prototype_statistics',
     'has_prototypes', 'score_prototypes', 'prototype_dim', 'check_prototype_statistics', 'MAX_PROTOTYPE_LOG_SCALE',
-    'MAX_PROTOTYPE_MEAN',
+    'MAX_PROTOTYPE_MEAN', 'HEAD_SCORERS',
 ]
 
+#: Head evidence added to a statistics scorer's task scores (``predict_task_agnostic(head_weight=...)``).
+HEAD_SCORERS = ('energy', 'max_softmax', 'entropy')
 #: Task scorers of ``predict_task_agnostic``.
 SCORERS = ('prototype', 'energy', 'max_softmax') + _scorers.BASE_SCORERS
 #: Names of the prototype statistics in ``TaskState.stats`` (``stats.<name>`` tensors in adapter files).
@@ -717,6 +719,7 @@ class ServingMixin:
 
     def predict_task_agnostic(
             self, x: torch.Tensor, scorer: str = 'prototype', tasks: Optional[Sequence[str]] = None,
+            head_weight: float = 0.0, head_scorer: str = 'energy',
     ) -> TaskPrediction:
         """Predict task and class of images whose task is unknown.
 
@@ -729,13 +732,19 @@ class ServingMixin:
             scorer: ``'prototype'`` (one base forward for all tasks, then one grouped forward), ``'energy'`` or
                 ``'max_softmax'`` (one forward per candidate task).
             tasks: Candidate tasks (default: every task but ``base``).
+            head_weight: With a statistics scorer (``'prototype'``, ``'ranpac'``, ``'ncm'``), add this multiple of
+                each candidate's head evidence (``head_scorer`` of its own modulated head, as SupSup) to its score;
+                calibrate it on validation data (``benchmarks/taskid.py``). Any value above 0 costs one forward per
+                candidate task (the chosen task's logits come from those forwards); 0 (default): no head evidence.
+            head_scorer: ``'energy'`` (``logsumexp(z) - log K``), ``'max_softmax'`` (rescaled to [0, 1]) or
+                ``'entropy'`` (``1 - H(softmax(z)) / log K``).
 
         Returns:
             A ``TaskPrediction`` (tasks, labels, class names, probabilities, task scores).
 
         Raises:
-            TaskError: unknown scorer, no learned tasks, an empty candidate list, or (head scorers) a task without
-                head.
+            TaskError: unknown scorer or head scorer, a bad ``head_weight``, no learned tasks, an empty candidate
+                list, or (head scorers, head evidence) a task without head.
             TaskNotFoundError: a candidate is not a task of the model.
             StatisticsError: (``'prototype'``) a candidate has no prototype statistics, or none has usable ones (a
                 task whose statistics are unusable is skipped with a ``RuntimeWarning``).
@@ -743,18 +752,35 @@ class ServingMixin:
             The model is unchanged on error.
         """
         n = self._check_batch(x)
+        if isinstance(head_weight, bool) or not isinstance(head_weight, (int, float)) or \
+                not 0 <= head_weight < math.inf:
+            raise TaskError(f'head_weight must be a non-negative finite number, got {head_weight!r}')
+        if head_scorer not in HEAD_SCORERS:
+            raise TaskError(f'unknown head_scorer {head_scorer!r}; choose one of {", ".join(HEAD_SCORERS)}')
         names = self._candidates(tasks, scorer)
+        evidence = head_weight > 0 and (scorer == 'prototype' or scorer in _scorers.BASE_SCORERS)
+        if evidence:
+            headless = [t for t in names if self._modcl.tasks[t].num_classes < 1]
+            if headless:
+                raise TaskError(f'task(s) {", ".join(map(repr, headless[:5]))} have no head: no head evidence '
+                                f'(use head_weight=0)')
         gaussians = self._gaussians(names) if scorer == 'prototype' else []
         st = self._modcl
         with self._serving():
             if scorer == 'prototype' or scorer in _scorers.BASE_SCORERS:
                 task_scores, class_post = (self._prototype_scores(x, gaussians) if scorer == 'prototype'
                                            else _scorers.score(self, x, names, scorer))
+                if evidence:
+                    outputs = {name: self._scoped_forward(x, name) for name in self._schedule(names)}
+                    task_scores = task_scores + head_weight * torch.stack(
+                        [_head_score(outputs[nm].float(), head_scorer).to(task_scores) for nm in names], 1)
                 best = task_scores.argmax(1)
                 chosen = [names[i] for i in best.tolist()]
                 heads = [i for i in range(n) if st.tasks[chosen[i]].num_classes > 0]
                 logits: List[torch.Tensor] = [class_post[t][i] for i, t in enumerate(best.tolist())]
-                if heads:
+                if evidence:
+                    logits = [outputs[chosen[i]][i] for i in range(n)]
+                elif heads:
                     sub = self.forward_tasks(x[torch.tensor(heads, device=x.device)], [chosen[i] for i in heads])
                     for j, i in enumerate(heads):
                         logits[i] = sub[j]
@@ -829,5 +855,10 @@ def _head_score(z: torch.Tensor, scorer: str) -> torch.Tensor:
     k = z.shape[1]
     if scorer == 'energy':
         return z.logsumexp(1) - math.log(k)
+    if scorer == 'entropy':
+        if k < 2:
+            return torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+        logp = z.log_softmax(1)
+        return 1 + (logp.exp() * logp).sum(1) / math.log(k)
     p = z.softmax(1).amax(1)
     return (p - 1.0 / k) / (1.0 - 1.0 / k) if k > 1 else torch.zeros_like(p)
