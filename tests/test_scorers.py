@@ -481,20 +481,20 @@ def test_malformed_layers_statistic_raises(served):
 
 # ---------------------------------------------------------------------------------------------------- head evidence
 def test_head_evidence_adds_each_candidates_head_score(served):
-    from timm_modcl.serving import _head_score
+    from timm_modcl.serving import head_score
     model, data = served
     x = torch.cat([data['a'][0][:3], data['b'][0][:3]])
     plain = model.predict_task_agnostic(x, scorer='ranpac')
     for head_scorer in ('energy', 'max_softmax', 'entropy'):
         pred = model.predict_task_agnostic(x, scorer='ranpac', head_weight=0.5, head_scorer=head_scorer)
-        heads = torch.stack([_head_score(model.forward_task(x, n).float(), head_scorer) for n in ('a', 'b')], 1)
+        heads = torch.stack([head_score(model.forward_task(x, n).float(), head_scorer) for n in ('a', 'b')], 1)
         torch.testing.assert_close(pred.task_scores, plain.task_scores + 0.5 * heads, rtol=1e-5, atol=1e-5)
         assert torch.equal(pred.task_index, pred.task_scores.argmax(1))
         for i, t in enumerate(pred.tasks):
             torch.testing.assert_close(pred.logits[i], model.forward_task(x[i:i + 1], t)[0], rtol=1e-4, atol=1e-4)
     # entropy evidence: 1 for a one-hot softmax, 0 for a uniform one
     z = torch.tensor([[100.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
-    torch.testing.assert_close(_head_score(z, 'entropy'), torch.tensor([1.0, 0.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(head_score(z, 'entropy'), torch.tensor([1.0, 0.0]), atol=1e-6, rtol=0)
     for kw, match in (({'head_weight': -1.0}, 'head_weight'), ({'head_weight': float('nan')}, 'head_weight'),
                       ({'head_weight': 1.0, 'head_scorer': 'logits'}, 'head_scorer')):
         with pytest.raises(TaskError, match=match):

@@ -60,7 +60,7 @@ __all__ = [
     'ServingMixin', 'TaskPrediction', 'SCORERS', 'PROTOTYPE_STATS', 'DEFAULT_PROTOTYPE_RANK',
     'DEFAULT_PROTOTYPE_POWER', 'DEFAULT_PROTOTYPE_SHRINKAGE', 'compute_task_statistics', 'prototype_statistics',
     'has_prototypes', 'score_prototypes', 'prototype_dim', 'check_prototype_statistics', 'MAX_PROTOTYPE_LOG_SCALE',
-    'MAX_PROTOTYPE_MEAN', 'HEAD_SCORERS',
+    'MAX_PROTOTYPE_MEAN', 'HEAD_SCORERS', 'head_score',
 ]
 
 #: Head evidence added to a statistics scorer's task scores (``predict_task_agnostic(head_weight=...)``).
@@ -773,7 +773,7 @@ class ServingMixin:
                 if evidence:
                     outputs = {name: self._scoped_forward(x, name) for name in self._schedule(names)}
                     task_scores = task_scores + head_weight * torch.stack(
-                        [_head_score(outputs[nm].float(), head_scorer).to(task_scores) for nm in names], 1)
+                        [head_score(outputs[nm].float(), head_scorer).to(task_scores) for nm in names], 1)
                 best = task_scores.argmax(1)
                 chosen = [names[i] for i in best.tolist()]
                 heads = [i for i in range(n) if st.tasks[chosen[i]].num_classes > 0]
@@ -789,7 +789,7 @@ class ServingMixin:
                 for name in self._schedule(names):
                     per_task.append((name, self._scoped_forward(x, name)))
                 order = {name: z for name, z in per_task}
-                task_scores = torch.stack([_head_score(order[nm].float(), scorer) for nm in names], 1)
+                task_scores = torch.stack([head_score(order[nm].float(), scorer) for nm in names], 1)
                 best = task_scores.argmax(1)
                 chosen = [names[i] for i in best.tolist()]
                 logits = [order[chosen[i]][i] for i in range(n)]
@@ -850,8 +850,10 @@ def _restore_modes(modes: Sequence[Tuple[nn.Module, bool]]) -> None:
         m.training = flag
 
 
-def _head_score(z: torch.Tensor, scorer: str) -> torch.Tensor:
-    """Confidence of a head's logits ``(N, K)``, normalised for the head size ``K`` (higher is more confident)."""
+def head_score(z: torch.Tensor, scorer: str) -> torch.Tensor:
+    """Confidence of a head's logits ``(N, K)``, normalised for the head size ``K`` (higher is more confident):
+    ``scorer`` one of ``HEAD_SCORERS`` (see ``predict_task_agnostic``); the head evidence the task-agnostic
+    prediction adds, for computing it outside a model (benchmarks)."""
     k = z.shape[1]
     if scorer == 'energy':
         return z.logsumexp(1) - math.log(k)
