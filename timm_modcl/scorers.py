@@ -8,6 +8,10 @@
 L2-normalised and sent through a fixed random projection followed by a ReLU, ``h = relu(W^T f / |f|)`` with ``W``
 ``(D, M)`` standard normal drawn from ``torch.Generator().manual_seed(seed)`` on the CPU: every process and every task
 with the same ``seed`` and size ``M`` uses the same projection (RanPAC, McDonnell et al., NeurIPS 2023).
+``layers=`` (``compute_task_statistics(..., layers=[4, 5])``, stored as ``ranpac_layers``) makes ``f`` from earlier
+layers instead: each layer's output globally average-pooled and L2-normalised, concatenated (``base_features``); a
+set without the pre-logits layer (-1) stops the base forward after its deepest layer, so scoring costs less than a
+full forward.
 
 **Statistics per task** (``stats.ranpac_*`` tensors in the task's adapter file): ``ranpac_gram``, the upper triangle
 (row-major, ``M (M + 1) / 2`` values) of the mean outer product ``H^T H / n`` of the task's random features;
@@ -23,11 +27,13 @@ candidate tasks, one column per class) give the ridge classifier ``B = (G + lamb
 classes, ``lambda = ridge * trace(G) / M`` (``ridge``: the geometric mean of the candidates' ``ranpac_ridge``).
 The class scores are ``h B``; a task's score is its best class score; the class-incremental prediction is the best
 class over all tasks. ``'ncm'`` (nearest class mean) scores classes by the cosine similarity of ``h`` to each class
-mean instead. The decoded weights are cached per model and candidate set, on the model's device and dtype, and
-recomputed only when a task's statistics change (keyed on each statistics tensor's identity and in-place version).
+mean instead. The decoded weights are cached per model and candidate set, on the model's device in float32 (float64
+for a float64 model; ``score_dtype``), and recomputed only when a task's statistics change (keyed on each statistics
+tensor's identity and in-place version) or the model moves (``cache_info`` counts hits and misses).
 
-Cost of a prediction: one forward of the base task for all candidate tasks together, one ``(N, D) x (D, M)`` and one
-``(N, M) x (M, C)`` product (plus, in ``predict_task_agnostic``, one grouped forward for the chosen tasks' heads).
+Cost of a prediction: one forward of the base task for all candidate tasks together (truncated with ``layers``), one
+``(N, D) x (D, M)`` and one ``(N, M) x (M, C)`` product (plus, in ``predict_task_agnostic``, one grouped forward for
+the chosen tasks' heads, or one forward per candidate with ``head_weight > 0``).
 """
 import math
 import threading
@@ -63,7 +69,7 @@ DEFAULT_RANPAC_RIDGE = 100.0
 #: Seed of the random projection.
 DEFAULT_RANPAC_SEED = 0
 #: Relative ridges tried by ``select_ridge``.
-RIDGE_GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
+RIDGE_GRID = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4)
 #: Layer index of the pre-logits features in ``layers`` (the other indices are timm ``forward_intermediates``
 #: indices with ``extra_blocks=True``: 0 the stem, ``i`` the output of block stage ``i - 1``).
 PRE_LOGITS = -1

@@ -23,14 +23,19 @@ across tasks, higher is better:
   one covariance shared by its classes, as low-rank plus diagonal ``Sigma = diag(psi) + V diag(a) V^T`` (the top
   ``rank`` eigenvectors of the within-class covariance, and the rest of its diagonal); the score is the log-likelihood
   ``log sum_c pi_c N(f; mu_c, Sigma)`` including the log-determinant, computed with the Woodbury identity in
-  O(D * rank) per class. Cost: one forward of the base task for all tasks together, plus one grouped forward for the
-  class (``forward_tasks``), whatever the number of tasks. The statistics are computed from a task's training data by
-  ``compute_task_statistics`` (``train_task(..., prototypes=True)`` calls it) and stored as ``stats.proto_*`` tensors
-  in the task's adapter file (statistics, never images).
+  O(D * rank) per class; the factors are validated and factorised once per task in float64 and kept on the model's
+  device in float32 (float64 for a float64 model) until the statistics change. Cost: one forward of the base task
+  for all tasks together, plus one grouped forward for the class (``forward_tasks``), whatever the number of tasks.
+  The statistics are computed from a task's training data by ``compute_task_statistics`` (``train_task(...,
+  prototypes=True)`` calls it) and stored as ``stats.proto_*`` tensors in the task's adapter file (statistics,
+  never images).
 * ``'ranpac'`` / ``'ncm'``: a ridge classifier (or nearest class mean) on fixed random features of the base features,
   over the union of all candidate tasks' classes; a task scores its best class (``timm_modcl.scorers``; statistics
   from ``model.compute_task_statistics(task, data, scorer='ranpac')``). ``model.predict_classes(x)`` gives the
   class-incremental prediction (one label space over all tasks' classes) from the same statistics.
+* Head evidence: ``predict_task_agnostic(x, scorer='ranpac', head_weight=w, head_scorer='energy')`` adds ``w`` times
+  each candidate's own head score (``'energy'``, ``'max_softmax'`` or ``'entropy'``, as SupSup) to the statistics
+  scorer's task score; ``w`` is calibrated on validation data. It costs one forward per candidate task.
 * ``'energy'``: the free energy of each task's head normalised by its class count, ``logsumexp(z) - log K`` (the log
   of the mean exponentiated logit). One forward per candidate task.
 * ``'max_softmax'``: the largest softmax probability rescaled to [0, 1] by the head size,
