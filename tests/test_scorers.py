@@ -499,3 +499,26 @@ def test_head_evidence_adds_each_candidates_head_score(served):
                       ({'head_weight': 1.0, 'head_scorer': 'logits'}, 'head_scorer')):
         with pytest.raises(TaskError, match=match):
             model.predict_task_agnostic(x, scorer='ranpac', **kw)
+
+
+def test_layers_travel_in_adapter_files_and_fp16(served, tmp_path):
+    model, data = served
+    saved = {n: _stats(model, n) for n in ('a', 'b')}
+    try:
+        for name, (x, y) in data.items():
+            model.compute_task_statistics(name, (x, y), scorer='ranpac', dim=DIM, ridge=RIDGE, layers=[4, 7])
+        x = torch.cat([v[0][:4] for v in data.values()])
+        ref = model.predict_classes(x)
+        model.save_tasks(tmp_path / 'folder')
+        fresh = _model()
+        fresh.load_tasks(tmp_path / 'folder')
+        assert fresh._task('a').stats['ranpac_layers'].tolist() == [4.0, 7.0]
+        assert torch.equal(fresh.predict_classes(x).class_scores, ref.class_scores)
+        half = _model()
+        half.load_task(model.save_task('a', tmp_path / 'a16.safetensors', dtype=torch.float16))
+        half.load_task(model.save_task('b', tmp_path / 'b16.safetensors', dtype=torch.float16))
+        assert scorers.decoded(half, ['a', 'b']).layers == (4, 7)
+        assert half.predict_classes(x).tasks == ref.tasks
+    finally:
+        for n, s in saved.items():
+            model._task(n).stats = s
