@@ -21,10 +21,11 @@ Sequences (every test set is shifted from what the statistics saw):
 
 Scorers (all from base features, statistics per task only): ``prototype`` (the library's Gaussian, its defaults),
 ``ncm_base`` (nearest class mean, cosine, on pre-logits features: SimpleCIL), ``ncm`` (cosine on the random
-features) and ``ranpac`` (ridge on the random features) in three settings chosen on validation: ``prelogits`` (the
-pre-logits features only), ``best`` (the most accurate layers / projection size / ridge) and ``cheapest`` (within one
-standard error of the best, the layers whose features cost least at 224 px, batch 1: a truncated base forward; then
-the smallest size, the largest ridge); ``ranpac_cheapest+head`` adds head evidence (``predict_task_agnostic(
+features) and ``ranpac`` (ridge on the random features) in four settings chosen on validation: ``prelogits`` (the
+pre-logits features only), ``best`` (the most accurate layers / projection size / ridge), ``cheapest`` (within one
+standard error of the best, the shallowest base forward (the deepest layer used: a truncated base forward); then
+the smallest size, the largest ridge) and ``fastest`` (the shallowest layer set tried, whatever its accuracy: the
+other point of the cost / accuracy trade-off); ``ranpac_cheapest+head`` adds head evidence (``predict_task_agnostic(
 head_weight=w, head_scorer=...)``: each task's head score; scorer and weight chosen on validation; one forward per
 task). The heads are classifier-only tasks (logistic regression on the frozen pre-logits features, C of the joint
 probe): a modcl task whose modulators are untouched computes exactly ``head(base features)``; trained modulators were
@@ -353,6 +354,13 @@ def with_heads(class_scores: torch.Tensor, tasks, logits: List[torch.Tensor], he
     return t.argmax(1)
 
 
+def depth(layers) -> int:
+    """Where the scorer's base forward stops: the deepest layer (the pre-logits: a full forward). The cost order
+    of layer sets (the measured feature cost is reported, but on a shared machine its noise can reorder sets of
+    nearly equal depth)."""
+    return max(len(ALL_LAYERS) + 1 if v == scorers.PRE_LOGITS else v for v in layers)
+
+
 def task_of(glob: torch.Tensor, tasks) -> torch.Tensor:
     offsets = torch.tensor(np.cumsum([len(c) for _, c, _ in tasks]))
     return torch.bucketize(glob, offsets, right=True)
@@ -434,9 +442,11 @@ def cost(weights: Path, tasks, n_tasks: int, size: int, batch: int, repeats: int
             forwards[f'predict_task_agnostic_ranpac_{cname}'] = 2
             forwards[f'predict_classes_ranpac_{cname}'] = 1
             if head is not None and cname == head['config']:
-                key = f"predict_task_agnostic_ranpac_{cname}_head_{head['head_scorer']}"
-                fns[key] = lambda: model.predict_task_agnostic(x, scorer='ranpac', head_weight=head['weight'],
-                                                               head_scorer=head['head_scorer'])
+                # timed with the best weight above 0 (a weight of 0 runs no head forwards)
+                hw = head['best_nonzero']
+                key = f"predict_task_agnostic_ranpac_{cname}_head_{hw['head_scorer']}_{hw['weight']:g}"
+                fns[key] = lambda: model.predict_task_agnostic(x, scorer='ranpac', head_weight=hw['weight'],
+                                                               head_scorer=hw['head_scorer'])
                 forwards[key] = 1 + n_tasks
             r = interleaved(fns, repeats)
             base = r.pop('task_given_forward')      # each block against its own interleaved forward
@@ -552,7 +562,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     best = max(sweep, key=lambda s: s['val_task_id'])
     se = math.sqrt(best['val_task_id'] * (1 - best['val_task_id']) / best['n'])
     within = [s for s in sweep if s['val_task_id'] >= best['val_task_id'] - se]
-    cheap = min(within, key=lambda s: (round(s['feature_cost'], 2), s['dim'], -s['ridge']))
+    cheap = min(within, key=lambda s: (depth(s['layers']), s['dim'], -s['ridge']))
     pre = [s for s in sweep if s['layers'] == [-1]]
     pre_best = max(pre, key=lambda s: s['val_task_id'])
     pre_within = [s for s in pre if s['val_task_id'] >= pre_best['val_task_id'] - se]
@@ -560,12 +570,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     edge = best['ridge'] in (RIDGES[0], RIDGES[-1])
     log(f"best on validation: {best}; one SE {se:.4f}; cheapest within one SE: {cheap}; pre-logits only: "
         f"{pre_chosen}{'; WARNING: best ridge at the grid edge' if edge else ''}")
-    low = min(lcost.values())
-    fast = [s for s in sweep if s['feature_cost'] == low]
+    low = min(depth(ls) for ls in layer_sets)
+    fast = [s for s in sweep if depth(s['layers']) == low]
     fast_best = max(fast, key=lambda s: s['val_task_id'])
     fastest = min([s for s in fast if s['val_task_id'] >= fast_best['val_task_id'] - se],
                   key=lambda s: (s['dim'], -s['ridge']))
-    log(f'fastest layers (lowest feature cost), best on validation: {fastest}')
+    log(f'fastest layers (shallowest forward), best on validation: {fastest}')
     configs = {'prelogits': pre_chosen, 'cheapest': cheap, 'best': best, 'fastest': fastest}
     configs = {k: {'layers': tuple(v['layers']), 'dim': v['dim'], 'ridge': v['ridge'],
                    'val_task_id': v['val_task_id'], 'feature_cost': v['feature_cost']} for k, v in configs.items()}
@@ -602,7 +612,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     no_head = next(s for s in head_sweep if s['weight'] == 0)
     head_se = math.sqrt(no_head['val_task_id'] * (1 - no_head['val_task_id']) / no_head['n'])
     head_pays = head_best['weight'] > 0 and head_best['val_task_id'] > no_head['val_task_id'] + head_se
+    nonzero = max((s for s in head_sweep if s['weight'] > 0), key=lambda s: (s['val_task_id'], -s['weight']))
     head = {'config': 'cheapest', 'head_scorer': head_best['head_scorer'], 'weight': head_best['weight'],
+            'best_nonzero': nonzero,
             'val_task_id': head_best['val_task_id'], 'val_task_id_without': no_head['val_task_id'],
             'pays': bool(head_pays), 'rule': 'used when it beats ranpac alone by more than one SE on validation'}
     log(f"head evidence on validation: {head} (one SE {head_se:.4f})")
@@ -651,11 +663,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
               'library_defaults': {'dim': DEFAULT_RANPAC_DIM, 'ridge': DEFAULT_RANPAC_RIDGE,
                                    'layers': scorers.DEFAULT_RANPAC_LAYERS},
               'selection': {'rule': 'best: highest mean validation task-id accuracy over both sequences and all '
-                                    'seeds; cheapest: within one SE of the best, the lowest feature cost at 224 px '
-                                    'batch 1, then the smallest dim, then the largest ridge; prelogits: the same '
+                                    'seeds; cheapest: within one SE of the best, the shallowest base forward (the '
+                                    'deepest layer used; pre-logits: full), then the smallest dim, then the largest '
+                                    'ridge; prelogits: the same '
                                     'rule among pre-logits-only settings; fastest: the same rule among the settings '
-                                    'of the cheapest layers (whatever their accuracy)',
-                            'best': best, 'fastest': fastest, 'standard_error': se, 'best_ridge_at_grid_edge': edge, 'sweep': sweep,
+                                    'of the shallowest layers (whatever their accuracy)',
+                            'best': best, 'fastest': fastest, 'standard_error': se,
+                            'best_ridge_at_grid_edge': edge, 'sweep': sweep,
                             'probe_sweep': probe_sweep, 'head_sweep': head_sweep, 'layer_cost_224px_batch1': lcost},
               'test': table, 'cost': costs,
               'tasks': {seq: [(n, c) for n, c, _ in t] for seq, t in runs[args.seeds[0]]['seqs'].items()},
@@ -694,8 +708,9 @@ def markdown(result: Dict, args, layer_sets, dims) -> str:
     h = result['head_evidence']
     lines += [f"- head evidence (with `cheapest`): {h['head_scorer']} x {h['weight']:g}, validation task id "
               f"{h['val_task_id']:.3f} vs {h['val_task_id_without']:.3f} without "
-              f"({'pays' if h['pays'] else 'does not pay'}"
-              f" by the one-SE rule); joint probe C = {result['probe_C']}", '',
+              f"({'pays' if h['pays'] else 'does not pay'} by the one-SE rule; best weight above 0: "
+              f"{h['best_nonzero']['head_scorer']} x {h['best_nonzero']['weight']:g}, "
+              f"{h['best_nonzero']['val_task_id']:.3f}); joint probe C = {result['probe_C']}", '',
               '| sequence | scorer | task identification | per seed [seed-level 95 %] | class-incremental accuracy | '
               'per-task identification |', '|---|---|---|---|---|---|']
     for seq, r in result['test'].items():
