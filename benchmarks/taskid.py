@@ -20,17 +20,24 @@ Sequences (every test set is shifted from what the statistics saw):
   regions as above.
 
 Scorers (all from base features, statistics per task only): ``prototype`` (the library's Gaussian, its defaults),
-``ncm_base`` (nearest class mean, cosine, on base features: SimpleCIL), ``ncm`` (cosine on the random features) and
-``ranpac`` (ridge on the random features). The joint upper bound is a logistic-regression probe trained on all tasks'
-training features at once. The projection size and the ridge of ``ranpac`` and the probe's C are chosen on the
-validation crops of both sequences and all seeds (one-standard-error rule: the smallest size, then the largest
-ridge, within one standard error of the best); the test crops are scored once with the chosen settings.
-Accuracy: mean over seeds with a 95 % bootstrap interval (seeds and test images resampled, ``_stats.py``).
+``ncm_base`` (nearest class mean, cosine, on pre-logits features: SimpleCIL), ``ncm`` (cosine on the random
+features) and ``ranpac`` (ridge on the random features) in four settings chosen on validation: ``prelogits`` (the
+pre-logits features only), ``best`` (the most accurate layers / projection size / ridge), ``cheapest`` (within one
+standard error of the best, the shallowest base forward (the deepest layer used: a truncated base forward); then
+the smallest size, the largest ridge) and ``fastest`` (the shallowest layer set tried, whatever its accuracy: the
+other point of the cost / accuracy trade-off); ``ranpac_cheapest+head`` adds head evidence (``predict_task_agnostic(
+head_weight=w, head_scorer=...)``: each task's head score; scorer and weight chosen on validation; one forward per
+task). The heads are classifier-only tasks (logistic regression on the frozen pre-logits features, C of the joint
+probe): a modcl task whose modulators are untouched computes exactly ``head(base features)``; trained modulators were
+not run here (cost). The joint upper bound is a logistic-regression probe trained on all tasks' training features at
+once. Everything is chosen on the validation crops of both sequences and all seeds; the test crops are scored once.
+Accuracy: mean over seeds with a 95 % bootstrap interval (seeds and test images resampled, ``_stats.py``), and each
+seed's accuracy with the seed-level t-interval.
 
 Cost: milliseconds per batch (median of interleaved repeats) of the task-given forward, of
-``predict_task_agnostic(scorer='ranpac')`` (one base forward + one grouped head forward), of ``predict_classes``
-(one base forward) and of the prototype scorer, with the sequence's tasks and with 16 tasks, at 64 px (batch 64)
-and at 224 px (batch 1).
+``predict_task_agnostic(scorer='ranpac')`` (one base forward, truncated for the ``cheapest`` layers, + one grouped
+head forward), of ``predict_classes`` (one base forward), with head evidence (1 + 16 forwards) and of the prototype
+scorer, with 16 tasks, at 64 px (batch 64) and at 224 px (batch 1).
 
 Writes ``benchmarks/results/taskid.json`` and ``taskid.md`` (``--quick``: ``taskid_quick.*``).
 """
@@ -43,7 +50,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -55,15 +62,23 @@ from _stats import paired_bootstrap  # noqa: E402
 
 import timm  # noqa: E402
 import timm_modcl  # noqa: E402
+from timm_modcl import scorers  # noqa: E402
 from timm_modcl.adapter import adapter_bytes  # noqa: E402
 from timm_modcl.scorers import (  # noqa: E402
-    DEFAULT_RANPAC_DIM, DEFAULT_RANPAC_RIDGE, RANPAC_STATS, ranpac_statistics, score_ranpac,
+    DEFAULT_RANPAC_DIM, DEFAULT_RANPAC_RIDGE, RANPAC_STATS, random_features, ranpac_statistics, score_ranpac,
 )
-from timm_modcl.serving import PROTOTYPE_STATS, prototype_statistics, score_prototypes  # noqa: E402
+from timm_modcl.serving import (  # noqa: E402
+    HEAD_SCORERS, PROTOTYPE_STATS, head_score, prototype_statistics, score_prototypes,
+)
 
 RESULTS = Path(__file__).resolve().parent / 'results'
-DIMS = (256, 512, 1024)
-RIDGES = (1e-1, 1.0, 10.0, 100.0)
+DIMS = (512, 1024, 2048)
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
+#: Layers whose pooled features are computed once per image (``scorers.base_features``); -1: pre-logits.
+ALL_LAYERS = (2, 3, 4, 5, 6, 7, -1)
+#: Layer sets of the ranpac features tried on validation (single layers from cheap to full, and 2-3 layer mixes).
+LAYER_SETS = ((-1,), (4,), (5,), (7,), (3,), (6,), (4, 5), (5, 7), (5, -1), (7, -1), (5, 7, -1))
+HEAD_WEIGHTS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 PROBE_C = (0.1, 1.0, 10.0)
 PHOTOS = ('astronaut.png', 'chelsea.png', 'coffee.png', 'hubble_deep_field.jpg', 'ihc.png', 'retina.jpg',
           'rocket.jpg', 'motorcycle_left.png', 'camera.png', 'coins.png', 'moon.png', 'cell.png')
@@ -204,8 +219,33 @@ def new_model(weights: Path, **kw) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def base_features(model, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    return torch.cat([model.prototype_features(x[s:s + batch]) for s in range(0, len(x), batch)])
+def all_features(model, x: torch.Tensor, batch: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pre-logits features ``(N, D)`` and the per-layer normalised pooled features of every layer of ``ALL_LAYERS``
+    (``scorers.base_features``), from one forward."""
+    pre, multi = [], []
+    with model._serving(), model.task_scope('base'):
+        for s in range(0, len(x), batch):
+            f = scorers.base_features(model, x[s:s + batch], ALL_LAYERS)
+            multi.append(f)
+            pre.append(model._base_features(x[s:s + batch]))
+    return torch.cat(pre), torch.cat(multi)
+
+
+def layer_slices(model, size: int) -> Dict[int, slice]:
+    """Columns of each layer in the features of ``all_features``."""
+    out, start = {}, 0
+    with torch.no_grad(), model.task_scope('base'):
+        for v in ALL_LAYERS:
+            d = scorers.base_features(model, torch.zeros(1, 3, size, size), (v,)).shape[1]
+            out[v] = slice(start, start + d)
+            start += d
+    return out
+
+
+def select(multi: torch.Tensor, layers: Tuple[int, ...], slices: Dict[int, slice]) -> torch.Tensor:
+    """The features ``scorers.base_features(model, x, layers)`` gives, from the all-layer features."""
+    order = scorers.check_layers(layers) or (scorers.PRE_LOGITS,)
+    return torch.cat([multi[:, slices[v]] for v in order], 1)
 
 
 def joint_labels(tasks, split: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -219,33 +259,106 @@ def joint_labels(tasks, split: str) -> Tuple[torch.Tensor, torch.Tensor, torch.T
     return torch.cat(t), torch.cat(g), torch.tensor(off)
 
 
-def class_predictions(method: str, feats: Dict[str, List[torch.Tensor]], tasks, split: str, **kw
-                      ) -> torch.Tensor:
+def ranpac_class_scores(feats, tasks, split: str, layers, dim: int, seed: int, ridges: Sequence[float],
+                        slices, method: str = 'ranpac') -> Dict[float, torch.Tensor]:
+    """``{ridge: (N, C_total) class scores}`` of ``split`` (all tasks concatenated), statistics from ``train``."""
+    tr = [select(m, layers, slices) for m in feats['multi']['train']]
+    f = torch.cat([select(m, layers, slices) for m in feats['multi'][split]])
+    stats = [ranpac_statistics(ft, d['train'][1], len(c), dim=dim, seed=seed, ridge=1.0)
+             for ft, (_, c, d) in zip(tr, tasks)]
+    out = {}
+    for r in ridges:
+        for s in stats:
+            s['ranpac_ridge'] = torch.tensor(float(r))
+        _, per_task = score_ranpac(f, stats, method)
+        out[float(r)] = torch.cat(per_task, 1)
+    return out
+
+
+def ridge_sweep_scores(feats, tasks, split: str, layers, dim: int, seed: int, ridges: Sequence[float], slices
+                       ) -> Dict[float, torch.Tensor]:
+    """What ``ranpac_class_scores`` gives (the library's ridge decoding), for many ridges at the cost of one
+    eigendecomposition: ``(G + lambda I)^-1 Q = U diag(1 / (s + lambda)) U^T Q`` with ``G = U diag(s) U^T``, in
+    float64 (the library solves each ridge by Cholesky from float32-rounded statistics; the sweep only ranks
+    settings, the test scores come from the library)."""
+    g = torch.zeros(dim, dim, dtype=torch.float64)
+    q = []
+    for ft, (_, c, d) in zip(feats['multi']['train'], tasks):
+        h = random_features(select(ft, layers, slices).float(), dim, seed).double()
+        g += h.t() @ h
+        y = d['train'][1]
+        q.append(torch.zeros(len(c), dim, dtype=torch.float64).index_add_(0, y, h))
+    q = torch.cat(q).t()
+    s, u = torch.linalg.eigh(g)
+    p = u.t() @ q
+    hv = random_features(torch.cat([select(m, layers, slices) for m in feats['multi'][split]]).float(), dim,
+                         seed).double() @ u
+    scale = float(g.diagonal().sum()) / dim
+    return {float(r): (hv / (s + r * scale)) @ p for r in ridges}
+
+
+def class_predictions(method: str, feats, tasks, split: str, **kw) -> torch.Tensor:
     """Global class predicted for every sample of ``split`` (all tasks concatenated)."""
-    f = torch.cat(feats[split])
+    f = torch.cat(feats['pre'][split])
     if method == 'prototype':
-        stats = [prototype_statistics(ft, d['train'][1], len(c)) for ft, (_, c, d) in zip(feats['train'], tasks)]
+        stats = [prototype_statistics(ft, d['train'][1], len(c)) for ft, (_, c, d) in zip(feats['pre']['train'], tasks)]
         scores, posts = score_prototypes(f, stats)
         joint = torch.cat([s[:, None] + p for s, p in zip(scores.t(), posts)], 1)   # log p(f, class)
         return joint.argmax(1)
     if method == 'ncm_base':
         means = []
-        for ft, (_, c, d) in zip(feats['train'], tasks):
+        for ft, (_, c, d) in zip(feats['pre']['train'], tasks):
             y = d['train'][1]
             means.append(torch.stack([F.normalize(ft[y == k].mean(0), dim=0) for k in range(len(c))]))
         return (F.normalize(f, dim=1) @ torch.cat(means).t()).argmax(1)
     if method in ('ranpac', 'ncm'):
-        stats = [ranpac_statistics(ft, d['train'][1], len(c), dim=kw['dim'], seed=kw['seed'], ridge=kw['ridge'])
-                 for ft, (_, c, d) in zip(feats['train'], tasks)]
-        _, per_task = score_ranpac(f, stats, method)
-        return torch.cat(per_task, 1).argmax(1)
+        c = kw['config']
+        return ranpac_class_scores(feats, tasks, split, c['layers'], c['dim'], kw['seed'], [c['ridge']],
+                                   kw['slices'], method)[float(c['ridge'])].argmax(1)
     if method == 'joint_probe':
         from sklearn.linear_model import LogisticRegression
         _, g, _ = joint_labels(tasks, 'train')
-        x_tr = F.normalize(torch.cat(feats['train']), dim=1).numpy()
+        x_tr = F.normalize(torch.cat(feats['pre']['train']), dim=1).numpy()
         clf = LogisticRegression(C=kw['C'], max_iter=2000).fit(x_tr, g.numpy())
         return torch.from_numpy(clf.predict(F.normalize(f, dim=1).numpy()))
     raise ValueError(method)
+
+
+def head_logits(feats, tasks, C: float) -> Dict[str, List[torch.Tensor]]:
+    """Per split, per task, the logits of a classifier-only task (a head trained on the frozen base features by
+    logistic regression; a modcl task whose modulators are untouched computes exactly ``head(base features)``) for
+    every sample of the split (all tasks concatenated)."""
+    from sklearn.linear_model import LogisticRegression
+    heads = []
+    for ft, (_, c, d) in zip(feats['pre']['train'], tasks):
+        clf = LogisticRegression(C=C, max_iter=2000).fit(F.normalize(ft, dim=1).numpy(), d['train'][1].numpy())
+        heads.append(clf)
+    out = {}
+    for split in ('val', 'test'):
+        x = F.normalize(torch.cat(feats['pre'][split]), dim=1).numpy()
+        zs = []
+        for clf in heads:
+            z = torch.from_numpy(clf.decision_function(x)).float()
+            zs.append(torch.stack([torch.zeros_like(z), z], 1) if z.ndim == 1 else z)   # binary: logits [0, d]
+        out[split] = zs
+    return out
+
+
+def with_heads(class_scores: torch.Tensor, tasks, logits: List[torch.Tensor], head_scorer: str, weight: float
+               ) -> torch.Tensor:
+    """Task predicted by ranpac task scores (best class per task) plus ``weight`` x the head evidence."""
+    offsets = np.cumsum([0] + [len(c) for _, c, _ in tasks])
+    t = torch.stack([class_scores[:, a:b].amax(1) for a, b in zip(offsets[:-1], offsets[1:])], 1)
+    if weight:
+        t = t + weight * torch.stack([head_score(z, head_scorer) for z in logits], 1)
+    return t.argmax(1)
+
+
+def depth(layers) -> int:
+    """Where the scorer's base forward stops: the deepest layer (the pre-logits: a full forward). The cost order
+    of layer sets (the measured feature cost is reported, but on a shared machine its noise can reorder sets of
+    nearly equal depth)."""
+    return max(len(ALL_LAYERS) + 1 if v == scorers.PRE_LOGITS else v for v in layers)
 
 
 def task_of(glob: torch.Tensor, tasks) -> torch.Tensor:
@@ -270,10 +383,34 @@ def interleaved(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str,
     return out
 
 
-def cost(weights: Path, tasks, n_tasks: int, size: int, batch: int, repeats: int, dim: int, ridge: float,
-         seed: int) -> Dict:
+def layer_costs(weights: Path, layer_sets, repeats: int) -> Dict[str, float]:
+    """Cost of the scorer features of each layer set (``scorers.base_features``) at 224 px, batch 1, relative to a
+    task-given forward of a task with its own weights."""
+    model = new_model(weights).eval()
+    model.add_task('t', 10)
+    with torch.no_grad():
+        for p in model._task('t').parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+    def feats(layers):
+        def run():
+            with model._serving(), model.task_scope('base'):
+                scorers.base_features(model, x, scorers.check_layers(layers))
+        return run
+    with torch.no_grad():
+        fns = {'forward': lambda: model(x)}
+        fns.update({str(ls): feats(ls) for ls in layer_sets})
+        res = interleaved(fns, repeats)
+    return {k: v['median_ms'] / res['forward']['median_ms'] for k, v in res.items() if k != 'forward'}
+
+
+def cost(weights: Path, tasks, n_tasks: int, size: int, batch: int, repeats: int, configs: Dict[str, Dict],
+         head: Optional[Dict], seed: int) -> Dict:
     """ms per batch: task-given forward vs the task-agnostic calls, ``n_tasks`` tasks with real statistics (the
-    sequence's tasks cycled, modulators perturbed so every task has its own weights)."""
+    sequence's tasks cycled, modulators perturbed so every task has its own weights); ``configs``: ranpac settings
+    by name, each timed with ``predict_task_agnostic`` (one base forward, truncated when the layers allow, plus the
+    chosen tasks' grouped forward) and ``predict_classes`` (the base forward only)."""
     model = new_model(weights).eval()
     g = torch.Generator().manual_seed(seed)
     names = []
@@ -284,43 +421,75 @@ def cost(weights: Path, tasks, n_tasks: int, size: int, batch: int, repeats: int
         with torch.no_grad():
             for p in model._task(name).parameters():
                 p.add_(0.02 * torch.randn(p.shape, generator=g))
-        x, y = data['train']
-        f = base_features(model, x)
-        model._task(name).stats.update(ranpac_statistics(f, y, len(classes), dim=dim, seed=0, ridge=ridge))
-        model._task(name).stats.update(prototype_statistics(f, y, len(classes)))
+        model.compute_task_statistics(name, data['train'])
         names.append(name)
     x = torch.randn(batch, 3, size, size, generator=g)
     model.set_task(names[0])
+    res: Dict[str, Dict] = {}
+    forwards = {'task_given_forward': 1, 'predict_task_agnostic_prototype': 2}
     with torch.no_grad():
         fns = {'task_given_forward': lambda: model(x),
-               'predict_task_agnostic_ranpac': lambda: model.predict_task_agnostic(x, scorer='ranpac'),
-               'predict_classes_ranpac': lambda: model.predict_classes(x),
                'predict_task_agnostic_prototype': lambda: model.predict_task_agnostic(x, scorer='prototype')}
-        res = interleaved(fns, repeats)
+        res.update(interleaved(fns, repeats))
+        for cname, c in configs.items():
+            for i, name in enumerate(names):
+                _, _, data = tasks[i % len(tasks)]
+                model.compute_task_statistics(name, data['train'], scorer='ranpac', dim=c['dim'], ridge=c['ridge'],
+                                              layers=c['layers'])
+            fns = {'task_given_forward': lambda: model(x),
+                   f'predict_task_agnostic_ranpac_{cname}': lambda: model.predict_task_agnostic(x, scorer='ranpac'),
+                   f'predict_classes_ranpac_{cname}': lambda: model.predict_classes(x)}
+            forwards[f'predict_task_agnostic_ranpac_{cname}'] = 2
+            forwards[f'predict_classes_ranpac_{cname}'] = 1
+            if head is not None and cname == head['config']:
+                # timed with the best weight above 0 (a weight of 0 runs no head forwards)
+                hw = head['best_nonzero']
+                key = f"predict_task_agnostic_ranpac_{cname}_head_{hw['head_scorer']}_{hw['weight']:g}"
+                fns[key] = lambda: model.predict_task_agnostic(x, scorer='ranpac', head_weight=hw['weight'],
+                                                               head_scorer=hw['head_scorer'])
+                forwards[key] = 1 + n_tasks
+            r = interleaved(fns, repeats)
+            base = r.pop('task_given_forward')      # each block against its own interleaved forward
+            for k, v in r.items():
+                v['ratio_to_own_block'] = v['median_ms'] / base['median_ms']
+            res.update(r)
     base = res['task_given_forward']['median_ms']
-    forwards = {'task_given_forward': 1, 'predict_task_agnostic_ranpac': 2, 'predict_classes_ranpac': 1,
-                'predict_task_agnostic_prototype': 2}
     for k, v in res.items():
-        v['ratio'] = v['median_ms'] / base
+        v['ratio'] = v.get('ratio_to_own_block', v['median_ms'] / base)
         v['forwards'] = forwards[k]
     sizes = {'adapter_bytes_without_stats': len(adapter_bytes(model, names[0], include_stats=False))}
     st = model._task(names[0]).stats
     sizes['ranpac_stats_bytes_fp32'] = sum(st[k].numel() * 4 for k in RANPAC_STATS)
     sizes['prototype_stats_bytes_fp32'] = sum(st[k].numel() * 4 for k in PROTOTYPE_STATS)
-    return {'tasks': n_tasks, 'size': size, 'batch': batch, 'ms': res, 'sizes_task0': sizes}
+    return {'tasks': n_tasks, 'size': size, 'batch': batch, 'ms': res, 'sizes_task0': sizes,
+            'cache_info': scorers.cache_info(model)}
 
 
 # ---------------------------------------------------------------------------------------------------- main
 def interval(correct: Dict[int, np.ndarray], seed: int = 0) -> Dict:
-    """Mean accuracy over seeds with a 95 % bootstrap interval (seeds and images resampled)."""
+    """Mean accuracy over seeds with a 95 % bootstrap interval (seeds and images resampled) and the seed-level
+    spread (each seed's accuracy; mean +- t_{0.975, S-1} sd / sqrt(S) over the S seeds)."""
     a = {s: [v] for s, v in correct.items()}
     b = {s: [np.zeros_like(v)] for s, v in correct.items()}
     r = paired_bootstrap(a, b, replicates=2000, seed=seed)
-    return {'acc': r['diff'], 'ci95': r['ci'], 'per_seed': [float(v.mean()) for v in correct.values()]}
+    per_seed = [float(v.mean()) for v in correct.values()]
+    out = {'acc': r['diff'], 'ci95': r['ci'], 'per_seed': per_seed}
+    if len(per_seed) > 1:
+        from scipy.stats import t as student_t
+        half = float(student_t.ppf(0.975, len(per_seed) - 1) * np.std(per_seed, ddof=1) / math.sqrt(len(per_seed)))
+        out['seed_ci95'] = [float(np.mean(per_seed)) - half, float(np.mean(per_seed)) + half]
+    return out
 
 
 def fmt(a: Dict) -> str:
     return f"{a['acc']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
+
+
+def fmt_seeds(a: Dict) -> str:
+    s = '/'.join(f'{v:.3f}' for v in a['per_seed'])
+    if 'seed_ci95' in a:
+        s += f" [{a['seed_ci95'][0]:.3f}, {a['seed_ci95'][1]:.3f}]"
+    return s
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
@@ -336,42 +505,80 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument('--cache', default=None)
     ap.add_argument('--out-dir', default=str(RESULTS))
     args = ap.parse_args(argv)
+    layer_sets, dims = LAYER_SETS, DIMS
     if args.quick:
         args.train_n, args.val_n, args.test_n, args.seeds, args.repeats = 20, 10, 10, [0], 3
+        layer_sets, dims = LAYER_SETS[:4], DIMS[:2]
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     weights = _fetch.backbone_weights(args.cache)
     model = new_model(weights).eval()
+    slices = layer_slices(model, args.size)
     runs: Dict[int, Dict] = {}
     for seed in args.seeds:
         seqs = sequences(seed, args)
         feats = {}
         for seq, tasks in seqs.items():
-            feats[seq] = {split: [base_features(model, d[split][0]) for _, _, d in tasks]
-                          for split in ('train', 'val', 'test')}
+            feats[seq] = {'pre': {}, 'multi': {}}
+            for split in ('train', 'val', 'test'):
+                both = [all_features(model, d[split][0]) for _, _, d in tasks]
+                feats[seq]['pre'][split] = [p for p, _ in both]
+                feats[seq]['multi'][split] = [m for _, m in both]
         runs[seed] = {'seqs': seqs, 'feats': feats}
         log(f'seed {seed}: features of ' + ', '.join(f'{s}: {len(t)} tasks, ' + '/'.join(
             str(sum(len(d[sp][1]) for _, _, d in t)) for sp in ('train', 'val', 'test')) for s, t in seqs.items())
             + f' train/val/test ({time.perf_counter() - t_start:.0f} s)')
-    # ---- validation: ranpac size and ridge, probe C (task identification of ranpac, class accuracy of the probe)
+    # ---- cost of each layer set's features (224 px, batch 1), for choosing the cheapest within noise
+    lcost = layer_costs(weights, layer_sets, max(args.repeats, 5))
+    log('feature cost at 224 px batch 1 (x a task-given forward): '
+        + ', '.join(f'{k} {v:.2f}' for k, v in lcost.items()))
+    # ---- validation: layers, projection size and ridge of ranpac (task identification over both sequences)
     sweep = []
-    for dim in DIMS:
-        for ridge in RIDGES:
-            ok = []
+    checked = False
+    for layers in layer_sets:
+        for dim in dims:
+            ok = {r: [] for r in RIDGES}
             for seed, r in runs.items():
                 for seq, tasks in r['seqs'].items():
                     t_true, _, _ = joint_labels(tasks, 'val')
-                    g = class_predictions('ranpac', r['feats'][seq], tasks, 'val', dim=dim, seed=seed, ridge=ridge)
-                    ok.append((task_of(g, tasks) == t_true).numpy())
-            ok = np.concatenate(ok)
-            sweep.append({'dim': dim, 'ridge': ridge, 'val_task_id': float(ok.mean()), 'n': int(ok.size)})
-            log(f'val ranpac dim {dim} ridge {ridge:g}: task id {ok.mean():.3f}')
+                    scores = ridge_sweep_scores(r['feats'][seq], tasks, 'val', layers, dim, seed, RIDGES, slices)
+                    if not checked:   # the fast sweep ranks as the library's decoding does
+                        lib = ranpac_class_scores(r['feats'][seq], tasks, 'val', layers, dim, seed, RIDGES[3:5],
+                                                  slices)
+                        for ridge, sc in lib.items():
+                            agree = float((sc.argmax(1) == scores[ridge].argmax(1)).float().mean())
+                            assert agree > 0.99, (ridge, agree)
+                        checked = True
+                    for ridge, sc in scores.items():
+                        ok[ridge].append((task_of(sc.argmax(1), tasks) == t_true).numpy())
+            for ridge in RIDGES:
+                o = np.concatenate(ok[ridge])
+                sweep.append({'layers': list(layers), 'dim': dim, 'ridge': ridge, 'val_task_id': float(o.mean()),
+                              'n': int(o.size), 'feature_cost': lcost[str(layers)]})
+            row = [s for s in sweep if s['layers'] == list(layers) and s['dim'] == dim]
+            log(f'val ranpac layers {list(layers)} dim {dim}: ' + ' '.join(f"{s['ridge']:g}:{s['val_task_id']:.3f}"
+                                                                         for s in row)
+                + f' ({time.perf_counter() - t_start:.0f} s)')
     best = max(sweep, key=lambda s: s['val_task_id'])
     se = math.sqrt(best['val_task_id'] * (1 - best['val_task_id']) / best['n'])
     within = [s for s in sweep if s['val_task_id'] >= best['val_task_id'] - se]
-    chosen = min(within, key=lambda s: (s['dim'], -s['ridge']))
-    log(f"chosen on validation: dim {chosen['dim']}, ridge {chosen['ridge']:g} ({chosen['val_task_id']:.3f}; best "
-        f"{best['val_task_id']:.3f} at dim {best['dim']}, ridge {best['ridge']:g}, one SE {se:.4f})")
+    cheap = min(within, key=lambda s: (depth(s['layers']), s['dim'], -s['ridge']))
+    pre = [s for s in sweep if s['layers'] == [-1]]
+    pre_best = max(pre, key=lambda s: s['val_task_id'])
+    pre_within = [s for s in pre if s['val_task_id'] >= pre_best['val_task_id'] - se]
+    pre_chosen = min(pre_within, key=lambda s: (s['dim'], -s['ridge']))
+    edge = best['ridge'] in (RIDGES[0], RIDGES[-1])
+    log(f"best on validation: {best}; one SE {se:.4f}; cheapest within one SE: {cheap}; pre-logits only: "
+        f"{pre_chosen}{'; WARNING: best ridge at the grid edge' if edge else ''}")
+    low = min(depth(ls) for ls in layer_sets)
+    fast = [s for s in sweep if depth(s['layers']) == low]
+    fast_best = max(fast, key=lambda s: s['val_task_id'])
+    fastest = min([s for s in fast if s['val_task_id'] >= fast_best['val_task_id'] - se],
+                  key=lambda s: (s['dim'], -s['ridge']))
+    log(f'fastest layers (shallowest forward), best on validation: {fastest}')
+    configs = {'prelogits': pre_chosen, 'cheapest': cheap, 'best': best, 'fastest': fastest}
+    configs = {k: {'layers': tuple(v['layers']), 'dim': v['dim'], 'ridge': v['ridge'],
+                   'val_task_id': v['val_task_id'], 'feature_cost': v['feature_cost']} for k, v in configs.items()}
     probe_sweep = []
     for c in PROBE_C:
         ok = []
@@ -382,9 +589,40 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         probe_sweep.append({'C': c, 'val_class_acc': float(np.concatenate(ok).mean())})
     probe_c = max(probe_sweep, key=lambda s: s['val_class_acc'])['C']
     log(f'joint probe C chosen on validation: {probe_c} ({probe_sweep})')
+    # ---- head evidence on validation: ranpac ('cheapest' settings) + weight x head score of each task's head
+    hc = configs['cheapest']
+    cache: Dict[Tuple[int, str], Dict] = {}
+    for seed, r in runs.items():
+        for seq, tasks in r['seqs'].items():
+            cache[seed, seq] = {'heads': head_logits(r['feats'][seq], tasks, probe_c), 'scores': {
+                split: ranpac_class_scores(r['feats'][seq], tasks, split, hc['layers'], hc['dim'], seed,
+                                           [hc['ridge']], slices)[float(hc['ridge'])] for split in ('val', 'test')}}
+    head_sweep = []
+    for hs in HEAD_SCORERS:
+        for w in HEAD_WEIGHTS:
+            ok = []
+            for seed, r in runs.items():
+                for seq, tasks in r['seqs'].items():
+                    t_true, _, _ = joint_labels(tasks, 'val')
+                    c = cache[seed, seq]
+                    ok.append((with_heads(c['scores']['val'], tasks, c['heads']['val'], hs, w) == t_true).numpy())
+            o = np.concatenate(ok)
+            head_sweep.append({'head_scorer': hs, 'weight': w, 'val_task_id': float(o.mean()), 'n': int(o.size)})
+    head_best = max(head_sweep, key=lambda s: (s['val_task_id'], -s['weight']))
+    no_head = next(s for s in head_sweep if s['weight'] == 0)
+    head_se = math.sqrt(no_head['val_task_id'] * (1 - no_head['val_task_id']) / no_head['n'])
+    head_pays = head_best['weight'] > 0 and head_best['val_task_id'] > no_head['val_task_id'] + head_se
+    nonzero = max((s for s in head_sweep if s['weight'] > 0), key=lambda s: (s['val_task_id'], -s['weight']))
+    head = {'config': 'cheapest', 'head_scorer': head_best['head_scorer'], 'weight': head_best['weight'],
+            'best_nonzero': nonzero,
+            'val_task_id': head_best['val_task_id'], 'val_task_id_without': no_head['val_task_id'],
+            'pays': bool(head_pays), 'rule': 'used when it beats ranpac alone by more than one SE on validation'}
+    log(f"head evidence on validation: {head} (one SE {head_se:.4f})")
     # ---- test, once
-    methods = {'prototype': {}, 'ncm_base': {}, 'ncm': {'dim': chosen['dim'], 'ridge': chosen['ridge']},
-               'ranpac': {'dim': chosen['dim'], 'ridge': chosen['ridge']}, 'joint_probe': {'C': probe_c}}
+    methods = {'prototype': {}, 'ncm_base': {}, 'ncm': {'config': configs['cheapest']}}
+    methods.update({f'ranpac_{k}': {'config': c} for k, c in configs.items()})
+    methods['ranpac_cheapest+head'] = {'config': configs['cheapest'], 'head': head}
+    methods['joint_probe'] = {'C': probe_c}
     table: Dict[str, Dict] = {}
     for seq in runs[args.seeds[0]]['seqs']:
         table[seq] = {}
@@ -393,30 +631,46 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             for seed, r in runs.items():
                 tasks = r['seqs'][seq]
                 t_true, g_true, _ = joint_labels(tasks, 'test')
-                extra = dict(kw, seed=seed) if m in ('ranpac', 'ncm') else kw
-                g = class_predictions(m, r['feats'][seq], tasks, 'test', **extra)
-                tid[seed] = (task_of(g, tasks) == t_true).numpy()
+                base_m = m.split('_')[0] if m.startswith('ranpac') else m
+                if m == 'ranpac_cheapest+head':
+                    c = cache[seed, seq]
+                    t_pred = with_heads(c['scores']['test'], tasks, c['heads']['test'], head['head_scorer'],
+                                        head['weight'])
+                    g = c['scores']['test'].argmax(1)
+                else:
+                    g = class_predictions(base_m, r['feats'][seq], tasks, 'test', seed=seed, slices=slices, **kw)
+                    t_pred = task_of(g, tasks)
+                tid[seed] = (t_pred == t_true).numpy()
                 cls[seed] = (g == g_true).numpy()
                 per_task[seed] = [float(tid[seed][t_true.numpy() == i].mean()) for i in range(len(tasks))]
             table[seq][m] = {'task_id': interval(tid), 'class_incremental': interval(cls),
                              'per_task_id_mean': [float(np.mean([per_task[s][i] for s in per_task]))
                                                   for i in range(len(per_task[args.seeds[0]]))]}
-            log(f"test {seq:13s} {m:12s} task id {fmt(table[seq][m]['task_id'])}  class-incremental "
+            log(f"test {seq:13s} {m:22s} task id {fmt(table[seq][m]['task_id'])}  class-incremental "
                 f"{fmt(table[seq][m]['class_incremental'])}")
     # ---- cost (statistics of the first seed's domains sequence)
     tasks = runs[args.seeds[0]]['seqs']['domains']
     costs = {}
-    for n_tasks, size, batch in ((len(tasks), args.size, 64), (16, args.size, 64), (16, 224, 1)):
+    for n_tasks, size, batch in ((16, args.size, 64), (16, 224, 1)):
         key = f'{n_tasks}tasks_{size}px_batch{batch}'
-        costs[key] = cost(weights, tasks, n_tasks, size, batch, args.repeats, chosen['dim'], chosen['ridge'],
-                          args.seeds[0])
+        costs[key] = cost(weights, tasks, n_tasks, size, batch, 2 * args.repeats if size == 224 else
+                          max(3, args.repeats // 2), configs,
+                          head if size == 224 else None, args.seeds[0])
         log(f'cost {key}: ' + ', '.join(f"{k} {v['median_ms']:.1f} ms ({v['ratio']:.2f}x)"
                                           for k, v in costs[key]['ms'].items()))
-    result = {'chosen': {'dim': chosen['dim'], 'ridge': chosen['ridge'], 'probe_C': probe_c},
-              'library_defaults': {'dim': DEFAULT_RANPAC_DIM, 'ridge': DEFAULT_RANPAC_RIDGE},
-              'selection': {'rule': 'one standard error: smallest dim, then largest ridge, within one SE of the best '
-                                    'mean validation task-id accuracy over both sequences and all seeds',
-                            'best': best, 'standard_error': se, 'sweep': sweep, 'probe_sweep': probe_sweep},
+    result = {'chosen': {k: dict(v, layers=list(v['layers'])) for k, v in configs.items()},
+              'probe_C': probe_c, 'head_evidence': head,
+              'library_defaults': {'dim': DEFAULT_RANPAC_DIM, 'ridge': DEFAULT_RANPAC_RIDGE,
+                                   'layers': scorers.DEFAULT_RANPAC_LAYERS},
+              'selection': {'rule': 'best: highest mean validation task-id accuracy over both sequences and all '
+                                    'seeds; cheapest: within one SE of the best, the shallowest base forward (the '
+                                    'deepest layer used; pre-logits: full), then the smallest dim, then the largest '
+                                    'ridge; prelogits: the same '
+                                    'rule among pre-logits-only settings; fastest: the same rule among the settings '
+                                    'of the shallowest layers (whatever their accuracy)',
+                            'best': best, 'fastest': fastest, 'standard_error': se,
+                            'best_ridge_at_grid_edge': edge, 'sweep': sweep,
+                            'probe_sweep': probe_sweep, 'head_sweep': head_sweep, 'layer_cost_224px_batch1': lcost},
               'test': table, 'cost': costs,
               'tasks': {seq: [(n, c) for n, c, _ in t] for seq, t in runs[args.seeds[0]]['seqs'].items()},
               'config': {k: v for k, v in vars(args).items() if k != 'cache'},
@@ -428,49 +682,73 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = 'taskid_quick' if args.quick else 'taskid'
     (out_dir / f'{stem}.json').write_text(json.dumps(result, indent=1, default=str) + '\n')
-    md = markdown(result, args)
+    md = markdown(result, args, layer_sets, dims)
     (out_dir / f'{stem}.md').write_text(md)
     print(md)
     log(f"wrote {out_dir / (stem + '.json')} in {result['wall_s'] / 60:.1f} min")
-    if chosen['dim'] != DEFAULT_RANPAC_DIM or chosen['ridge'] != DEFAULT_RANPAC_RIDGE:
-        log('NOTE: validation chose other ranpac settings than the library defaults')
     return result
 
 
-def markdown(result: Dict, args) -> str:
-    ch = result['chosen']
+def markdown(result: Dict, args, layer_sets, dims) -> str:
     m = result['machine']
+    ch = result['chosen']
     lines = [f"# Task identification and class-incremental prediction on shifted test data\n",
              f"`nice -n 10 python benchmarks/taskid.py{' --quick' if args.quick else ''}` — {m['platform']}, "
              f"{m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} thread), wall "
              f"{result['wall_s'] / 60:.1f} min. ImageNet MobileNetV2, {args.size} px, {args.train_n} / {args.val_n} / "
              f"{args.test_n} train / val / test crops per class, seeds {args.seeds}; mean over seeds with 95 % "
-             f"bootstrap intervals (seeds and test images resampled). Test crops come from another region of each "
-             f"photo (textures, photos) or are random resized crops of held-out images (faces, digits).", '',
-             f"Chosen on validation: ranpac projection size {ch['dim']}, relative ridge {ch['ridge']:g}; joint probe "
-             f"C = {ch['probe_C']}.", '',
-             '| sequence | scorer | task identification | class-incremental accuracy | per-task identification |',
-             '|---|---|---|---|---|']
+             f"bootstrap intervals (seeds and test images resampled), and each seed's accuracy with the seed-level "
+             f"95 % t-interval. Test crops come from another region of each photo (textures, photos) or are random "
+             f"resized crops of held-out images (faces, digits).", '',
+             'Chosen on validation (layers: `forward_intermediates(extra_blocks=True)` indices, -1 = pre-logits; '
+             'feature cost: the scorer features at 224 px, batch 1, in task-given forwards):', '']
+    for k, c in ch.items():
+        lines.append(f"- `{k}`: layers {c['layers']}, dim {c['dim']}, ridge {c['ridge']:g} (validation task id "
+                     f"{c['val_task_id']:.3f}, feature cost {c['feature_cost']:.2f})")
+    h = result['head_evidence']
+    lines += [f"- head evidence (with `cheapest`): {h['head_scorer']} x {h['weight']:g}, validation task id "
+              f"{h['val_task_id']:.3f} vs {h['val_task_id_without']:.3f} without "
+              f"({'pays' if h['pays'] else 'does not pay'} by the one-SE rule; best weight above 0: "
+              f"{h['best_nonzero']['head_scorer']} x {h['best_nonzero']['weight']:g}, "
+              f"{h['best_nonzero']['val_task_id']:.3f}); joint probe C = {result['probe_C']}", '',
+              '| sequence | scorer | task identification | per seed [seed-level 95 %] | class-incremental accuracy | '
+              'per-task identification |', '|---|---|---|---|---|---|']
     for seq, r in result['test'].items():
         names = [n for n, _ in result['tasks'][seq]]
         for meth, v in r.items():
             per = ', '.join(f'{n} {a:.2f}' for n, a in zip(names, v['per_task_id_mean']))
-            lines.append(f"| {seq} | {meth} | {fmt(v['task_id'])} | {fmt(v['class_incremental'])} | {per} |")
-    lines += ['', 'Cost per batch (median ms, ratio to the task-given forward; forwards of the network):', '',
-              '| setting | task-given forward | predict_task_agnostic ranpac | predict_classes ranpac | '
-              'predict_task_agnostic prototype |', '|---|---|---|---|---|']
+            lines.append(f"| {seq} | {meth} | {fmt(v['task_id'])} | {fmt_seeds(v['task_id'])} | "
+                         f"{fmt(v['class_incremental'])} | {per} |")
+    lines += ['', 'Cost per batch (median ms; ratio to the task-given forward timed interleaved with it; forwards of '
+                  'the network):', '', '| setting | call | ms | ratio | forwards |', '|---|---|---|---|---|']
     for key, c in result['cost'].items():
-        cells = [f"{v['median_ms']:.1f} ms ({v['ratio']:.2f}x, {v['forwards']} fwd)" for v in c['ms'].values()]
-        lines.append(f"| {key} | " + ' | '.join(cells) + ' |')
+        for name, v in c['ms'].items():
+            lines.append(f"| {key} | {name} | {v['median_ms']:.1f} | {v['ratio']:.2f}x | {v['forwards']} |")
     s = next(iter(result['cost'].values()))['sizes_task0']
-    lines += ['', f"Bytes per task (float32): ranpac statistics {s['ranpac_stats_bytes_fp32']:,}, prototype "
-                  f"statistics {s['prototype_stats_bytes_fp32']:,}, adapter without statistics "
-                  f"{s['adapter_bytes_without_stats']:,}.", '',
-              'Validation sweep (ranpac task identification, both sequences, all seeds):', '',
-              '| dim | ' + ' | '.join(f'ridge {r:g}' for r in RIDGES) + ' |', '|---|' + '---|' * len(RIDGES)]
-    for dim in DIMS:
-        row = [f"{s['val_task_id']:.3f}" for s in result['selection']['sweep'] if s['dim'] == dim]
-        lines.append(f'| {dim} | ' + ' | '.join(row) + ' |')
+    lines += ['', f"Bytes per task (float32, last configuration timed): ranpac statistics "
+                  f"{s['ranpac_stats_bytes_fp32']:,}, prototype statistics {s['prototype_stats_bytes_fp32']:,}, "
+                  f"adapter "
+                  f"without statistics {s['adapter_bytes_without_stats']:,}.", '',
+              'Validation sweep (ranpac task identification, both sequences, all seeds; best ridge per row):', '',
+              '| layers | feature cost | ' + ' | '.join(f'dim {d}' for d in dims) + ' |',
+              '|---|---|' + '---|' * len(dims)]
+    sweep = result['selection']['sweep']
+    for ls in layer_sets:
+        cells = []
+        for d in dims:
+            row = [s for s in sweep if s['layers'] == list(ls) and s['dim'] == d]
+            b = max(row, key=lambda s: s['val_task_id'])
+            cells.append(f"{b['val_task_id']:.3f} (ridge {b['ridge']:g})")
+        lines.append(f"| {list(ls)} | {result['selection']['layer_cost_224px_batch1'][str(ls)]:.2f} | "
+                     + ' | '.join(cells) + ' |')
+    b = result['selection']['best']
+    row = [s for s in sweep if s['layers'] == b['layers'] and s['dim'] == b['dim']]
+    lines += ['', f"Ridge curve of the best row (layers {b['layers']}, dim {b['dim']}): "
+              + ', '.join(f"{s['ridge']:g}: {s['val_task_id']:.3f}" for s in row), '',
+              'Head evidence on validation (weight: task id): ']
+    for hs in HEAD_SCORERS:
+        lines.append(f"- {hs}: " + ', '.join(f"{s['weight']:g}: {s['val_task_id']:.3f}"
+                                               for s in result['selection']['head_sweep'] if s['head_scorer'] == hs))
     return '\n'.join(lines) + '\n'
 
 

@@ -330,3 +330,195 @@ def test_select_ridge_stores_the_most_accurate_ridge_and_refreshes_the_cache(ser
     finally:
         for n, s in saved.items():
             model._task(n).stats.update(s)
+
+
+# ---------------------------------------------------------------------------------------------------- device caches
+def _with_prototypes(model, data):
+    for name, (x, y) in data.items():
+        model.compute_task_statistics(name, (x, y), rank=2)
+
+
+def test_cache_counts_hits_and_misses_and_a_changed_statistic_refreshes(served):
+    model, data = served
+    saved = {n: _stats(model, n) for n in ('a', 'b')}
+    try:
+        _with_prototypes(model, data)
+        x = data['a'][0][:3]
+        model.predict_task_agnostic(x, scorer='prototype')      # builds what is missing
+        model.predict_classes(x)
+        before = scorers.cache_info(model)
+        for _ in range(3):
+            model.predict_task_agnostic(x, scorer='prototype')
+            model.predict_classes(x)
+        after = scorers.cache_info(model)
+        assert after['prototype_misses'] == before['prototype_misses']
+        assert after['ranpac_misses'] == before['ranpac_misses']
+        assert after['prototype_hits'] >= before['prototype_hits'] + 6     # two tasks, three calls
+        assert after['ranpac_hits'] >= before['ranpac_hits'] + 3
+        first = model.predict_task_agnostic(x, scorer='prototype').task_scores
+        with torch.no_grad():
+            model._task('a').stats['proto_mean'].add_(0.5)     # in place: only task 'a' is prepared again
+        changed = model.predict_task_agnostic(x, scorer='prototype').task_scores
+        now = scorers.cache_info(model)
+        assert now['prototype_misses'] == after['prototype_misses'] + 1
+        assert not torch.equal(changed[:, 0], first[:, 0]) and torch.equal(changed[:, 1], first[:, 1])
+    finally:
+        for n, s in saved.items():
+            model._task(n).stats = s
+
+
+def test_factors_follow_the_model_device_and_dtype(served):
+    model, data = served
+    x = data['a'][0][:3]
+    other = _model()
+    for n in ('a', 'b'):
+        other.add_task(n, model.tasks[n].num_classes, activate=False)
+        other._task(n).stats.update(_stats(model, n))
+    _with_prototypes(other, data)
+    names = ['a', 'b']
+    ref32 = other.predict_task_agnostic(x, scorer='prototype')
+    g32 = other._gaussians(names)
+    assert all(g.mean_s.dtype == torch.float32 and g.w.dtype == torch.float32 for g in g32)
+    assert all(g.mean_s.device == other._ref_tensor().device for g in g32)
+    assert scorers.decoded(other, names).weights.dtype == torch.float32
+    misses = scorers.cache_info(other)
+    other.double()                                            # the factors follow: built again in float64
+    ref64 = other.predict_task_agnostic(x.double(), scorer='prototype')
+    assert all(g.mean_s.dtype == torch.float64 and g.w.dtype == torch.float64 for g in other._gaussians(names))
+    assert scorers.decoded(other, names).weights.dtype == torch.float64
+    now = scorers.cache_info(other)
+    assert now['prototype_misses'] == misses['prototype_misses'] + 2
+    assert now['ranpac_misses'] == misses['ranpac_misses'] + 1
+    assert ref64.tasks == ref32.tasks
+    torch.testing.assert_close(ref64.task_scores, ref32.task_scores, rtol=1e-4, atol=1e-3)
+    other.float()
+    assert all(g.mean_s.dtype == torch.float32 for g in other._gaussians(names))
+
+
+def test_float32_prototype_scores_match_the_float64_reference(served):
+    model, data = served
+    from timm_modcl.serving import score_prototypes
+    saved = {n: _stats(model, n) for n in ('a', 'b')}
+    try:
+        _with_prototypes(model, data)
+        x = torch.cat([data['a'][0], data['b'][0]])
+        pred = model.predict_task_agnostic(x, scorer='prototype')
+        ref, _ = score_prototypes(model.prototype_features(x), [model._task(n).stats for n in ('a', 'b')])
+        assert ref.dtype == torch.float64
+        torch.testing.assert_close(pred.task_scores.double(), ref, rtol=2e-4, atol=1e-3)
+        assert torch.equal(pred.task_index, ref.argmax(1))
+    finally:
+        for n, s in saved.items():
+            model._task(n).stats = s
+
+
+# ---------------------------------------------------------------------------------------------------- layers
+def test_statistics_from_earlier_layers_use_a_truncated_forward(served):
+    model, data = served
+    saved = {n: _stats(model, n) for n in ('a', 'b')}
+    calls = []
+    hook = model.conv_head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for name, (x, y) in data.items():
+            st = model.compute_task_statistics(name, (x, y), scorer='ranpac', dim=DIM, ridge=RIDGE, layers=[5, 3])
+            assert st['ranpac_layers'].tolist() == [3.0, 5.0]
+        assert calls == []                                    # the base forward stopped after layer 5
+        x, y = data['a']
+        with torch.no_grad(), model.task_scope('base'):
+            f = scorers.base_features(model, x, (3, 5))
+            maps = model.forward_intermediates(x, indices=[3, 5], intermediates_only=True, extra_blocks=True)
+        assert f.shape == (len(x), sum(m.shape[1] for m in maps))
+        expected = torch.cat([torch.nn.functional.normalize(m.mean((2, 3)), dim=1) for m in maps], 1)
+        torch.testing.assert_close(f, expected)
+        ref = ranpac_statistics(f, y, 3, dim=DIM, ridge=RIDGE, layers=(3, 5))
+        for k in RANPAC_STATS + ('ranpac_layers',):
+            torch.testing.assert_close(ref[k], model._task('a').stats[k], rtol=1e-4, atol=1e-5)
+        xs = torch.cat([data['a'][0], data['b'][0]])
+        pred = model.predict_classes(xs)
+        assert calls == [] and pred.tasks == ['a'] * 12 + ['b'] * 12
+        agn = model.predict_task_agnostic(xs, scorer='ranpac')
+        assert agn.tasks == pred.tasks
+        calls.clear()                                         # (the chosen heads' forwards ran conv_head)
+        # pre-logits and an inner layer: one full forward
+        model.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, ridge=RIDGE, layers=[-1, 4])
+        assert model._task('a').stats['ranpac_layers'].tolist() == [4.0, -1.0] and len(calls) == 1
+        with pytest.raises(StatisticsError, match='layers'):   # candidates made from other layers
+            model.predict_classes(xs)
+        with pytest.raises(StatisticsError, match='layers'):
+            model.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, layers=[3], accumulate=True)
+        # back to the pre-logits features: the layers statistic goes away
+        model.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, ridge=RIDGE, layers=[-1])
+        assert 'ranpac_layers' not in model._task('a').stats
+    finally:
+        hook.remove()
+        for n, s in saved.items():
+            model._task(n).stats = s
+
+
+@pytest.mark.parametrize('layers, error', [([], TaskError), ('3', TaskError), ([1.5], TaskError), ([-2], TaskError),
+                                           ([True], TaskError), ([40], 'unsupported')])
+def test_bad_layers_raise_typed_errors_and_change_nothing(served, layers, error):
+    from timm_modcl import UnsupportedModelError
+    model, data = served
+    saved = _stats(model, 'a')
+    with pytest.raises(UnsupportedModelError if error == 'unsupported' else error):
+        model.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, layers=layers)
+    assert all(torch.equal(model._task('a').stats[k], saved[k]) for k in saved) and \
+        set(model._task('a').stats) == set(saved)
+
+
+def test_malformed_layers_statistic_raises(served):
+    model, data = served
+    saved = _stats(model, 'a')
+    try:
+        for bad in (torch.tensor([3.5]), torch.tensor([5.0, 3.0]), torch.tensor([[3.0]]), torch.tensor([-3.0])):
+            model._task('a').stats['ranpac_layers'] = bad
+            with pytest.raises(StatisticsError, match='ranpac_layers'):
+                model.predict_classes(data['a'][0][:2])
+    finally:
+        model._task('a').stats = saved
+
+
+# ---------------------------------------------------------------------------------------------------- head evidence
+def test_head_evidence_adds_each_candidates_head_score(served):
+    from timm_modcl.serving import head_score
+    model, data = served
+    x = torch.cat([data['a'][0][:3], data['b'][0][:3]])
+    plain = model.predict_task_agnostic(x, scorer='ranpac')
+    for head_scorer in ('energy', 'max_softmax', 'entropy'):
+        pred = model.predict_task_agnostic(x, scorer='ranpac', head_weight=0.5, head_scorer=head_scorer)
+        heads = torch.stack([head_score(model.forward_task(x, n).float(), head_scorer) for n in ('a', 'b')], 1)
+        torch.testing.assert_close(pred.task_scores, plain.task_scores + 0.5 * heads, rtol=1e-5, atol=1e-5)
+        assert torch.equal(pred.task_index, pred.task_scores.argmax(1))
+        for i, t in enumerate(pred.tasks):
+            torch.testing.assert_close(pred.logits[i], model.forward_task(x[i:i + 1], t)[0], rtol=1e-4, atol=1e-4)
+    # entropy evidence: 1 for a one-hot softmax, 0 for a uniform one
+    z = torch.tensor([[100.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    torch.testing.assert_close(head_score(z, 'entropy'), torch.tensor([1.0, 0.0]), atol=1e-6, rtol=0)
+    for kw, match in (({'head_weight': -1.0}, 'head_weight'), ({'head_weight': float('nan')}, 'head_weight'),
+                      ({'head_weight': 1.0, 'head_scorer': 'logits'}, 'head_scorer')):
+        with pytest.raises(TaskError, match=match):
+            model.predict_task_agnostic(x, scorer='ranpac', **kw)
+
+
+def test_layers_travel_in_adapter_files_and_fp16(served, tmp_path):
+    model, data = served
+    saved = {n: _stats(model, n) for n in ('a', 'b')}
+    try:
+        for name, (x, y) in data.items():
+            model.compute_task_statistics(name, (x, y), scorer='ranpac', dim=DIM, ridge=RIDGE, layers=[4, 7])
+        x = torch.cat([v[0][:4] for v in data.values()])
+        ref = model.predict_classes(x)
+        model.save_tasks(tmp_path / 'folder')
+        fresh = _model()
+        fresh.load_tasks(tmp_path / 'folder')
+        assert fresh._task('a').stats['ranpac_layers'].tolist() == [4.0, 7.0]
+        assert torch.equal(fresh.predict_classes(x).class_scores, ref.class_scores)
+        half = _model()
+        half.load_task(model.save_task('a', tmp_path / 'a16.safetensors', dtype=torch.float16))
+        half.load_task(model.save_task('b', tmp_path / 'b16.safetensors', dtype=torch.float16))
+        assert scorers.decoded(half, ['a', 'b']).layers == (4, 7)
+        assert half.predict_classes(x).tasks == ref.tasks
+    finally:
+        for n, s in saved.items():
+            model._task(n).stats = s

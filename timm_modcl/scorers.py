@@ -8,6 +8,10 @@
 L2-normalised and sent through a fixed random projection followed by a ReLU, ``h = relu(W^T f / |f|)`` with ``W``
 ``(D, M)`` standard normal drawn from ``torch.Generator().manual_seed(seed)`` on the CPU: every process and every task
 with the same ``seed`` and size ``M`` uses the same projection (RanPAC, McDonnell et al., NeurIPS 2023).
+``layers=`` (``compute_task_statistics(..., layers=[4, 5])``, stored as ``ranpac_layers``) makes ``f`` from earlier
+layers instead: each layer's output globally average-pooled and L2-normalised, concatenated (``base_features``); a
+set without the pre-logits layer (-1) stops the base forward after its deepest layer, so scoring costs less than a
+full forward.
 
 **Statistics per task** (``stats.ranpac_*`` tensors in the task's adapter file): ``ranpac_gram``, the upper triangle
 (row-major, ``M (M + 1) / 2`` values) of the mean outer product ``H^T H / n`` of the task's random features;
@@ -23,11 +27,13 @@ candidate tasks, one column per class) give the ridge classifier ``B = (G + lamb
 classes, ``lambda = ridge * trace(G) / M`` (``ridge``: the geometric mean of the candidates' ``ranpac_ridge``).
 The class scores are ``h B``; a task's score is its best class score; the class-incremental prediction is the best
 class over all tasks. ``'ncm'`` (nearest class mean) scores classes by the cosine similarity of ``h`` to each class
-mean instead. The decoded weights are cached per model and candidate set, on the model's device and dtype, and
-recomputed only when a task's statistics change (keyed on each statistics tensor's identity and in-place version).
+mean instead. The decoded weights are cached per model and candidate set, on the model's device in float32 (float64
+for a float64 model; ``score_dtype``), and recomputed only when a task's statistics change (keyed on each statistics
+tensor's identity and in-place version) or the model moves (``cache_info`` counts hits and misses).
 
-Cost of a prediction: one forward of the base task for all candidate tasks together, one ``(N, D) x (D, M)`` and one
-``(N, M) x (M, C)`` product (plus, in ``predict_task_agnostic``, one grouped forward for the chosen tasks' heads).
+Cost of a prediction: one forward of the base task for all candidate tasks together (truncated with ``layers``), one
+``(N, D) x (D, M)`` and one ``(N, M) x (M, C)`` product (plus, in ``predict_task_agnostic``, one grouped forward for
+the chosen tasks' heads, or one forward per candidate with ``head_weight > 0``).
 """
 import math
 import threading
@@ -46,13 +52,16 @@ from .task import BASE_TASK
 __all__ = [
     'select_ridge', 'RIDGE_GRID', 'BASE_SCORERS', 'RANPAC_STATS', 'DEFAULT_RANPAC_DIM', 'DEFAULT_RANPAC_RIDGE', 'DEFAULT_RANPAC_SEED',
     'ClassPrediction', 'random_features', 'ranpac_statistics', 'merge_ranpac_statistics', 'has_ranpac',
-    'score_ranpac', 'compute_ranpac_statistics', 'predict_classes',
+    'score_ranpac', 'compute_ranpac_statistics', 'predict_classes', 'PRE_LOGITS', 'base_features', 'cache_info',
+    'score_dtype',
 ]
 
 #: Scorers of this module (both read the ``ranpac_*`` statistics).
 BASE_SCORERS = ('ranpac', 'ncm')
 #: Names of the statistics in ``TaskState.stats`` (``stats.<name>`` tensors in adapter files).
 RANPAC_STATS = ('ranpac_gram', 'ranpac_mean', 'ranpac_count', 'ranpac_seed', 'ranpac_ridge')
+#: Optional statistics: ``ranpac_layers``, the layers the features come from (absent: the pre-logits features).
+RANPAC_OPTIONAL_STATS = ('ranpac_layers',)
 #: Size ``M`` of the random projection (chosen on validation data by ``benchmarks/taskid.py``).
 DEFAULT_RANPAC_DIM = 1024
 #: Relative ridge regulariser ``lambda / (trace(G) / M)`` (chosen on validation data by ``benchmarks/taskid.py``).
@@ -60,10 +69,44 @@ DEFAULT_RANPAC_RIDGE = 100.0
 #: Seed of the random projection.
 DEFAULT_RANPAC_SEED = 0
 #: Relative ridges tried by ``select_ridge``.
-RIDGE_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+RIDGE_GRID = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4)
+#: Layer index of the pre-logits features in ``layers`` (the other indices are timm ``forward_intermediates``
+#: indices with ``extra_blocks=True``: 0 the stem, ``i`` the output of block stage ``i - 1``).
+PRE_LOGITS = -1
+#: Layers the random features are made from by default (``None``: the pre-logits features only).
+DEFAULT_RANPAC_LAYERS: Optional[Tuple[int, ...]] = None
+_MAX_LAYER = 255
 _MAX_SEED = 256          # seeds below this are exact integers in float16 and bfloat16
 _MAX_DIM = 16384
 _CACHE_ENTRIES = 8       # decoded candidate sets kept per model
+
+
+# ---------------------------------------------------------------------------------------------------- caches
+_counters: 'weakref.WeakKeyDictionary' = weakref.WeakKeyDictionary()
+
+
+def count_cache(model, what: str) -> None:
+    """Count a cache hit or miss of ``model`` (``what``: e.g. ``'ranpac_hits'``); see ``cache_info``."""
+    with _lock:
+        c = _counters.setdefault(model, {})
+        c[what] = c.get(what, 0) + 1
+
+
+def cache_info(model) -> Dict[str, int]:
+    """Hits and misses of the scorer caches of ``model`` since it was created: ``ranpac_hits`` / ``ranpac_misses``
+    (decoded ridge or class-mean weights per candidate set) and ``prototype_hits`` / ``prototype_misses`` (prepared
+    Gaussians per task). A miss builds (and validates) the factors again: after a statistics change or a
+    ``model.to(...)``."""
+    with _lock:
+        c = dict(_counters.get(model, {}))
+    return {k: c.get(k, 0) for k in ('ranpac_hits', 'ranpac_misses', 'prototype_hits', 'prototype_misses')}
+
+
+def score_dtype(model) -> Tuple[torch.device, torch.dtype]:
+    """Device and dtype the scorers' factors and scores use for ``model``: the model's device; float64 for a float64
+    model, else float32 (half-precision factors would lose the scores' resolution)."""
+    ref = model._ref_tensor()
+    return ref.device, (torch.float64 if ref.dtype == torch.float64 else torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------- features
@@ -140,6 +183,56 @@ def _feature_fn(model: nn.Module) -> None:
             f'the pre-logits features of a timm classification model')
 
 
+def check_layers(layers: Any) -> Optional[Tuple[int, ...]]:
+    """``layers`` as a sorted tuple of distinct layer indices (``None``: the pre-logits features only).
+
+    Raises:
+        TaskError: not ``None`` nor a non-empty list of integers in ``[-1, 255]``.
+    """
+    if layers is None:
+        return None
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TaskError(f'layers must be None or a list of layer indices, got {type(layers).__name__}')
+    out = list(layers)
+    if not out or any(isinstance(v, bool) or not isinstance(v, int) or not PRE_LOGITS <= v <= _MAX_LAYER
+                      for v in out):
+        raise TaskError(f'layers must be a non-empty list of integers in [{PRE_LOGITS}, {_MAX_LAYER}] '
+                        f'({PRE_LOGITS}: the pre-logits features), got {layers!r}')
+    out = sorted(set(out), key=lambda v: (v == PRE_LOGITS, v))
+    return None if out == [PRE_LOGITS] else tuple(out)
+
+
+def base_features(model, x: torch.Tensor, layers: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Features of the frozen base model the scorers use, for a model already in serving mode under the ``base``
+    task: ``layers=None``, the pre-logits features ``(N, D)``; else each layer's output globally average-pooled and
+    L2-normalised, concatenated in ``layers`` order. Layers are timm ``forward_intermediates(..., extra_blocks=True)``
+    indices and ``PRE_LOGITS`` (-1); without the pre-logits layer the forward stops after the deepest layer asked
+    for (a truncated base forward: cheaper).
+
+    Raises:
+        UnsupportedModelError: the model has no ``forward_intermediates`` or not the layers asked for.
+    """
+    if layers is None:
+        return model._base_features(x)
+    fi = getattr(model, 'forward_intermediates', None)
+    if not callable(fi):
+        raise UnsupportedModelError(f'{type(model).__name__} has no forward_intermediates: its statistics can only '
+                                    f'use the pre-logits features (layers=None)')
+    inner = [v for v in layers if v != PRE_LOGITS]
+    try:
+        if PRE_LOGITS in layers:
+            final, maps = fi(x, indices=inner, extra_blocks=True) if inner else (model.forward_features(x), [])
+        else:
+            final, maps = None, fi(x, indices=inner, intermediates_only=True, stop_early=True, extra_blocks=True)
+    except (AssertionError, IndexError, TypeError) as e:
+        raise UnsupportedModelError(f'{type(model).__name__} cannot give the features of layers {list(layers)}: '
+                                    f'{e}') from None
+    by_layer = {v: m.mean((2, 3)) if m.ndim == 4 else m.flatten(1) for v, m in zip(inner, maps)}
+    if final is not None:
+        by_layer[PRE_LOGITS] = model.forward_head(final, pre_logits=True)
+    return torch.cat([torch.nn.functional.normalize(by_layer[v].float(), dim=1) for v in layers], 1)
+
+
 def check_all_reduce(all_reduce: bool) -> None:
     """``all_reduce=True`` of the statistics functions needs a process group.
 
@@ -153,9 +246,10 @@ def check_all_reduce(all_reduce: bool) -> None:
 
 
 def for_each_base_feature(model, task: str, data, num_classes: int, fn: Callable[[torch.Tensor, torch.Tensor], None],
-                          *, batch_size: int, num_workers: int, progress: bool, desc: str) -> None:
+                          *, batch_size: int, num_workers: int, progress: bool, desc: str,
+                          layers: Optional[Sequence[int]] = None) -> None:
     """Run the frozen base model (eval, no autograd, per-call ``base`` task) over ``data`` and call ``fn(features,
-    labels)`` per batch: what every scorer's statistics are made from.
+    labels)`` per batch: what every scorer's statistics are made from (``layers``: see ``base_features``).
 
     Raises:
         DataError: unusable data, labels out of ``task``'s range, or non-finite features.
@@ -171,7 +265,7 @@ def for_each_base_feature(model, task: str, data, num_classes: int, fn: Callable
             check_labels(y, num_classes, task, images=len(x))
             if x.is_floating_point():
                 x = x.to(ref.device, ref.dtype)
-            f = model._base_features(x)
+            f = base_features(model, x, layers)
             if not torch.isfinite(f).all():
                 raise DataError('the backbone gave NaN or Inf features for the data')
             fn(f, y)
@@ -219,7 +313,8 @@ class _Sums(ClassMoments):
         self.sum += mean * count[:, None]
         self.outer += gram * float(count.sum())
 
-    def finish(self, seed: int, ridge: float) -> 'OrderedDict[str, torch.Tensor]':
+    def finish(self, seed: int, ridge: float, layers: Optional[Tuple[int, ...]] = None
+               ) -> 'OrderedDict[str, torch.Tensor]':
         n = float(self.count.sum())
         if n < 1:
             raise DataError('no samples to compute random-feature statistics from')
@@ -231,7 +326,32 @@ class _Sums(ClassMoments):
         out['ranpac_count'] = self.count.float()
         out['ranpac_seed'] = torch.tensor(float(seed))
         out['ranpac_ridge'] = torch.tensor(float(ridge))
+        if layers is not None:
+            out['ranpac_layers'] = torch.tensor([float(v) for v in layers])
         return out
+
+
+def layers_of(stats: Dict[str, torch.Tensor], name: str) -> Optional[Tuple[int, ...]]:
+    """The layers a task's random-feature statistics were made from (``ranpac_layers``; absent: ``None``, the
+    pre-logits features).
+
+    Raises:
+        StatisticsError: a malformed ``ranpac_layers``.
+    """
+    v = stats.get('ranpac_layers')
+    if v is None:
+        return None
+    if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.ndim != 1 or not len(v) or \
+            not torch.isfinite(v).all() or not torch.equal(v, v.round()):
+        raise _bad(name, 'ranpac_layers must be a non-empty 1-D tensor of integer layer indices')
+    layers = [int(i) for i in v.tolist()]
+    try:
+        checked = check_layers(layers)
+    except TaskError:
+        checked = ()
+    if checked is None or checked != tuple(layers):
+        raise _bad(name, f'ranpac_layers {layers} must be distinct sorted indices in [{PRE_LOGITS}, {_MAX_LAYER}]')
+    return checked
 
 
 def _bad(name: str, msg: str) -> StatisticsError:
@@ -304,15 +424,18 @@ def check_features_and_labels(features: Any, labels: Any, num_classes: int) -> t
 
 def ranpac_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
                       dim: int = DEFAULT_RANPAC_DIM, seed: int = DEFAULT_RANPAC_SEED,
-                      ridge: float = DEFAULT_RANPAC_RIDGE) -> 'OrderedDict[str, torch.Tensor]':
+                      ridge: float = DEFAULT_RANPAC_RIDGE, layers: Optional[Sequence[int]] = None
+                      ) -> 'OrderedDict[str, torch.Tensor]':
     """Random-feature statistics (the ``ranpac_*`` tensors) of a task from its base features, without a model.
 
     Args:
-        features: ``(N, D)`` pre-logits features of the base task (``model.prototype_features(x)``).
+        features: ``(N, D)`` features of the base task: pre-logits (``model.prototype_features(x)``), or
+            ``scorers.base_features(model, x, layers)`` with the ``layers`` recorded here.
         labels: ``(N,)`` class indices in ``[0, num_classes)``.
         num_classes: Number of classes of the task.
         dim, seed: Size and seed of the random projection.
         ridge: Relative ridge regulariser stored with the statistics.
+        layers: The layers ``features`` come from (stored as ``ranpac_layers``; ``None``: pre-logits).
 
     Raises:
         DataError: mismatched shapes, labels out of range, non-finite features or no samples.
@@ -320,10 +443,11 @@ def ranpac_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes:
     """
     _check_dim_seed(dim, seed)
     _check_ridge(ridge)
+    layers = check_layers(layers)
     labels = check_features_and_labels(features, labels, num_classes)
     sums = _Sums(num_classes, dim)
     sums.add(random_features(features.float(), dim, seed), labels)
-    return sums.finish(seed, float(ridge))
+    return sums.finish(seed, float(ridge), layers)
 
 
 def merge_ranpac_statistics(*stats: Dict[str, torch.Tensor]) -> 'OrderedDict[str, torch.Tensor]':
@@ -339,11 +463,14 @@ def merge_ranpac_statistics(*stats: Dict[str, torch.Tensor]) -> 'OrderedDict[str
     if len(seeds) > 1 or len(ridges) > 1:
         raise StatisticsError(f'cannot merge statistics with different seeds {sorted(seeds)} or ridges '
                               f'{sorted(ridges)}')
+    layers = {layers_of(s, f'#{i}') for i, s in enumerate(stats)}
+    if len(layers) > 1:
+        raise StatisticsError(f'cannot merge statistics of different layers {sorted(map(str, layers))}')
     first = _unpack(stats[0], '#0')
     sums = _Sums(*first[1].shape)
     for i, s in enumerate(stats):
         sums.add_stats(s, f'#{i}')
-    return sums.finish(int(seeds.pop()), ridges.pop())
+    return sums.finish(int(seeds.pop()), ridges.pop(), layers.pop())
 
 
 def has_ranpac(model, name: str) -> bool:
@@ -355,6 +482,7 @@ def compute_ranpac_statistics(
         model, task: str, data, *, dim: int = DEFAULT_RANPAC_DIM, seed: int = DEFAULT_RANPAC_SEED,
         ridge: float = DEFAULT_RANPAC_RIDGE, num_classes: Optional[int] = None, accumulate: bool = False,
         batch_size: int = 64, num_workers: int = 0, progress: bool = False, all_reduce: bool = False,
+        layers: Optional[Sequence[int]] = DEFAULT_RANPAC_LAYERS,
 ) -> 'OrderedDict[str, torch.Tensor]':
     """Compute and store a task's random-feature statistics (``model.compute_task_statistics(..., scorer='ranpac')``).
 
@@ -372,20 +500,25 @@ def compute_ranpac_statistics(
         batch_size, num_workers, progress: For the data loader.
         all_reduce: Sum the statistics over the processes of the default ``torch.distributed`` group (each process
             passes its shard; the sums are exact float64 sums).
+        layers: The base model's layers the features come from (``base_features``; ``None``: the pre-logits
+            features). Every candidate of one prediction must use the same layers.
 
     Returns:
         The task's new ``ranpac_*`` statistics.
 
     Raises:
         TaskNotFoundError: unknown task.
-        TaskError: bad ``dim``, ``seed``, ``ridge``, ``num_classes``, or ``all_reduce`` without a process group.
-        StatisticsError: ``accumulate=True`` onto statistics of other classes, size or seed.
+        TaskError: bad ``dim``, ``seed``, ``ridge``, ``num_classes``, ``layers``, or ``all_reduce`` without a
+            process group.
+        StatisticsError: ``accumulate=True`` onto statistics of other classes, size, seed or layers.
         DataError: unusable data.
-        UnsupportedModelError: a model without ``forward_features`` / ``forward_head(pre_logits=True)``.
+        UnsupportedModelError: a model without ``forward_features`` / ``forward_head(pre_logits=True)`` (or, with
+            ``layers``, without ``forward_intermediates`` or those layers).
     """
     state = model._task(task)
     _check_dim_seed(dim, seed)
     _check_ridge(ridge)
+    layers = check_layers(layers)
     if num_classes is None:
         num_classes = int(state.num_classes)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -398,15 +531,20 @@ def compute_ranpac_statistics(
         if float(state.stats['ranpac_seed']) != seed:
             raise StatisticsError(f'task {task!r}: accumulate=True with seed {seed}, the statistics have seed '
                                   f'{float(state.stats["ranpac_seed"]):g}')
+        if layers_of(state.stats, task) != layers:
+            raise StatisticsError(f'task {task!r}: accumulate=True with layers {layers}, the statistics have layers '
+                                  f'{layers_of(state.stats, task)}')
         sums.add_stats(state.stats, task)
     for_each_base_feature(model, task, data, num_classes,
                           lambda f, y: sums.add(random_features(f.float(), dim, seed), y),
-                          batch_size=batch_size, num_workers=num_workers, progress=progress, desc='random features')
+                          batch_size=batch_size, num_workers=num_workers, progress=progress, desc='random features',
+                          layers=layers)
     ref = model._ref_tensor()
     if all_reduce:
         sums.all_reduce()
-    stats = sums.finish(seed, float(ridge))   # float32 whatever the model's dtype: counts stay exact
+    stats = sums.finish(seed, float(ridge), layers)   # float32 whatever the model's dtype: counts stay exact
     stats = OrderedDict((k, v.to(ref.device)) for k, v in stats.items())
+    state.stats.pop('ranpac_layers', None)
     state.stats.update(stats)
     return stats
 
@@ -429,6 +567,11 @@ class _Decoded:
             raise StatisticsError(f'tasks {", ".join(map(repr, names))} have random-feature statistics of different '
                                   f'sizes {sorted(dims)} or seeds {sorted(seeds)}; recompute them with one dim and '
                                   f'seed')
+        layers = {layers_of(s, n) for n, s in zip(names, stats)}
+        if len(layers) > 1:
+            raise StatisticsError(f'tasks {", ".join(map(repr, names))} have random-feature statistics of different '
+                                  f'layers {sorted(map(str, layers))}; recompute them with the same layers')
+        self.layers: Optional[Tuple[int, ...]] = layers.pop()
         self.dim, self.seed = dims.pop(), int(seeds.pop())
         self.sizes = [m.shape[0] for m in means]
         self.offsets = [0]
@@ -476,28 +619,32 @@ def _decode(names, stats, num_classes, method, device, dtype) -> _Decoded:
 
 
 def decoded(model, names: Sequence[str], method: str = 'ranpac') -> _Decoded:
-    """The cached decoded weights of ``names`` on the model's device and dtype (float32 for integer models).
+    """The cached decoded weights of ``names`` on the model's device and ``score_dtype`` (float32 unless the model
+    is float64), decoded again only when a candidate's statistics change (counted by ``cache_info``).
 
     Raises:
         StatisticsError: missing, malformed or incompatible statistics.
     """
     if method not in BASE_SCORERS:
         raise TaskError(f'unknown scorer {method!r}; choose one of {", ".join(BASE_SCORERS)}')
-    ref = model._ref_tensor()
-    dtype = ref.dtype if ref.is_floating_point() else torch.float32
+    device, dtype = score_dtype(model)
     tasks = [model._task(n) for n in names]
     for n, t in zip(names, tasks):
         if not all(k in t.stats for k in RANPAC_STATS):
             _unpack(t.stats, n)  # raises the missing-statistics error
-    key = (tuple(names), method, str(ref.device), dtype,
-           tuple(tuple((k, _key(t.stats[k])) for k in RANPAC_STATS) + (t.num_classes,) for t in tasks))
+    key = (tuple(names), method, str(device), dtype,
+           tuple(tuple((k, _key(t.stats[k])) for k in RANPAC_STATS + RANPAC_OPTIONAL_STATS if k in t.stats)
+                 + (t.num_classes,) for t in tasks))
     with _lock:
         per_model = _decoded.setdefault(model, OrderedDict())
         hit = per_model.get(key)
         if hit is not None:
             per_model.move_to_end(key)
-            return hit
-    d = _decode(list(names), [t.stats for t in tasks], [t.num_classes for t in tasks], method, ref.device, dtype)
+    if hit is not None:
+        count_cache(model, 'ranpac_hits')
+        return hit
+    count_cache(model, 'ranpac_misses')
+    d = _decode(list(names), [t.stats for t in tasks], [t.num_classes for t in tasks], method, device, dtype)
     with _lock:
         per_model[key] = d
         while len(per_model) > _CACHE_ENTRIES:
@@ -524,7 +671,7 @@ def score(model, x: torch.Tensor, names: Sequence[str], method: str) -> Tuple[to
     """Task scores ``(N, T)`` and per task its class scores ``(N, C_t)``, for a model already in serving mode."""
     d = decoded(model, names, method)
     with model.task_scope(BASE_TASK):
-        f = model._base_features(x)
+        f = base_features(model, x, d.layers)
     return _task_scores(d.class_scores(f), d)
 
 
@@ -604,7 +751,7 @@ def predict_classes(model, x: torch.Tensor, scorer: str = 'ranpac',
     names = model._candidates(tasks, scorer)
     with model._serving(), model.task_scope(BASE_TASK):
         d = decoded(model, names, scorer)
-        scores = d.class_scores(model._base_features(x)).float().cpu()
+        scores = d.class_scores(base_features(model, x, d.layers)).float().cpu()
     glob = scores.argmax(1)
     offsets = torch.tensor(d.offsets)
     t_idx = torch.bucketize(glob, offsets[1:], right=True)
@@ -646,6 +793,7 @@ def select_ridge(model, data: Dict[str, Any], grid: Sequence[float] = RIDGE_GRID
     names = list(data)
     check_candidates(model, names)
     tasks = [model._task(n) for n in names]
+    layers = decoded(model, names).layers
     feats, truth = [], []
     ref = model._ref_tensor()
     with model._serving(), model.task_scope(BASE_TASK):
@@ -654,7 +802,7 @@ def select_ridge(model, data: Dict[str, Any], grid: Sequence[float] = RIDGE_GRID
                 x, _ = unpack_batch(batch, 'data')
                 if x.is_floating_point():
                     x = x.to(ref.device, ref.dtype)
-                feats.append(model._base_features(x).float())
+                feats.append(base_features(model, x, layers).float())
                 truth.append(torch.full((len(x),), i))
     if not feats:
         raise DataError('select_ridge: no validation images')

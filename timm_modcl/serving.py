@@ -23,14 +23,19 @@ across tasks, higher is better:
   one covariance shared by its classes, as low-rank plus diagonal ``Sigma = diag(psi) + V diag(a) V^T`` (the top
   ``rank`` eigenvectors of the within-class covariance, and the rest of its diagonal); the score is the log-likelihood
   ``log sum_c pi_c N(f; mu_c, Sigma)`` including the log-determinant, computed with the Woodbury identity in
-  O(D * rank) per class. Cost: one forward of the base task for all tasks together, plus one grouped forward for the
-  class (``forward_tasks``), whatever the number of tasks. The statistics are computed from a task's training data by
-  ``compute_task_statistics`` (``train_task(..., prototypes=True)`` calls it) and stored as ``stats.proto_*`` tensors
-  in the task's adapter file (statistics, never images).
+  O(D * rank) per class; the factors are validated and factorised once per task in float64 and kept on the model's
+  device in float32 (float64 for a float64 model) until the statistics change. Cost: one forward of the base task
+  for all tasks together, plus one grouped forward for the class (``forward_tasks``), whatever the number of tasks.
+  The statistics are computed from a task's training data by ``compute_task_statistics`` (``train_task(...,
+  prototypes=True)`` calls it) and stored as ``stats.proto_*`` tensors in the task's adapter file (statistics,
+  never images).
 * ``'ranpac'`` / ``'ncm'``: a ridge classifier (or nearest class mean) on fixed random features of the base features,
   over the union of all candidate tasks' classes; a task scores its best class (``timm_modcl.scorers``; statistics
   from ``model.compute_task_statistics(task, data, scorer='ranpac')``). ``model.predict_classes(x)`` gives the
   class-incremental prediction (one label space over all tasks' classes) from the same statistics.
+* Head evidence: ``predict_task_agnostic(x, scorer='ranpac', head_weight=w, head_scorer='energy')`` adds ``w`` times
+  each candidate's own head score (``'energy'``, ``'max_softmax'`` or ``'entropy'``, as SupSup) to the statistics
+  scorer's task score; ``w`` is calibrated on validation data. It costs one forward per candidate task.
 * ``'energy'``: the free energy of each task's head normalised by its class count, ``logsumexp(z) - log K`` (the log
   of the mean exponentiated logit). One forward per candidate task.
 * ``'max_softmax'``: the largest softmax probability rescaled to [0, 1] by the head size,
@@ -40,6 +45,7 @@ Every method validates its arguments before it changes anything and restores the
 of every module afterwards, also when the forward raises.
 """
 import contextlib
+import copy
 import math
 import warnings
 from collections import OrderedDict
@@ -59,9 +65,11 @@ __all__ = [
     'ServingMixin', 'TaskPrediction', 'SCORERS', 'PROTOTYPE_STATS', 'DEFAULT_PROTOTYPE_RANK',
     'DEFAULT_PROTOTYPE_POWER', 'DEFAULT_PROTOTYPE_SHRINKAGE', 'compute_task_statistics', 'prototype_statistics',
     'has_prototypes', 'score_prototypes', 'prototype_dim', 'check_prototype_statistics', 'MAX_PROTOTYPE_LOG_SCALE',
-    'MAX_PROTOTYPE_MEAN',
+    'MAX_PROTOTYPE_MEAN', 'HEAD_SCORERS', 'head_score',
 ]
 
+#: Head evidence added to a statistics scorer's task scores (``predict_task_agnostic(head_weight=...)``).
+HEAD_SCORERS = ('energy', 'max_softmax', 'entropy')
 #: Task scorers of ``predict_task_agnostic``.
 SCORERS = ('prototype', 'energy', 'max_softmax') + _scorers.BASE_SCORERS
 #: Names of the prototype statistics in ``TaskState.stats`` (``stats.<name>`` tensors in adapter files).
@@ -338,23 +346,35 @@ class _TaskGaussian:
             except RuntimeError:
                 raise bad('are not positive definite') from None
             logdet += float(log_scale.sum()) + 2 * float(chol.diagonal().log().sum())
-            self.b, self.chol = b, chol
-            self.u_mean = self._solve(mean)                                 # (C, k)
+            self.w = torch.linalg.solve_triangular(chol, b, upper=False)    # L^-1 V^T Psi^-1, (k, D)
+            self.u_mean = mean @ self.w.t()                                 # (C, k)
             self.u_mean_sq = self.u_mean.pow(2).sum(1)
         self.log_prior = torch.where(prior > 0, (prior / prior.sum()).log(), torch.full_like(prior, -math.inf))
         self.const = -0.5 * (logdet + dim_ * _LOG_2PI)
         if not math.isfinite(self.const) or not bool(torch.isfinite(self.class_log_likelihood(mean)).all()):
             raise bad('give non-finite scores')
 
-    def _solve(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.solve_triangular(self.chol, self.b @ x.t(), upper=False).t()
+    _FACTORS = ('psi_inv_sqrt', 'mean_s', 'mean_sq', 'w', 'u_mean', 'u_mean_sq', 'log_prior')
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> '_TaskGaussian':
+        """A copy whose factors (validated and factorised in float64 on the CPU) are on ``device`` in ``dtype``."""
+        out = copy.copy(self)
+        for k in self._FACTORS:
+            if hasattr(self, k):
+                setattr(out, k, getattr(self, k).to(device, dtype))
+        out.device, out.dtype = torch.device(device), dtype
+        return out
+
+    device = torch.device('cpu')
+    dtype = torch.float64
 
     def class_log_likelihood(self, f: torch.Tensor) -> torch.Tensor:
-        """``(N, C)`` log N(f; mu_c, Sigma) for transformed features ``f`` ``(N, D)`` (float64)."""
+        """``(N, C)`` log N(f; mu_c, Sigma) for transformed features ``f`` ``(N, D)`` on the factors' device and
+        dtype."""
         fs = f * self.psi_inv_sqrt
         q = fs.pow(2).sum(1, keepdim=True) - 2 * fs @ self.mean_s.t() + self.mean_sq
         if self.k:
-            u = self._solve(f)
+            u = f @ self.w.t()
             q = q - (u.pow(2).sum(1, keepdim=True) - 2 * u @ self.u_mean.t() + self.u_mean_sq)
         return -0.5 * q.clamp_min(0) + self.const
 
@@ -390,15 +410,16 @@ def score_prototypes(features: torch.Tensor, stats: Sequence[Dict[str, torch.Ten
 
 
 def _score(feats: torch.Tensor, gaussians: Sequence['_TaskGaussian']) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    transformed: Dict[float, torch.Tensor] = {}
+    transformed: Dict[tuple, torch.Tensor] = {}
     scores, posts = [], []
     for g in gaussians:
         if g.dim != feats.shape[1]:
             raise StatisticsError(f'task {g.name!r}: prototype statistics have features of size {g.dim}, the '
                                   f'features have size {feats.shape[1]}')
-        f = transformed.get(g.power)
+        key = (g.power, g.device, g.dtype)
+        f = transformed.get(key)
         if f is None:
-            f = transformed[g.power] = _power(feats, g.power)
+            f = transformed[key] = _power(feats.to(g.device, g.dtype), g.power)
         s, post = g.scores(f)
         scores.append(s)
         posts.append(post)
@@ -703,6 +724,7 @@ class ServingMixin:
 
     def predict_task_agnostic(
             self, x: torch.Tensor, scorer: str = 'prototype', tasks: Optional[Sequence[str]] = None,
+            head_weight: float = 0.0, head_scorer: str = 'energy',
     ) -> TaskPrediction:
         """Predict task and class of images whose task is unknown.
 
@@ -715,13 +737,19 @@ class ServingMixin:
             scorer: ``'prototype'`` (one base forward for all tasks, then one grouped forward), ``'energy'`` or
                 ``'max_softmax'`` (one forward per candidate task).
             tasks: Candidate tasks (default: every task but ``base``).
+            head_weight: With a statistics scorer (``'prototype'``, ``'ranpac'``, ``'ncm'``), add this multiple of
+                each candidate's head evidence (``head_scorer`` of its own modulated head, as SupSup) to its score;
+                calibrate it on validation data (``benchmarks/taskid.py``). Any value above 0 costs one forward per
+                candidate task (the chosen task's logits come from those forwards); 0 (default): no head evidence.
+            head_scorer: ``'energy'`` (``logsumexp(z) - log K``), ``'max_softmax'`` (rescaled to [0, 1]) or
+                ``'entropy'`` (``1 - H(softmax(z)) / log K``).
 
         Returns:
             A ``TaskPrediction`` (tasks, labels, class names, probabilities, task scores).
 
         Raises:
-            TaskError: unknown scorer, no learned tasks, an empty candidate list, or (head scorers) a task without
-                head.
+            TaskError: unknown scorer or head scorer, a bad ``head_weight``, no learned tasks, an empty candidate
+                list, or (head scorers, head evidence) a task without head.
             TaskNotFoundError: a candidate is not a task of the model.
             StatisticsError: (``'prototype'``) a candidate has no prototype statistics, or none has usable ones (a
                 task whose statistics are unusable is skipped with a ``RuntimeWarning``).
@@ -729,18 +757,35 @@ class ServingMixin:
             The model is unchanged on error.
         """
         n = self._check_batch(x)
+        if isinstance(head_weight, bool) or not isinstance(head_weight, (int, float)) or \
+                not 0 <= head_weight < math.inf:
+            raise TaskError(f'head_weight must be a non-negative finite number, got {head_weight!r}')
+        if head_scorer not in HEAD_SCORERS:
+            raise TaskError(f'unknown head_scorer {head_scorer!r}; choose one of {", ".join(HEAD_SCORERS)}')
         names = self._candidates(tasks, scorer)
+        evidence = head_weight > 0 and (scorer == 'prototype' or scorer in _scorers.BASE_SCORERS)
+        if evidence:
+            headless = [t for t in names if self._modcl.tasks[t].num_classes < 1]
+            if headless:
+                raise TaskError(f'task(s) {", ".join(map(repr, headless[:5]))} have no head: no head evidence '
+                                f'(use head_weight=0)')
         gaussians = self._gaussians(names) if scorer == 'prototype' else []
         st = self._modcl
         with self._serving():
             if scorer == 'prototype' or scorer in _scorers.BASE_SCORERS:
                 task_scores, class_post = (self._prototype_scores(x, gaussians) if scorer == 'prototype'
                                            else _scorers.score(self, x, names, scorer))
+                if evidence:
+                    outputs = {name: self._scoped_forward(x, name) for name in self._schedule(names)}
+                    task_scores = task_scores + head_weight * torch.stack(
+                        [head_score(outputs[nm].float(), head_scorer).to(task_scores) for nm in names], 1)
                 best = task_scores.argmax(1)
                 chosen = [names[i] for i in best.tolist()]
                 heads = [i for i in range(n) if st.tasks[chosen[i]].num_classes > 0]
                 logits: List[torch.Tensor] = [class_post[t][i] for i, t in enumerate(best.tolist())]
-                if heads:
+                if evidence:
+                    logits = [outputs[chosen[i]][i] for i in range(n)]
+                elif heads:
                     sub = self.forward_tasks(x[torch.tensor(heads, device=x.device)], [chosen[i] for i in heads])
                     for j, i in enumerate(heads):
                         logits[i] = sub[j]
@@ -749,7 +794,7 @@ class ServingMixin:
                 for name in self._schedule(names):
                     per_task.append((name, self._scoped_forward(x, name)))
                 order = {name: z for name, z in per_task}
-                task_scores = torch.stack([_head_score(order[nm].float(), scorer) for nm in names], 1)
+                task_scores = torch.stack([head_score(order[nm].float(), scorer) for nm in names], 1)
                 best = task_scores.argmax(1)
                 chosen = [names[i] for i in best.tolist()]
                 logits = [order[chosen[i]][i] for i in range(n)]
@@ -771,18 +816,22 @@ class ServingMixin:
         return [self._gaussian(n, dim) for n in names]
 
     def _gaussian(self, name: str, dim: Optional[int]) -> _TaskGaussian:
-        """A task's prepared (validated, factorised) Gaussian, kept per task until its statistics change (keyed on
-        the identity and version counter of every statistics tensor), so a prediction does not redo the float64
-        Cholesky factorisation of every candidate."""
+        """A task's prepared (validated, factorised) Gaussian on the model's device in ``scorers.score_dtype``
+        (float32 unless the model is float64), kept per task until its statistics change (keyed on the identity and
+        version counter of every statistics tensor) or the model moves, so a prediction does not redo the float64
+        Cholesky factorisation of any candidate (hits and misses: ``scorers.cache_info``)."""
         st = self._modcl
         task = st.tasks[name]
+        device, dtype = _scorers.score_dtype(self)
         # the objects themselves (not their ids, which a new tensor may reuse) and their versions
-        key = (task, task.num_classes, dim, tuple((k, v, getattr(v, '_version', None))
-                                                  for k, v in task.stats.items() if k in PROTOTYPE_STATS))
+        key = (task, task.num_classes, dim, (str(device), dtype),
+               tuple((k, v, getattr(v, '_version', None)) for k, v in task.stats.items() if k in PROTOTYPE_STATS))
         entry = st.prototype_cache.get(name)
         if entry is not None and _same_stats_key(entry[0], key):
+            _scorers.count_cache(self, 'prototype_hits')
             return entry[1]
-        gaussian = _TaskGaussian(name, task.stats, task.num_classes, dim)   # raises StatisticsError
+        _scorers.count_cache(self, 'prototype_misses')
+        gaussian = _TaskGaussian(name, task.stats, task.num_classes, dim).to(device, dtype)   # raises StatisticsError
         for stale in [n for n in st.prototype_cache if n not in st.tasks]:
             del st.prototype_cache[stale]
         st.prototype_cache[name] = (key, gaussian)
@@ -793,12 +842,12 @@ class ServingMixin:
         """Task log-likelihoods ``(N, T)`` and, per task, the class log-posterior within the task ``(N, C_t)``."""
         with self.task_scope(BASE_TASK):
             f = self._base_features(x)
-        return _score(f.to('cpu', torch.float64), gaussians)
+        return _score(f, gaussians)
 
 
 def _same_stats_key(a: tuple, b: tuple) -> bool:
-    return (a[0] is b[0] and a[1:3] == b[1:3] and len(a[3]) == len(b[3])
-            and all(x[0] == y[0] and x[1] is y[1] and x[2] == y[2] for x, y in zip(a[3], b[3])))
+    return (a[0] is b[0] and a[1:4] == b[1:4] and len(a[4]) == len(b[4])
+            and all(x[0] == y[0] and x[1] is y[1] and x[2] == y[2] for x, y in zip(a[4], b[4])))
 
 
 def _restore_modes(modes: Sequence[Tuple[nn.Module, bool]]) -> None:
@@ -806,10 +855,17 @@ def _restore_modes(modes: Sequence[Tuple[nn.Module, bool]]) -> None:
         m.training = flag
 
 
-def _head_score(z: torch.Tensor, scorer: str) -> torch.Tensor:
-    """Confidence of a head's logits ``(N, K)``, normalised for the head size ``K`` (higher is more confident)."""
+def head_score(z: torch.Tensor, scorer: str) -> torch.Tensor:
+    """Confidence of a head's logits ``(N, K)``, normalised for the head size ``K`` (higher is more confident):
+    ``scorer`` one of ``HEAD_SCORERS`` (see ``predict_task_agnostic``); the head evidence the task-agnostic
+    prediction adds, for computing it outside a model (benchmarks)."""
     k = z.shape[1]
     if scorer == 'energy':
         return z.logsumexp(1) - math.log(k)
+    if scorer == 'entropy':
+        if k < 2:
+            return torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+        logp = z.log_softmax(1)
+        return 1 + (logp.exp() * logp).sum(1) / math.log(k)
     p = z.softmax(1).amax(1)
     return (p - 1.0 / k) / (1.0 - 1.0 / k) if k > 1 else torch.zeros_like(p)
