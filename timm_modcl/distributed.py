@@ -181,8 +181,8 @@ def barrier() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- collectives
-def _flat_collective_(tensors: Sequence[torch.Tensor], device: torch.device, collective,
-                      dtype: Optional[torch.dtype] = None) -> None:
+def flat_collective_(tensors: Sequence[torch.Tensor], device: torch.device, collective,
+                     dtype: Optional[torch.dtype] = None) -> None:
     """Run ``collective`` in place on the tensors flattened into one buffer per dtype (or into one buffer of
     ``dtype``), and copy the results back into the tensors (cast to their own dtype)."""
     groups = {}
@@ -212,7 +212,7 @@ def broadcast_tensors_(tensors: Sequence[torch.Tensor], device: torch.device, sr
     """Overwrite ``tensors`` on every process with rank ``src``'s values (grouped by dtype, one collective each)."""
     if not is_distributed() or get_world_size() == 1:
         return
-    _flat_collective_(tensors, device, lambda flat: dist.broadcast(flat, src=src))
+    flat_collective_(tensors, device, lambda flat: dist.broadcast(flat, src=src))
 
 
 def broadcast_int(value: int, device: torch.device, src: int = 0) -> int:
@@ -335,7 +335,8 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.parallel.DistributedD
     """``DistributedDataParallel`` over a modcl model whose task is bound already.
 
     ``broadcast_buffers=False``: the frozen backbone (buffers) is never sent; the task's own BatchNorm statistics are
-    kept consistent by ``average_bn_stats_`` (or SyncBatchNorm). DDP broadcasts rank 0's task parameters once.
+    kept consistent by ``training.batchnorm.average_bn_stats_`` (or SyncBatchNorm). DDP broadcasts rank 0's task
+    parameters once.
     """
     with warnings.catch_warnings():
         # torch >= 2.14 deprecates broadcast_buffers for forward_sync_buffers, but forward_sync_buffers=False still
@@ -364,50 +365,6 @@ def ddp_session(model: nn.Module, device: torch.device, enabled: bool, sync_bn: 
             yield net
         finally:
             net = None
-
-
-def task_bn_stats(model: nn.Module, task: str, kinds=('running_mean', 'running_var')) -> List[torch.Tensor]:
-    """The live BatchNorm running-statistics tensors of ``task`` (floating point ones by default)."""
-    out = []
-    for stats in model._task(task).norm_stats.values():
-        for k in kinds:
-            t = stats.get(k)
-            if t is not None:
-                out.append(t)
-    return out
-
-
-def average_bn_stats_(model: nn.Module, task: str, device: torch.device) -> None:
-    """Replace the task's BN running mean and variance by their average over the processes (one collective)."""
-    if not is_distributed() or get_world_size() == 1:
-        return
-    world = get_world_size()
-
-    def average(flat: torch.Tensor) -> None:
-        dist.all_reduce(flat)
-        flat.div_(world)
-    _flat_collective_(task_bn_stats(model, task), device, average)
-
-
-def combine_recalibrated_bn_(bns: Sequence[nn.Module], batches: int, device: torch.device) -> int:
-    """Combine per-process cumulative BN averages over ``batches`` local batches into the average over all processes'
-    batches (each process's statistics weighted by its batch count). Returns the total number of batches."""
-    if not is_distributed() or get_world_size() == 1:
-        return batches
-    total = int(round(all_reduce_numbers([batches], device)[0]))
-    if total == 0:
-        return 0
-
-    def weighted_average(flat: torch.Tensor) -> None:
-        flat.mul_(batches)
-        dist.all_reduce(flat)
-        flat.div_(total)
-    _flat_collective_([t for bn in bns for t in (bn.running_mean, bn.running_var)], device, weighted_average,
-                      dtype=torch.float64)
-    with torch.no_grad():
-        for bn in bns:
-            bn.num_batches_tracked.fill_(total)
-    return total
 
 
 # ---------------------------------------------------------------------------------------------------- SyncBatchNorm

@@ -1,15 +1,17 @@
-"""BatchNorm recalibration after training: the trained task's running statistics recomputed as plain averages over
-one pass of the training data with the final weights (under DDP, over every process's batches)."""
-from typing import Optional
+"""The trained task's BatchNorm statistics: recalibration after training (plain averages over one pass of the
+training data with the final weights) and, under DDP, their agreement across processes (rank 0's at the start,
+averaged after every epoch, recalibrated over every process's batches)."""
+from typing import List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from .. import distributed as _dist
 from ..data import unpack_batch
 
-__all__ = ['recalibrate_bn']
+__all__ = ['recalibrate_bn', 'task_bn_stats', 'average_bn_stats_', 'combine_recalibrated_bn_']
 
 
 def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device, dtype: torch.dtype,
@@ -42,7 +44,7 @@ def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device, d
                 model(x.to(dtype) if x.is_floating_point() else x)
                 batches += 1
         if comm is not None:
-            batches = _dist.combine_recalibrated_bn_(bns, batches, comm)
+            batches = combine_recalibrated_bn_(bns, batches, comm)
         ok = True
     finally:
         for bn, mom in zip(bns, momenta):
@@ -54,3 +56,47 @@ def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device, d
                     bn.running_var.copy_(var)
                     bn.num_batches_tracked.copy_(n)
     return batches
+
+
+def task_bn_stats(model: nn.Module, task: str, kinds=('running_mean', 'running_var')) -> List[torch.Tensor]:
+    """The live BatchNorm running-statistics tensors of ``task`` (floating point ones by default)."""
+    out = []
+    for stats in model._task(task).norm_stats.values():
+        for k in kinds:
+            t = stats.get(k)
+            if t is not None:
+                out.append(t)
+    return out
+
+
+def average_bn_stats_(model: nn.Module, task: str, device: torch.device) -> None:
+    """Replace the task's BN running mean and variance by their average over the processes (one collective)."""
+    if not _dist.is_distributed() or _dist.get_world_size() == 1:
+        return
+    world = _dist.get_world_size()
+
+    def average(flat: torch.Tensor) -> None:
+        dist.all_reduce(flat)
+        flat.div_(world)
+    _dist.flat_collective_(task_bn_stats(model, task), device, average)
+
+
+def combine_recalibrated_bn_(bns: Sequence[nn.Module], batches: int, device: torch.device) -> int:
+    """Combine per-process cumulative BN averages over ``batches`` local batches into the average over all processes'
+    batches (each process's statistics weighted by its batch count). Returns the total number of batches."""
+    if not _dist.is_distributed() or _dist.get_world_size() == 1:
+        return batches
+    total = int(round(_dist.all_reduce_numbers([batches], device)[0]))
+    if total == 0:
+        return 0
+
+    def weighted_average(flat: torch.Tensor) -> None:
+        flat.mul_(batches)
+        dist.all_reduce(flat)
+        flat.div_(total)
+    stats = [t for bn in bns for t in (bn.running_mean, bn.running_var)]
+    _dist.flat_collective_(stats, device, weighted_average, dtype=torch.float64)
+    with torch.no_grad():
+        for bn in bns:
+            bn.num_batches_tracked.fill_(total)
+    return total

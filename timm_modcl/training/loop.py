@@ -12,7 +12,7 @@ from torch.utils.data.distributed import DistributedSampler
 from .. import distributed as _dist
 from ..data import check_labels, unpack_batch
 from ..errors import DataError, NonFiniteLossError
-from .batchnorm import recalibrate_bn
+from .batchnorm import average_bn_stats_, recalibrate_bn
 from .evaluation import accuracy
 from .setup import TrainRun
 
@@ -107,7 +107,7 @@ def end_epoch(run: TrainRun, epoch: int, sums: Tuple[float, int, int], t0: float
     if run.ddp:
         loss_sum, correct, seen = _dist.all_reduce_numbers([loss_sum, correct, seen], run.comm)
         if not run.sync_bn:
-            _dist.average_bn_stats_(run.model, run.task, run.comm)
+            average_bn_stats_(run.model, run.task, run.comm)
     if seen == 0:
         raise DataError('train_data yielded no batches')
     bad = run.snapshot.non_finite()

@@ -12,6 +12,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .. import distributed as _dist
 from ..errors import DistributedError, TaskError
+from .batchnorm import task_bn_stats
 from .guard import TaskSnapshot, seed_everything
 from .history import TrainHistory
 from .loaders import DataLike, loader_len, make_loader, model_device, model_dtype, target_device
@@ -197,4 +198,4 @@ def start(run: TrainRun, resumed: bool) -> None:
                        f'{run.opts.epochs}')
     elif run.ddp:
         kinds = ('running_mean', 'running_var', 'num_batches_tracked')
-        _dist.broadcast_tensors_(_dist.task_bn_stats(run.model, run.task, kinds=kinds), run.comm)
+        _dist.broadcast_tensors_(task_bn_stats(run.model, run.task, kinds=kinds), run.comm)
