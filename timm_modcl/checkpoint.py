@@ -183,7 +183,7 @@ def _check_history(history: Mapping[str, Any], task: str, epoch: int, label: str
     """The history of ``epoch`` finished epochs: the fields of ``TrainHistory``, one finite value per epoch each."""
     from dataclasses import fields
 
-    from .train import TrainHistory
+    from .training.history import TrainHistory
     names = {f.name for f in fields(TrainHistory)}
     if set(history) != names:
         odd = sorted(set(history) ^ names)
