@@ -337,3 +337,12 @@ def test_one_flat_collective_per_dtype_or_one_in_a_given_dtype():
     calls.clear()
     D.flat_collective_([a, n], torch.device('cpu'), double, dtype=torch.float64)
     assert calls == [(torch.float64, 8)] and a.dtype == torch.float32 and torch.equal(n, torch.tensor([12, 16]))
+
+
+def test_moved_bn_helpers_still_reachable_from_distributed_with_a_warning():
+    from timm_modcl.training import batchnorm
+    for name in ('task_bn_stats', 'average_bn_stats_', 'combine_recalibrated_bn_'):
+        with pytest.warns(DeprecationWarning, match='training.batchnorm'):
+            assert getattr(D, name) is getattr(batchnorm, name)
+    with pytest.raises(AttributeError):
+        D.no_such_helper

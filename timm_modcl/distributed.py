@@ -430,3 +430,17 @@ def rng_seed_for_run(seed: Optional[int], device: torch.device) -> int:
         return int(seed)
     local = int(torch.empty((), dtype=torch.int64).random_(0, 2 ** 62).item())
     return broadcast_int(local, device)
+
+
+_MOVED = {'task_bn_stats', 'average_bn_stats_', 'combine_recalibrated_bn_'}
+
+
+def __getattr__(name: str):
+    """The trained task's BN helpers moved to ``timm_modcl.training.batchnorm`` (still reachable here, with a
+    ``DeprecationWarning``)."""
+    if name in _MOVED:
+        warnings.warn(f'timm_modcl.distributed.{name} moved to timm_modcl.training.batchnorm.{name}',
+                      DeprecationWarning, stacklevel=2)
+        from .training import batchnorm
+        return getattr(batchnorm, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
