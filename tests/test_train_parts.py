@@ -346,3 +346,28 @@ def test_moved_bn_helpers_still_reachable_from_distributed_with_a_warning():
             assert getattr(D, name) is getattr(batchnorm, name)
     with pytest.raises(AttributeError):
         D.no_such_helper
+
+
+@pytest.mark.parametrize('params', [True, 3, None, {'a': 1}])
+def test_a_checkpoint_whose_optimizer_group_has_no_parameter_list_is_refused(tmp_path, params):
+    """Found by tests/test_hardening_checkpoints.py's fuzz (PYTHONHASHSEED=7): this raised a bare TypeError."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from timm_modcl import CheckpointError
+    path = tmp_path / 'c.safetensors'
+    args = dict(epochs=2, batch_size=4, seed=0, progress=False, prototypes=False, recalibrate_bn=False)
+    train_task(_model(), 't', _data(), checkpoint=path, callback=lambda h: True, **args)  # stops after epoch 1
+    with safe_open(str(path), 'pt') as f:
+        meta = f.metadata()
+    state = json.loads(meta['state'])
+    state['optimizer']['param_groups'][0]['params'] = params
+    save_file(load_file(str(path)), str(path), metadata=dict(meta, state=json.dumps(state)))
+    model = _model()
+    before = {name: _tensors(model, name) for name in model.tasks}
+    with pytest.raises(CheckpointError, match='parameter groups'):
+        train_task(model, 't', _data(), checkpoint=path, resume=True, **args)
+    for name in model.tasks:
+        assert all(torch.equal(v, _tensors(model, name)[k]) for k, v in before[name].items())
