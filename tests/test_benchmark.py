@@ -176,23 +176,6 @@ def test_paired_bootstrap_interval():
     assert same['diff'] == 0 and same['ci'] == [0.0, 0.0] and _stats.verdict(same['ci']) is None
 
 
-def test_ladder_search_extends_past_a_winning_edge(tmp_path):
-    st = accuracy.Settings(out_dir=str(tmp_path))
-    proto = accuracy.Protocol(st, accuracy.Store(tmp_path / 'cells'))
-    calls = []
-
-    def run(lr):
-        calls.append(lr)
-        return accuracy._const({'val_mean': -abs(math.log10(lr) - math.log10(1e-3)), 'lr': lr})
-
-    gen = proto.ladder_search(accuracy.LADDER, accuracy.LADDER.index(1e-2), run, 'lr')
-    with pytest.raises(StopIteration) as stop:
-        while True:
-            next(gen)
-    lr, row = stop.value.value
-    assert lr == 1e-3 and calls == [3e-3, 1e-2, 3e-2, 1e-3, 3e-4]
-
-
 def test_library_defaults_are_what_the_benchmark_chose():
     """``DEFAULT_CONFIG`` and ``train_task``'s defaults are the modcl setting chosen on validation by the committed
     benchmark run (the per-layer patterns may be spelt differently but must give the same modulators)."""

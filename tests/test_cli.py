@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import timm
+import timm_modcl.backbone as backbone
 import timm_modcl.cli as cli
 from timm_modcl.adapter import load_tasks, read_index
 from timm_modcl.cli import main
@@ -364,8 +365,8 @@ def test_push_and_pull(trained, hub, tmp_path):
 # ---------------------------------------------------------------------------------------------------- demo
 def test_demo_quick_offline_falls_back_and_forgets_nothing(tmp_path, monkeypatch):
     monkeypatch.delenv('MODCL_WEIGHTS', raising=False)
-    monkeypatch.setattr(cli, '_cached_weights', lambda name: None)
-    monkeypatch.setattr(cli, '_reachable', lambda name, timeout=3.0: 'cannot reach huggingface.co (test)')
+    monkeypatch.setattr(backbone, 'cached_weights', lambda name: None)
+    monkeypatch.setattr(backbone, 'weights_reachable', lambda name, timeout=3.0: 'cannot reach huggingface.co (test)')
     rc, out, err = _run(['demo', '--quick', '--out', tmp_path / 'demo', '--no-progress'])
     assert rc == 0, err
     assert ('could not download pretrained weights (cannot reach huggingface.co (test)); '
@@ -382,8 +383,8 @@ def test_demo_quick_offline_falls_back_and_forgets_nothing(tmp_path, monkeypatch
 def test_demo_is_reproducible_whatever_the_global_rng_state(tmp_path, monkeypatch):
     """The same --seed gives the same adapters byte for byte, even though torch seeds its global RNG differently in
     every process (the first task's head used to be initialised from it)."""
-    monkeypatch.setattr(cli, '_cached_weights', lambda name: None)
-    monkeypatch.setattr(cli, '_reachable', lambda name, timeout=3.0: 'offline (test)')
+    monkeypatch.setattr(backbone, 'cached_weights', lambda name: None)
+    monkeypatch.setattr(backbone, 'weights_reachable', lambda name, timeout=3.0: 'offline (test)')
     files = []
     for run, global_seed in enumerate((1, 2)):
         torch.manual_seed(global_seed)

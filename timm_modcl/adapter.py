@@ -13,7 +13,11 @@ variant and the modulator shapes present (a layer without modulator is unmodulat
 shape gets the per-layer resolution that produces it).
 
 A folder of adapters (``save_tasks``) holds ``modcl_index.json`` and one ``<task>/adapter_model.safetensors`` plus a
-human-readable ``<task>/adapter_config.json`` per task, as PEFT lays out its adapters.
+human-readable ``<task>/adapter_config.json`` per task, as PEFT lays out its adapters. The index records the
+architecture, the backbone fingerprint and (since 0.3) its ``layers`` (``payload.LayerTable``), so folders are
+validated, merged, pushed and pulled without building a backbone (``read_folder``, ``check_adapters``).
+
+Every adapter is read into a ``payload.TaskPayload``, the one place where a task's tensors are validated.
 
 Reading never unpickles anything and reads only regular files (inside an adapter folder: no links); every write goes
 to a temporary file that is renamed into place.
@@ -21,7 +25,6 @@ to a temporary file that is renamed into place.
 import contextlib
 import errno
 import json
-import math
 import os
 import shutil
 import stat
@@ -33,25 +36,24 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ._io import _umask, atomic_write_bytes, folder_lock, load_json
 from .config import TaskConfig
-from .core import MAX_CLASSES, MAX_MODULATOR
 from .errors import (
-    AdapterError, AdapterFormatError, FingerprintMismatchError, ModCLError, TaskError, TaskExistsError,
+    AdapterError, AdapterFormatError, FingerprintMismatchError, PayloadError, TaskError, TaskExistsError,
 )
 from .layers import modulator_shape
-from .task import BASE_TASK, TaskInfo, TaskState, validate_metadata, validate_task_name
+from .payload import LayerTable, TaskPayload, read_safetensors
+from .task import BASE_TASK, TaskInfo, validate_task_name
 from .version import __version__
 
 __all__ = [
     'ADAPTER_FORMAT', 'ADAPTER_FORMAT_VERSION', 'ADAPTER_FILE', 'ADAPTER_CONFIG_FILE', 'INDEX_FILE',
     'save_task', 'load_task', 'save_tasks', 'load_tasks', 'read_adapter', 'read_index', 'read_index_file', 'parse_index', 'write_index',
     'adapter_metadata', 'adapter_bytes', 'describe_adapter', 'load_task_files', 'merge_adapter_folders',
-    'read_file', 'AdapterMixin',
+    'read_file', 'AdapterMixin', 'payload_bytes', 'adapter_payload', 'read_payload', 'read_folder', 'check_adapters',
+    'index_bytes', 'index_layer_table', 'adapter_config_bytes',
 ]
 
 ADAPTER_FORMAT = 'timm_modcl.adapter'
@@ -152,21 +154,50 @@ def _architecture(model) -> Tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------- single task
-def adapter_metadata(model, task: TaskState, dtype: torch.dtype, has_head: bool, has_stats: bool) -> Dict[str, str]:
-    """The safetensors header metadata of a task adapter (all values are strings)."""
-    arch, tag = _architecture(model)
+def _header(task_meta: Mapping[str, Any], architecture: str, pretrained_tag: str, fingerprint: str,
+            dtype: torch.dtype, has_head: bool, has_stats: bool) -> Dict[str, str]:
     return {
         'format': ADAPTER_FORMAT,
         'format_version': str(ADAPTER_FORMAT_VERSION),
         'timm_modcl_version': __version__,
-        'architecture': arch,
-        'pretrained_tag': tag,
-        'backbone_fingerprint': model.backbone_fingerprint(),
+        'architecture': architecture,
+        'pretrained_tag': pretrained_tag,
+        'backbone_fingerprint': fingerprint,
         'dtype': str(dtype).replace('torch.', ''),
         'has_head': 'true' if has_head else 'false',
         'has_stats': 'true' if has_stats else 'false',
-        'task': json.dumps(task.meta(), sort_keys=True),
+        'task': json.dumps(task_meta, sort_keys=True),
     }
+
+
+def adapter_metadata(model, task, dtype: torch.dtype, has_head: bool, has_stats: bool) -> Dict[str, str]:
+    """The safetensors header metadata of a task adapter (all values are strings); ``task`` is a ``TaskPayload``
+    (or anything with ``meta()``)."""
+    arch, tag = _architecture(model)
+    return _header(task.meta(), arch, tag, model.backbone_fingerprint(), dtype, has_head, has_stats)
+
+
+def payload_bytes(payload: TaskPayload, *, architecture: str, backbone_fingerprint: str, pretrained_tag: str = '',
+                  dtype: Optional[torch.dtype] = None) -> bytes:
+    """Serialise a payload as adapter file content (deterministic for a given payload), without a model.
+
+    Raises:
+        AdapterError: for an unsupported dtype, or a value that overflows it.
+    """
+    dtype = dtype or torch.float32
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise AdapterError(f'adapters are stored as float32, float16 or bfloat16, not {dtype}')
+    tensors: Dict[str, torch.Tensor] = OrderedDict()
+    for k, v in payload.tensors.items():
+        v = v.detach()
+        if v.is_floating_point() and v.dtype != dtype:
+            v = v.to(dtype)
+            if not torch.isfinite(v).all():
+                raise AdapterError(f'task {payload.name!r}: {k} overflows {dtype}; save it as float32 or bfloat16')
+        tensors[k] = v.to('cpu').contiguous()
+    meta = _header(payload.meta(), architecture, pretrained_tag, backbone_fingerprint, dtype,
+                   has_head=bool(payload.head), has_stats=bool(payload.stats))
+    return _canonical(st_save(tensors, metadata=meta))
 
 
 def adapter_bytes(model, name: str, dtype: Optional[torch.dtype] = None, include_head: bool = True,
@@ -178,31 +209,15 @@ def adapter_bytes(model, name: str, dtype: Optional[torch.dtype] = None, include
         AdapterError: for an unsupported dtype, a value that overflows it, or a tensor the loader would refuse
             (NaN or Inf values, negative BN variances, modulators beyond ``MAX_MODULATOR``).
     """
-    task = model._task(name)
-    dtype = dtype or torch.float32
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise AdapterError(f'adapters are stored as float32, float16 or bfloat16, not {dtype}')
-    has_head = include_head and isinstance(task.head, torch.nn.Linear)
-    has_stats = include_stats and bool(task.stats)
-    tensors: Dict[str, torch.Tensor] = OrderedDict()
-    for k, v in task.tensors(stats=has_stats).items():
-        if k.startswith('head.') and not has_head:
-            continue
-        v = v.detach()
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise AdapterError(f'task {name!r}: {k} has NaN or Inf values (a diverged training run?); such an adapter '
-                               f'would be refused when loaded')
-        if k.endswith('.running_var') and (v < 0).any():
-            raise AdapterError(f'task {name!r}: {k} has negative values; such an adapter would be refused when loaded')
-        if k.startswith('modulator.') and v.numel() and float(v.abs().max()) > MAX_MODULATOR:
-            raise AdapterError(f'task {name!r}: {k} has values beyond +-{MAX_MODULATOR:g} (a diverged training run?); '
-                               f'such an adapter would be refused when loaded')
-        if v.is_floating_point() and v.dtype != dtype:
-            v = v.to(dtype)
-            if not torch.isfinite(v).all():
-                raise AdapterError(f'task {name!r}: {k} overflows {dtype}; save it as float32 or bfloat16')
-        tensors[k] = v.to('cpu').contiguous()
-    return _canonical(st_save(tensors, metadata=adapter_metadata(model, task, dtype, has_head, has_stats)))
+    try:
+        payload = model.task_payload(name, head=include_head, stats=include_stats)
+    except PayloadError as e:
+        raise AdapterError(f'{e} (a diverged training run?); such an adapter would be refused when loaded') from None
+    arch, tag = _architecture(model)
+    return payload_bytes(payload, architecture=arch, pretrained_tag=tag,
+                         backbone_fingerprint=model.backbone_fingerprint(), dtype=dtype)
 
 
 def save_task(
@@ -238,22 +253,6 @@ def save_task(
         raise AdapterError(f'could not write adapter {str(path)!r}: {e}') from e
 
 
-def _read_header(data: bytes, source: str) -> Dict[str, Any]:
-    if data[:2] in (b'PK', b'\x80\x02', b'\x80\x03', b'\x80\x04', b'\x80\x05'):
-        raise AdapterFormatError(
-            f'{source} looks like a pickle / torch.save file; timm_modcl only reads safetensors adapters and never '
-            f'unpickles files')
-    if len(data) < 8:
-        raise AdapterFormatError(f'{source} is not a safetensors file (only {len(data)} bytes)')
-    (n,) = struct.unpack('<Q', data[:8])
-    if n > _MAX_HEADER or 8 + n > len(data):
-        raise AdapterFormatError(f'{source} is truncated or not a safetensors file (header length {n})')
-    header = load_json(data[8:8 + n], AdapterFormatError, f'the safetensors header of {source}')
-    if not isinstance(header, dict):
-        raise AdapterFormatError(f'{source} has a corrupt safetensors header')
-    return header
-
-
 def read_adapter(source: Union[_PathLike, bytes], name: str = 'adapter', inside: Optional[_PathLike] = None,
                  ) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
     """Read an adapter file (path or bytes) into ``(metadata, tensors)``, checking the format but not the model fit.
@@ -270,23 +269,23 @@ def read_adapter(source: Union[_PathLike, bytes], name: str = 'adapter', inside:
         if Path(source).is_dir():
             raise AdapterError(f'{name!r} is a folder; use load_tasks() for a folder of adapters')
         data = read_file(source, inside=inside, what='adapter file')
-    header = _read_header(data, repr(name))
-    meta = header.get('__metadata__')
-    if not isinstance(meta, dict) or meta.get('format') != ADAPTER_FORMAT:
+    try:
+        meta, tensors = read_safetensors(data, repr(name), max_header=_MAX_HEADER)
+    except PayloadError as e:
+        raise AdapterFormatError(str(e)) from None
+    if meta.get('format') != ADAPTER_FORMAT:
         raise AdapterFormatError(f'{name!r} is a safetensors file but not a timm_modcl task adapter')
     if meta.get('format_version') not in _READABLE_VERSIONS:
         raise AdapterFormatError(
             f'{name!r} has adapter format version {meta.get("format_version")!r}; this timm_modcl '
             f'({__version__}) reads versions {", ".join(_READABLE_VERSIONS)}')
-    try:
-        tensors = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError) as e:
-        raise AdapterFormatError(f'{name!r} is corrupt: {e}') from None
-    return {str(k): str(v) for k, v in meta.items()}, tensors
+    return meta, tensors
 
 
-def _v1_config(model, task_meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: str) -> TaskConfig:
-    """The config a version-1 (timm_modcl 0.1) adapter was built with, rebuilt from its resolution and tensors."""
+def _v1_config(weights: Optional[Mapping[str, Tuple[Tuple[int, ...], int]]], task_meta: Mapping[str, Any],
+               tensors: Mapping[str, torch.Tensor], source: str) -> TaskConfig:
+    """The config a version-1 (timm_modcl 0.1) adapter was built with, rebuilt from its resolution and, given the
+    architecture's weight layers ``{layer: (weight shape, chunks)}``, the modulator shapes it holds."""
     res = task_meta.get('resolution')
     variant = task_meta.get('variant') or 'identity'
     try:
@@ -294,8 +293,7 @@ def _v1_config(model, task_meta: Mapping[str, Any], tensors: Mapping[str, torch.
     except (TaskError, TypeError) as e:
         raise AdapterFormatError(f'{source}: {e}') from None
     overrides = []
-    for layer, module in model._modcl.weight_layers.items():
-        shape = tuple(module._buffers['weight'].shape)
+    for layer, (shape, _) in (weights or {}).items():
         expected = None if base.resolution is None else modulator_shape(shape, base.resolution)
         t = tensors.get(f'modulator.{layer}')
         if t is None:
@@ -321,20 +319,36 @@ def _task_json(meta: Mapping[str, str], source: str) -> Dict[str, Any]:
     return task_meta
 
 
-def _num_classes(task_meta: Mapping[str, Any], source: str) -> int:
-    n = task_meta.get('num_classes')
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_CLASSES:
-        raise AdapterFormatError(f'{source}: num_classes must be an integer from 0 to {MAX_CLASSES:,}, got {n!r}')
-    return n
+def adapter_payload(
+        meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor], label: str = 'adapter', *,
+        table: Optional[LayerTable] = None, name: Optional[str] = None,
+) -> TaskPayload:
+    """The validated ``TaskPayload`` of an adapter read by ``read_adapter``; with the architecture's ``table``, also
+    checked against its layers (and a version-1 config rebuilt from them).
 
-
-def _task_meta(model, meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor], source: str) -> Dict[str, Any]:
-    task_meta = _task_json(meta, source)
+    Raises:
+        AdapterFormatError: malformed task description or tensors, or (with ``table``) tensors that do not fit.
+        InvalidTaskNameError: a bad ``name``.
+    """
+    task_meta = _task_json(meta, label)
     if meta.get('format_version') == '1':
-        task_meta = dict(task_meta, config=_v1_config(model, task_meta, tensors, source).to_dict())
+        task_meta = dict(task_meta, config=_v1_config(None if table is None else table.weights, task_meta, tensors,
+                                                      label).to_dict())
         task_meta.pop('variant', None)
         task_meta.pop('resolution', None)
-    return task_meta
+    if name is not None:
+        task_meta['name'] = validate_task_name(name)
+    headless = meta.get('has_head') == 'false' and not any(k.startswith('head.') for k in tensors)
+    max_fresh_head = max(_FRESH_HEAD_FACTOR * sum(t.numel() for t in tensors.values()), 1_000_000)
+    try:
+        if headless and table is not None:  # before anything else is looked at: the largest allocation asked for
+            table.check_fresh_head(task_meta.get('name'), task_meta.get('num_classes'), max_fresh_head)
+        payload = TaskPayload.from_meta(task_meta, tensors, headless=headless and bool(task_meta.get('num_classes')))
+        if table is not None:
+            payload.check(table, max_fresh_head=max_fresh_head)
+    except PayloadError as e:
+        raise AdapterFormatError(f'{label}: {e}') from None
+    return payload
 
 
 def _check_fit(model, meta: Mapping[str, str], source: str, allow_fingerprint_mismatch: bool) -> None:
@@ -347,14 +361,15 @@ def _check_fit(model, meta: Mapping[str, str], source: str, allow_fingerprint_mi
                f'model {ours[:12]}...)')
         if not allow_fingerprint_mismatch:
             raise FingerprintMismatchError(msg + '; pass allow_fingerprint_mismatch=True to load it anyway')
-        warnings.warn(msg + '; loading anyway because allow_fingerprint_mismatch=True', stacklevel=3)
+        warnings.warn(msg + '; loading anyway because allow_fingerprint_mismatch=True', stacklevel=4)
 
 
-def build_task(
+def read_payload(
         model, source: Union[_PathLike, bytes], name: Optional[str] = None, allow_fingerprint_mismatch: bool = False,
         label: Optional[str] = None, inside: Optional[_PathLike] = None,
-) -> TaskState:
-    """Read and validate an adapter and build its task for ``model`` without adding it (the model is unchanged).
+) -> TaskPayload:
+    """Read an adapter and validate it for ``model`` (architecture, fingerprint, every tensor against the model's
+    layers) without adding it: the model is unchanged.
 
     Raises:
         AdapterFormatError, FingerprintMismatchError, AdapterError, InvalidTaskNameError: see ``load_task``.
@@ -363,31 +378,27 @@ def build_task(
         raise AdapterError(f'an adapter is a file path or the bytes of a file, got {type(source).__name__}')
     label = label or (repr(str(source)) if not isinstance(source, (bytes, bytearray)) else 'adapter')
     meta, tensors = read_adapter(source, label.strip("'"), inside=inside)
-    task_meta = _task_meta(model, meta, tensors, label)
     _check_fit(model, meta, label, allow_fingerprint_mismatch)
-    if name is not None:
-        task_meta['name'] = validate_task_name(name)
-    if task_meta.get('name') == BASE_TASK:
+    payload = adapter_payload(meta, tensors, label, table=model.layer_table(), name=name)
+    if payload.name == BASE_TASK:
         raise AdapterFormatError(f'{label} is named {BASE_TASK!r}, which is reserved; load it under another name')
-    headless = meta.get('has_head') == 'false' and model._has_head
-    num_classes = _num_classes(task_meta, label) if headless else None
-    if headless and num_classes:
-        shapes = model._head_shapes(num_classes)
-        fresh_values = sum(math.prod(s) for s in shapes.values())
-        file_values = sum(t.numel() for t in tensors.values())
-        if fresh_values > max(_FRESH_HEAD_FACTOR * file_values, 1_000_000):
-            raise AdapterFormatError(
-                f'{label} has no head and asks for a fresh one of {num_classes:,} classes ({fresh_values:,} values), '
-                f'far more than the file holds; save the adapter with its head')
-        # validate everything with a placeholder head of the right shape, then make the fresh head
-        tensors = dict(tensors)
-        tensors.update({f'head.{k}': torch.zeros(s) for k, s in shapes.items()})
-    task = model._task_from_tensors(task_meta, tensors, error=AdapterFormatError)
-    if headless and num_classes:
-        with torch.random.fork_rng(devices=[]):  # a load, even a failed one, leaves the global random state alone
-            task.head = model._new_head(num_classes)
-        warnings.warn(f'{label} has no head; task {task.name!r} gets a new, untrained head', stacklevel=3)
-    return task
+    try:
+        model.check_payload(payload)
+    except PayloadError as e:
+        raise AdapterFormatError(f'{label}: {e}') from None
+    return payload
+
+
+def _add_payloads(model, payloads: Mapping[str, TaskPayload], replace: bool, activate: bool) -> List[str]:
+    """``model.load_payloads`` with its errors as adapter errors, warning about tasks that get a fresh head."""
+    try:
+        names = model.load_payloads(list(payloads.values()), replace=replace, activate=activate)
+    except PayloadError as e:
+        raise AdapterFormatError(str(e)) from None
+    for label, p in payloads.items():
+        if p.headless:
+            warnings.warn(f'{label} has no head; task {p.name!r} gets a new, untrained head', stacklevel=4)
+    return names
 
 
 def load_task(
@@ -420,11 +431,10 @@ def load_task(
         AdapterError: the file cannot be read (missing, a folder, a device or FIFO), or ``path`` is neither a path
             nor bytes.
     """
-    task = build_task(model, path, name=name, allow_fingerprint_mismatch=allow_fingerprint_mismatch)
-    if task.name in model._modcl.tasks and not replace:
-        raise TaskExistsError(f'task {task.name!r} already exists (pass replace=True, or load it under another name)')
-    model._insert_task(task, activate=activate)
-    return task.info()
+    payload = read_payload(model, path, name=name, allow_fingerprint_mismatch=allow_fingerprint_mismatch)
+    label = repr(str(path)) if not isinstance(path, (bytes, bytearray)) else 'adapter'
+    (n,) = _add_payloads(model, {label: payload}, replace=replace, activate=activate)
+    return model.task_info(n)
 
 
 def describe_adapter(source: Union[_PathLike, bytes], inside: Optional[_PathLike] = None) -> Dict[str, Any]:
@@ -432,48 +442,27 @@ def describe_adapter(source: Union[_PathLike, bytes], inside: Optional[_PathLike
     classes, config and sizes (what ``modcl info`` prints).
 
     Raises:
-        AdapterFormatError, AdapterError: as ``read_adapter``, or when the task metadata is malformed.
+        AdapterFormatError, AdapterError: as ``read_adapter``, or when the task metadata or a tensor is malformed.
     """
     label = 'adapter' if isinstance(source, (bytes, bytearray)) else repr(str(source))
     meta, tensors = read_adapter(source, label.strip("'"), inside=inside)
-    task = _task_json(meta, label)
-    try:
-        validate_task_name(task.get('name'))
-        if meta.get('format_version') == '1':
-            res = task.get('resolution')
-            config = TaskConfig(resolution=None if res is None else tuple(res), variant=task.get('variant') or 'identity')
-        else:
-            config = TaskConfig.from_dict(task.get('config'))
-    except (TaskError, TypeError) as e:
-        raise AdapterFormatError(f'{label}: {e}') from None
-    num_classes = _num_classes(task, label)
-    class_names = task.get('class_names')
-    if class_names is not None and (not isinstance(class_names, list) or len(class_names) != num_classes
-                                    or not all(isinstance(c, str) for c in class_names)):
-        raise AdapterFormatError(f'{label}: class_names must be {num_classes} strings')
-    count = lambda prefix: sum(t.numel() for k, t in tensors.items() if k.startswith(prefix))  # noqa: E731
-    return {
-        'name': task['name'],
-        'num_classes': num_classes,
-        'class_names': class_names,
-        'config': config,
-        'format_version': int(meta['format_version']),
-        'architecture': meta.get('architecture', ''),
-        'pretrained_tag': meta.get('pretrained_tag', ''),
-        'backbone_fingerprint': meta.get('backbone_fingerprint', ''),
-        'dtype': meta.get('dtype', ''),
-        'has_head': meta.get('has_head') != 'false',
-        'has_stats': any(k.startswith('stats.') for k in tensors),
-        'num_modulator_params': count('modulator.'),
-        'num_head_params': count('head.'),
-        'num_norm_values': count('norm.') + sum(t.numel() for k, t in tensors.items()
-                                               if k.startswith('bn.') and not k.endswith('num_batches_tracked')),
-        'num_stats_values': count('stats.'),
-        'num_values': sum(t.numel() for t in tensors.values()),
-        'tensor_bytes': sum(t.numel() * t.element_size() for t in tensors.values()),
-        'timm_modcl_version': meta.get('timm_modcl_version', ''),
-        'metadata': validate_metadata(task.get('metadata'), error=AdapterFormatError),
-    }
+    payload = adapter_payload(meta, tensors, label)
+    return dict(
+        payload.describe(),
+        name=payload.name,
+        num_classes=payload.num_classes,
+        class_names=None if payload.class_names is None else list(payload.class_names),
+        config=payload.config,
+        format_version=int(meta['format_version']),
+        architecture=meta.get('architecture', ''),
+        pretrained_tag=meta.get('pretrained_tag', ''),
+        backbone_fingerprint=meta.get('backbone_fingerprint', ''),
+        dtype=meta.get('dtype', ''),
+        has_head=meta.get('has_head') != 'false',
+        has_stats=bool(payload.stats),
+        timm_modcl_version=meta.get('timm_modcl_version', ''),
+        metadata=dict(payload.metadata),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- folders
@@ -502,18 +491,16 @@ def save_tasks(
             values, ...): then nothing is written.
     """
     directory = _path(directory, 'the adapter folder')
-    names = [n for n in model._modcl.tasks if n != BASE_TASK] if names is None else task_names(names)
+    names = [n for n in model.tasks if n != BASE_TASK] if names is None else task_names(names)
     for n in names:
-        model._task(n)
+        model.task_tensors(n)  # TaskNotFoundError before anything is written
     arch, tag = _architecture(model)
     fingerprint = model.backbone_fingerprint()
     # every task serialised first: one that cannot be (an fp16 overflow) fails before any file is written
-    files = {n: (adapter_bytes(model, n, dtype=dtype, include_head=include_head),
-                 _json_bytes(dict(model._task(n).meta(), architecture=arch, pretrained_tag=tag,
-                                  backbone_fingerprint=fingerprint, timm_modcl_version=__version__,
-                                  format=ADAPTER_FORMAT, format_version=ADAPTER_FORMAT_VERSION,
-                                  dtype=str(dtype or torch.float32).replace('torch.', ''))))
-             for n in names}
+    files = {}
+    for n in names:
+        data = adapter_bytes(model, n, dtype=dtype, include_head=include_head)
+        files[n] = (data, adapter_config_bytes(data))
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -540,6 +527,20 @@ def save_tasks(
     return directory
 
 
+def adapter_config_bytes(data: bytes) -> bytes:
+    """The human-readable ``adapter_config.json`` of an adapter: its task description and header fields.
+
+    Raises:
+        AdapterFormatError: not a readable adapter.
+    """
+    meta, _ = read_adapter(data)
+    config = dict(_task_json(meta, 'adapter'))
+    config.update({k: meta.get(k, '') for k in ('architecture', 'pretrained_tag', 'backbone_fingerprint',
+                                                 'timm_modcl_version', 'format', 'dtype')})
+    config['format_version'] = int(meta['format_version'])
+    return _json_bytes(config)
+
+
 def _check_task_folders(directory: Path, names: Iterable[str]) -> None:
     """Refuse to write a task whose folder (or file) in ``directory`` is a link or not a folder: writing through it
     would put files outside the adapter folder.
@@ -563,8 +564,9 @@ def _check_task_folders(directory: Path, names: Iterable[str]) -> None:
                 raise AdapterError(f'{str(path)!r} is not a {kind}; nothing was written')
 
 
-def _index(arch: str, tag: str, fingerprint: str, tasks: List[str]) -> Dict[str, Any]:
-    return {
+def _index(arch: str, tag: str, fingerprint: str, tasks: List[str], layers: Optional[Mapping[str, Any]] = None
+           ) -> Dict[str, Any]:
+    index = {
         'format': INDEX_FORMAT,
         'format_version': INDEX_FORMAT_VERSION,
         'timm_modcl_version': __version__,
@@ -573,13 +575,29 @@ def _index(arch: str, tag: str, fingerprint: str, tasks: List[str]) -> Dict[str,
         'backbone_fingerprint': fingerprint,
         'tasks': list(tasks),
     }
+    if layers is not None:
+        index['layers'] = layers
+    return index
+
+
+def index_bytes(index: Mapping[str, Any], tasks: List[str]) -> bytes:
+    """The bytes of an index like ``index`` (a checked one: same architecture, backbone and layer table) listing
+    ``tasks``."""
+    return _json_bytes(_index(index['architecture'], index.get('pretrained_tag', ''), index['backbone_fingerprint'],
+                              list(tasks), index.get('layers')))
+
+
+def index_layer_table(index: Mapping[str, Any]) -> Optional[LayerTable]:
+    """The layer table a checked index records (``None`` for an index written before timm_modcl 0.3)."""
+    layers = index.get('layers')
+    return None if layers is None else LayerTable.from_dict(layers)
 
 
 def write_index(model, directory: _PathLike, tasks: List[str]) -> Path:
-    """Write a folder's ``modcl_index.json`` listing ``tasks`` of ``model``'s architecture and backbone."""
+    """Write a folder's ``modcl_index.json`` listing ``tasks`` of ``model``'s architecture, backbone and layers."""
     arch, tag = _architecture(model)
-    return atomic_write_bytes(Path(directory) / INDEX_FILE,
-                              _json_bytes(_index(arch, tag, model.backbone_fingerprint(), tasks)))
+    return atomic_write_bytes(Path(directory) / INDEX_FILE, _json_bytes(
+        _index(arch, tag, model.backbone_fingerprint(), tasks, model.layer_table().to_dict())))
 
 
 def read_index(directory: _PathLike) -> Dict[str, Any]:
@@ -620,6 +638,11 @@ def parse_index(data: bytes, label: str) -> Dict[str, Any]:
     for key in ('architecture', 'backbone_fingerprint'):
         if not isinstance(index.get(key), str):
             raise AdapterFormatError(f'{label!r} has no valid {key!r}')
+    if index.get('layers') is not None:
+        try:
+            LayerTable.from_dict(index['layers'])
+        except PayloadError as e:
+            raise AdapterFormatError(f'{label!r}: {e}') from None
     return index
 
 
@@ -664,17 +687,16 @@ def load_task_files(
         allow_fingerprint_mismatch: bool = False, label: str = 'adapters', inside: Optional[_PathLike] = None,
 ) -> List[str]:
     """Add several adapters ``{task name: file}`` to ``model``, all or nothing (see ``load_tasks``)."""
-    built: 'OrderedDict[str, TaskState]' = OrderedDict()
+    built: 'OrderedDict[str, TaskPayload]' = OrderedDict()
+    existing = model.tasks
     for n, source in files.items():
-        task = build_task(model, source, allow_fingerprint_mismatch=allow_fingerprint_mismatch, inside=inside)
-        if task.name != n:
-            raise AdapterFormatError(f'{label!r}: the adapter of task {n!r} is named {task.name!r}')
-        if n in model._modcl.tasks and not replace:
+        payload = read_payload(model, source, allow_fingerprint_mismatch=allow_fingerprint_mismatch, inside=inside)
+        if payload.name != n:
+            raise AdapterFormatError(f'{label!r}: the adapter of task {n!r} is named {payload.name!r}')
+        if n in existing and not replace:
             raise TaskExistsError(f'task {n!r} already exists (pass replace=True)')
-        built[n] = task
-    for task in built.values():
-        model._insert_task(task, activate=False)
-    return list(built)
+        built[repr(str(source)) if not isinstance(source, (bytes, bytearray)) else n] = payload
+    return _add_payloads(model, built, replace=replace, activate=False)
 
 
 def merge_adapter_folders(sources: Iterable[_PathLike], destination: _PathLike, replace: bool = False) -> List[str]:
@@ -723,8 +745,7 @@ def merge_adapter_folders(sources: Iterable[_PathLike], destination: _PathLike, 
         if key not in seen:
             seen.add(key)
             folders.append(src)
-    checkers: Dict[str, Any] = {}
-    read = [(s, *_read_folder(s, checkers)) for s in folders]  # sources: validated before any lock or write
+    read = [(s, *_read_folder(s)) for s in folders]  # sources: validated before any lock or write
     if not destination.exists() and not destination.is_symlink():
         if not read:
             raise AdapterError(f'{str(destination)!r} has no {INDEX_FILE}: not a folder of timm_modcl adapters')
@@ -735,7 +756,7 @@ def merge_adapter_folders(sources: Iterable[_PathLike], destination: _PathLike, 
     with folder_lock(destination, AdapterError):
         _finish_interrupted(destination)
         if (destination / INDEX_FILE).exists() or (destination / INDEX_FILE).is_symlink():
-            read.insert(0, (destination, *_read_folder(destination, checkers)))
+            read.insert(0, (destination, *_read_folder(destination)))
         if not read:
             raise AdapterError(f'{str(destination)!r} has no {INDEX_FILE}: not a folder of timm_modcl adapters')
         ref, files, origin = _combine(read, replace)
@@ -850,8 +871,7 @@ def _write_tasks(folder: Path, files: Mapping[str, Tuple[bytes, bytes]]) -> None
 
 
 def _merged_index(ref: Mapping[str, Any], files: Mapping[str, Any]) -> bytes:
-    return _json_bytes(_index(ref['architecture'], ref.get('pretrained_tag', ''), ref['backbone_fingerprint'],
-                              list(files)))
+    return index_bytes(ref, list(files))
 
 
 def _combine(read, replace: bool):
@@ -874,73 +894,79 @@ def _combine(read, replace: bool):
                                       f'replace=True / --replace to keep the later one)')
             files[n] = content  # with replace, the later source wins (in the first one's position)
             origin[n] = folder
+    layers = next((index['layers'] for _, index, _ in read if index.get('layers') is not None), None)
+    if layers is not None:  # an index written before 0.3 has no layer table: take a source's
+        ref = dict(ref, layers=layers)
     return ref, files, origin
 
 
-def _read_folder(folder: Path, checkers: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Tuple[bytes, bytes]]]:
-    """A folder's index and ``{task: (adapter bytes, config bytes)}``, every adapter validated as the loader would.
+def _read_folder(folder: Path, checkers: Optional[Dict[str, Any]] = None
+                 ) -> Tuple[Dict[str, Any], Dict[str, Tuple[bytes, bytes]]]:
+    """A folder's index and ``{task: (adapter bytes, config bytes)}``, every adapter validated without a backbone
+    (see ``read_folder``).
 
     Raises:
         AdapterError, AdapterFormatError: as ``merge_adapter_folders``.
     """
     index = read_index(folder)
-    check = checkers.get(index['architecture'])
-    if check is None:
-        check = checkers[index['architecture']] = _adapter_checker(index['architecture'])
-    tasks: Dict[str, Tuple[bytes, bytes]] = {}
-    for n in index['tasks']:
-        label = f'{folder}/{n}/{ADAPTER_FILE}'
-        data = read_file(_task_file(folder, n), inside=folder, what='adapter file')
-        meta, tensors = read_adapter(data, label)
-        if meta.get('backbone_fingerprint') != index['backbone_fingerprint'] or \
-                meta.get('architecture') != index['architecture']:
-            raise AdapterFormatError(f'{str(folder)!r}: the adapter of task {n!r} does not match its index')
-        if describe_adapter(data).get('name') != n:
-            raise AdapterFormatError(f'{str(folder)!r}: the adapter of task {n!r} is named otherwise')
-        check(data, meta, tensors, repr(label))
+    tasks = check_adapters(index, {n: _task_file(folder, n) for n in index['tasks']}, str(folder), inside=folder)
+    out: Dict[str, Tuple[bytes, bytes]] = {}
+    for n, data in tasks.items():
         config_path = folder / n / ADAPTER_CONFIG_FILE
         config = b''
         if config_path.exists() or config_path.is_symlink():
             config = read_file(config_path, inside=folder, max_bytes=_MAX_JSON_FILE)
             if not isinstance(load_json(config, AdapterFormatError, repr(str(config_path))), dict):
                 raise AdapterFormatError(f'{str(config_path)!r} is not a JSON object')
-        tasks[n] = (data, config)
-    return index, tasks
+        out[n] = (data, config)
+    return index, out
 
 
-def _adapter_checker(architecture: str):
-    """A function ``(data, meta, tensors, label)`` that validates an adapter of ``architecture`` without a backbone.
+def check_adapters(index: Mapping[str, Any], files: Mapping[str, Union[_PathLike, bytes]], label: str,
+                   inside: Optional[_PathLike] = None) -> 'OrderedDict[str, bytes]':
+    """Read and validate adapters ``{task: file or bytes}`` against a checked index, without a backbone: each one's
+    header names the index's architecture and backbone fingerprint and the task it is listed as, and its payload is
+    valid (names, dtypes, finite values, bounds) and, when the index records the layer table, fits it exactly (every
+    tensor its config needs, each of the right shape) as loading into a model would check.
 
-    For a registered ``modcl_*`` model, an untrained copy of it (built once, no weights downloaded) checks every
-    tensor exactly as ``load_task`` would, its fingerprint aside; for other architectures, the values are checked
-    (floating tensors finite, modulators within the loader's bound).
+    Returns:
+        ``{task: adapter bytes}``.
+
+    Raises:
+        AdapterFormatError: an adapter that is corrupt, does not match the index or does not fit its layers.
+        AdapterError: a file that cannot be read.
     """
-    import timm
-    model = None
-    if architecture in timm.list_models('modcl_*'):
-        try:
-            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                model = timm.create_model(architecture, pretrained=False)
-        except Exception:  # noqa: BLE001 - fall back to the value checks below
-            model = None
+    table = index_layer_table(index)
+    out: 'OrderedDict[str, bytes]' = OrderedDict()
+    for n, source in files.items():
+        path_label = f'{label}/{n}/{ADAPTER_FILE}'
+        data = source if isinstance(source, (bytes, bytearray)) else read_file(source, inside=inside,
+                                                                               what='adapter file')
+        meta, tensors = read_adapter(data, path_label)
+        if meta.get('backbone_fingerprint') != index['backbone_fingerprint'] or \
+                meta.get('architecture') != index['architecture']:
+            raise AdapterFormatError(f'{label!r}: the adapter of task {n!r} does not match its index')
+        payload = adapter_payload(meta, tensors, repr(path_label), table=table)
+        if payload.name != n:
+            raise AdapterFormatError(f'{label!r}: the adapter of task {n!r} is named otherwise')
+        out[n] = bytes(data)
+    return out
 
-    def check(data: bytes, meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor], label: str) -> None:
-        for k, t in tensors.items():
-            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-                raise AdapterFormatError(f'{label}: {k} holds NaN or infinite values; nothing was merged')
-            if k.startswith('modulator.') and t.numel() and float(t.abs().max()) > MAX_MODULATOR:
-                raise AdapterFormatError(f'{label}: {k} has values beyond +-{MAX_MODULATOR:g}; nothing was merged')
-        if model is not None:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter('ignore')
-                    build_task(model, data, allow_fingerprint_mismatch=True, label=label)
-            except AdapterError:
-                raise
-            except ModCLError as e:
-                raise AdapterFormatError(f'{label}: {e}') from None
-    return check
+
+def read_folder(folder: _PathLike) -> Tuple[Dict[str, Any], 'OrderedDict[str, TaskPayload]']:
+    """The checked index and the validated payloads of an adapter folder, without a model (see ``check_adapters``).
+
+    Raises:
+        AdapterError, AdapterFormatError: as ``merge_adapter_folders``.
+    """
+    folder = _path(folder, 'the adapter folder')
+    index, files = _read_folder(folder)
+    table = index_layer_table(index)
+    payloads: 'OrderedDict[str, TaskPayload]' = OrderedDict()
+    for n, (data, _) in files.items():
+        meta, tensors = read_adapter(data, f'{folder}/{n}/{ADAPTER_FILE}')
+        payloads[n] = adapter_payload(meta, tensors, n, table=table)
+    return index, payloads
 
 
 class AdapterMixin:

@@ -23,7 +23,6 @@ import math
 import os
 import re
 import random
-import struct
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
@@ -33,7 +32,8 @@ import torch.nn as nn
 
 from ._io import atomic_write_bytes, load_json
 from .adapter import read_file
-from .errors import AdapterError, CheckpointError
+from .errors import AdapterError, CheckpointError, PayloadError
+from .payload import TaskPayload, read_safetensors
 from .version import __version__
 
 __all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_FORMAT_VERSION', 'TrainCheckpoint', 'checkpoint_bytes',
@@ -82,20 +82,12 @@ def _save(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> b
 
 
 def _load(data: bytes, label: str):
-    """``(tensors, metadata)`` of safetensors bytes, or a CheckpointError."""
-    from safetensors.torch import load
-    if len(data) < 8:
-        raise CheckpointError(f'{label} is not a checkpoint (too short)')
-    (n,) = struct.unpack('<Q', data[:8])
-    if n > min(_MAX_HEADER, len(data) - 8):
-        raise CheckpointError(f'{label} is not a checkpoint (bad header length)')
+    """``(tensors, metadata)`` of safetensors bytes (``payload.read_safetensors``), or a CheckpointError."""
     try:
-        header = json.loads(data[8:8 + n])
-        tensors = load(data)
-    except Exception as e:  # noqa: BLE001 - any parse error of a foreign or corrupt file
-        raise CheckpointError(f'{label} is corrupt or not a safetensors file: {e}') from None
-    meta = header.get('__metadata__') if isinstance(header, dict) else None
-    return tensors, meta if isinstance(meta, dict) else {}
+        meta, tensors = read_safetensors(data, label, max_header=_MAX_HEADER)
+    except PayloadError as e:
+        raise CheckpointError(f'{e}: not a checkpoint, or a corrupt one') from None
+    return tensors, meta
 
 
 # ---------------------------------------------------------------------------------------------------- RNG
@@ -255,9 +247,9 @@ def checkpoint_bytes(
         shuffle_seed: Optional[int] = None,
 ) -> bytes:
     """The bytes of a checkpoint after ``epoch`` finished epochs (see the module docstring)."""
-    state = model._task(task)
+    state = model.task_info(task)
     tensors: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
-    for k, v in state.tensors(stats=False).items():
+    for k, v in model.task_tensors(task).items():
         tensors[f'task.{k}'] = v
     sd = optimizer.state_dict()
     scalars: Dict[str, Dict[str, Any]] = {}
@@ -361,8 +353,7 @@ class TrainCheckpoint:
         if st['backbone_fingerprint'] != model.backbone_fingerprint():
             raise CheckpointError(f'{label} was written with other backbone weights (fingerprint '
                                   f'{str(st["backbone_fingerprint"])[:12]}...) than this model has')
-        current = model._task(task)
-        mine = current.meta()
+        mine = model.task_info(task).meta()
         theirs = st['task_meta'] if isinstance(st['task_meta'], dict) else {}
         for key in ('num_classes', 'config'):
             if theirs.get(key) != _decode(json.loads(json.dumps(_encode(mine.get(key))))):
@@ -376,7 +367,7 @@ class TrainCheckpoint:
             raise CheckpointError(f'{label} was written by a run with other arguments: {listed}; resume with the '
                                   f'same arguments, or start again without resume')
         # task tensors: exactly the task's names, shapes and kinds of dtype
-        expected = current.tensors(stats=False)
+        expected = model.task_tensors(task)
         given = {k[len('task.'):]: v for k, v in self.tensors.items() if k.startswith('task.')}
         if set(given) != set(expected):
             missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
@@ -412,8 +403,8 @@ class TrainCheckpoint:
         # values: every task tensor as the adapter loader checks it (finite, modulators within +-MAX_MODULATOR,
         # non-negative variances, weights that do not overflow), the epoch, the history, the optimizer scalars
         try:
-            model._task_from_tensors(mine, given, error=CheckpointError)
-        except CheckpointError as e:
+            model.check_payload(TaskPayload.from_meta(mine, given))
+        except PayloadError as e:
             raise CheckpointError(f'{label}: {e}') from None
         epochs = run.get('epochs')
         if isinstance(epochs, int) and self.epoch > epochs:
@@ -567,7 +558,7 @@ class TrainCheckpoint:
                 o.load_state_dict(sd)
             raise CheckpointError(f'{self.label}: the optimizer, scheduler or scaler state does not load '
                                   f'({type(e).__name__}: {e})') from None
-        current = model._task(task).tensors(stats=False)
+        current = model.task_tensors(task)
         with torch.no_grad():
             for k, t in current.items():
                 t.copy_(self.tensors[f'task.{k}'])

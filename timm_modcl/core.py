@@ -16,7 +16,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import re
 import threading
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -29,13 +28,14 @@ from ._settings import weight_cache_bytes
 from .config import DEFAULT_CONFIG, LayerResolution, TaskConfig
 from .methods import method_of
 from .errors import (
-    FrozenBackboneError, ResolutionError, StateDictError, TaskError, TaskExistsError, TaskNotFoundError,
+    FrozenBackboneError, PayloadError, ResolutionError, StateDictError, TaskError, TaskExistsError, TaskNotFoundError,
     UnsupportedModelError,
 )
 from .layers import (
-    WeightCache, check_input, is_norm_layer, is_weight_layer, modulate_layer,
+    WeightCache, check_input, frozen_names, is_norm_layer, is_weight_layer, modulate_layer,
     scoped_task, task_scope, unmodulate_layer,
 )
+from .payload import MAX_CLASSES, MAX_MODULATOR, LayerTable, TaskPayload, modulator_shapes
 from .task import BASE_TASK, BN_STATS, TaskInfo, TaskState, validate_metadata, validate_task_name
 
 __all__ = [
@@ -45,16 +45,9 @@ __all__ = [
 #: Version of the ``state_dict`` layout (tensors only: natural keys for the active task, ``modcl.tasks.<name>.*`` for
 #: the others, ``modcl.meta`` a uint8 tensor holding the JSON task list).
 STATE_DICT_FORMAT = 2
-#: Largest head a task may have (a clear error instead of an allocation failure).
-MAX_CLASSES = 1_000_000
-#: Largest modulator value accepted: it scales a weight by a million (trained modulators stay within a few units; a
-#: larger value comes from a corrupt file or a diverged run, and gives non-finite outputs).
-MAX_MODULATOR = 1e6
 _META_KEY = 'modcl.meta'
 _TASKS_PREFIX = 'modcl.tasks.'
 _MAX_META_BYTES = 64 * 1024 * 1024
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_STATS_NAME = re.compile(r'[a-z][a-z0-9_]{0,63}')
 
 #: Fused projections modulated per chunk (leaf name -> number of chunks): q, k and v are never blended.
 CHUNKED_LAYERS: Dict[str, int] = {'qkv': 3, 'kv': 2}
@@ -171,6 +164,17 @@ def _read_json_tensor(t: Any) -> Any:
     if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.ndim != 1 or t.numel() > _MAX_META_BYTES:
         raise StateDictError(f'{_META_KEY!r} must be a 1-D uint8 tensor of JSON text')
     return load_json(bytes(t.cpu().numpy().tobytes()), StateDictError, f'{_META_KEY!r}')
+
+
+def attach(model: nn.Module, *, head: Optional[str], base: type, freeze: Sequence[str] = (),
+           cache_bytes: Optional[int] = None) -> None:
+    """Set up a model whose class already mixes in ``ModCLMixin`` (what ``timm_modcl.modulate`` does after changing
+    its class): find and freeze the layers, then create the ``base`` task.
+
+    Raises:
+        UnsupportedModelError: a classifier or parameter the mixin cannot handle (nothing of the model changed).
+    """
+    model._modcl_setup(head, base, freeze, cache_bytes)
 
 
 def _prepare_compiled_call(model: nn.Module, args) -> None:
@@ -417,16 +421,11 @@ class ModCLMixin:
         return self._task(self._modcl.active if name is None else name).parameters()
 
     def _modulator_shapes(self, config: TaskConfig) -> 'OrderedDict[str, Tuple[int, ...]]':
-        shapes: 'OrderedDict[str, Tuple[int, ...]]' = OrderedDict()
-        method = method_of(config)
-        for layer, module in self._modcl.weight_layers.items():
-            res = config.layer(layer)
-            if res is None:
-                continue
-            shape = method.shape(tuple(module._buffers['weight'].shape), res, module.modcl_chunks)
-            if shape is not None:
-                shapes[layer] = shape
-        return shapes
+        return modulator_shapes(self._weight_table(), config)
+
+    def _weight_table(self) -> 'OrderedDict[str, Tuple[Tuple[int, ...], int]]':
+        return OrderedDict((n, (tuple(m._buffers['weight'].shape), m.modcl_chunks))
+                           for n, m in self._modcl.weight_layers.items())
 
     def modulator_shapes(self, resolution=(4, 4), layer_resolution: Optional[LayerResolution] = None,
                          ) -> 'OrderedDict[str, Tuple[int, ...]]':
@@ -834,7 +833,7 @@ class ModCLMixin:
         out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
         for layers in (st.weight_layers, st.norm_layers):
             for layer, module in layers.items():
-                for k in module._modcl_frozen:
+                for k in frozen_names(module):
                     t = module._buffers.get(k)
                     if t is not None:
                         out[f'{layer}.{k}'] = t
@@ -842,89 +841,172 @@ class ModCLMixin:
             out[f'{module_name}.{k}' if module_name else k] = self.get_submodule(module_name)._buffers[k]
         return out
 
-    # ------------------------------------------------------------------ building tasks from tensors
-    def _expected_task_tensors(self, config: TaskConfig, num_classes: int) -> 'OrderedDict[str, Tuple[int, ...]]':
-        """Flat names and shapes of the tensors a task of this config must have (statistics excluded)."""
+    # ------------------------------------------------------------------ payloads: tasks as values
+    @property
+    def has_head(self) -> bool:
+        """Whether the model has a classifier head (``False``: a feature extractor, tasks have 0 classes)."""
+        return self._modcl.head is not None
+
+    def layer_table(self) -> LayerTable:
+        """The layers a task's tensors describe (weight, norm and head shapes, feature size): what payloads are
+        checked against, and what adapter folders record so they can be checked without a model."""
+        from .serving import prototype_dim
         st = self._modcl
-        out: 'OrderedDict[str, Tuple[int, ...]]' = OrderedDict()
-        for layer, shape in self._modulator_shapes(config).items():
-            out[f'modulator.{layer}'] = shape
+        bn, affine = OrderedDict(), OrderedDict()
         for layer, m in st.norm_layers.items():
             if _tracks_stats(m):
-                for k in BN_STATS:
-                    out[f'bn.{layer}.{k}'] = tuple(m._buffers[k].shape)
-        for layer, m in st.norm_layers.items():
-            if _affine_norm(m) or config.bn_affine:
-                for k in ('weight', 'bias'):
-                    if m._buffers.get(k) is not None:
-                        out[f'norm.{layer}.{k}'] = tuple(m._buffers[k].shape)
-        if st.head is not None and num_classes > 0:
-            for k, shape in self._head_shapes(num_classes).items():
-                out[f'head.{k}'] = shape
-        return out
+                bn[layer] = tuple(m._buffers['running_mean'].shape)
+            shapes = {k: tuple(m._buffers[k].shape) for k in ('weight', 'bias') if m._buffers.get(k) is not None}
+            if shapes:
+                affine[layer] = (shapes, _affine_norm(m))
+        head = None
+        if st.head is not None:
+            head = {k: s[1:] for k, s in self._head_shapes(1).items()}
+        return LayerTable(weights=self._weight_table(), bn_stats=bn, affine=affine, head=head,
+                          feature_dim=prototype_dim(self))
 
-    def _task_from_tensors(self, meta: Mapping[str, Any], tensors: Mapping[str, Any], error=StateDictError
-                           ) -> TaskState:
-        """Build (but do not insert) a task from its metadata and flat tensors, validating everything first.
+    def task_payload(self, name: Optional[str] = None, *, head: bool = True, stats: bool = True) -> TaskPayload:
+        """A task (default: the active one) as a ``TaskPayload``: its description and its tensors by flat name.
 
-        Every field and every tensor's dtype, shape and values are checked before anything is allocated; the tensors
-        are then copied to the model's device and dtype. Nothing of the model changes. Raises ``error`` naming the
-        problem.
+        The tensors are the task's own, detached (no copy): copy them before changing them.
+
+        Args:
+            name: The task.
+            head: Include the head's tensors (only a Linear head is stored; other heads are made by the model).
+            stats: Include the task's statistics (class prototypes).
+
+        Raises:
+            TaskNotFoundError: no such task.
+            PayloadError: a tensor a loader would refuse (NaN or Inf values, negative variances, modulators beyond
+                ``MAX_MODULATOR``).
         """
-        if not isinstance(meta, Mapping):
-            raise error('task metadata must be a mapping')
-        name = meta.get('name')
-        try:
-            validate_task_name(name)
-        except TaskError as e:
-            raise error(str(e)) from None
-        num_classes = meta.get('num_classes')
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 0 <= num_classes <= MAX_CLASSES:
-            raise error(f'task {name!r}: num_classes must be an integer from 0 to {MAX_CLASSES:,}, got {num_classes!r}')
-        if num_classes > 0 and not self._has_head:
-            raise error(f'task {name!r} has {num_classes} classes but this model has no classifier head')
-        try:
-            config = TaskConfig.from_dict(meta.get('config'))
-        except TaskError as e:
-            raise error(f'task {name!r}: {e}') from None
-        class_names = meta.get('class_names')
-        if class_names is not None and (
-                not isinstance(class_names, (list, tuple)) or len(class_names) != num_classes
-                or not all(isinstance(c, str) for c in class_names)):
-            raise error(f'task {name!r}: class_names must be {num_classes} strings')
-        metadata = validate_metadata(meta.get('metadata'), error=error)
+        task = self._task(self._modcl.active if name is None else name)
+        keep_head = head and isinstance(task.head, nn.Linear)
+        tensors = OrderedDict((k, v.detach()) for k, v in task.tensors(stats=stats).items()
+                              if keep_head or not k.startswith('head.'))
+        return TaskPayload(task.name, task.num_classes, task.config, tensors, task.class_names, task.metadata,
+                           headless=task.num_classes > 0 and not keep_head)
 
-        expected = self._expected_task_tensors(config, num_classes)
-        stats_keys = [k for k in tensors if k.startswith('stats.')]
-        missing = [k for k in expected if k not in tensors]
-        unexpected = [k for k in tensors if k not in expected and k not in stats_keys]
-        if missing:
-            raise error(f'task {name!r}: missing tensor(s) {missing[:5]} (its config {config.to_dict()} needs them)')
-        if unexpected:
-            raise error(f'task {name!r}: unexpected tensor(s) {sorted(unexpected)[:5]}')
-        for k in stats_keys:
-            if not _STATS_NAME.fullmatch(k[len('stats.'):]):
-                raise error(f'task {name!r}: bad statistics name {k!r}')
-        for k in list(expected) + stats_keys:
-            t = tensors[k]
-            if not isinstance(t, torch.Tensor):
-                raise error(f'task {name!r}: {k!r} is not a tensor')
-            if k in expected and tuple(t.shape) != tuple(expected[k]):
-                raise error(f'task {name!r}: {k!r} has shape {tuple(t.shape)}, expected {tuple(expected[k])}')
-            if k.endswith('.num_batches_tracked'):
-                if t.dtype not in (torch.int64, torch.int32):
-                    raise error(f'task {name!r}: {k!r} must be an integer tensor, got {t.dtype}')
-                continue
-            if t.dtype not in _FLOAT_DTYPES:
-                raise error(f'task {name!r}: {k!r} must be float16, bfloat16, float32 or float64, got {t.dtype}')
-            if not torch.isfinite(t).all():
-                raise error(f'task {name!r}: {k!r} contains NaN or Inf values')
-            if k.startswith('modulator.') and t.numel() and float(t.abs().max()) > MAX_MODULATOR:
-                raise error(f'task {name!r}: {k!r} has values beyond +-{MAX_MODULATOR:g} (up to '
-                            f'{float(t.abs().max()):.3g}): a corrupt file or a diverged training run')
-            if k.endswith('.running_var') and (t < 0).any():
-                raise error(f'task {name!r}: {k!r} has negative values')
+    def task_info(self, name: Optional[str] = None) -> TaskInfo:
+        """The ``TaskInfo`` of one task (default: the active one); ``model.tasks[name]`` without building the others'.
 
+        Raises:
+            TaskNotFoundError: no such task.
+        """
+        return self._task(self._modcl.active if name is None else name).info()
+
+    def task_tensors(self, name: Optional[str] = None, *, stats: bool = False) -> 'OrderedDict[str, torch.Tensor]':
+        """The live tensors of a task (default: the active one) by flat name, for in-place updates (restoring a
+        checkpoint, broadcasting across processes): changing them changes the task.
+
+        Raises:
+            TaskNotFoundError: no such task.
+        """
+        return self._task(self._modcl.active if name is None else name).tensors(stats=stats)
+
+    def task_statistics(self, name: Optional[str] = None) -> 'OrderedDict[str, torch.Tensor]':
+        """A task's statistics (class prototypes, RanPAC moments, ...) by name: the live tensors (do not change
+        them in place; use ``update_task_statistics``).
+
+        Raises:
+            TaskNotFoundError: no such task.
+        """
+        return OrderedDict(self._task(self._modcl.active if name is None else name).stats)
+
+    def update_task_statistics(self, name: str, stats: Mapping[str, torch.Tensor]) -> None:
+        """Add or replace statistics of a task, validated as loading them from an adapter would (names, dtypes,
+        finite values, prototype statistics complete and of this model's feature size); kept in their dtype, on the
+        model's device.
+
+        Raises:
+            TaskNotFoundError: no such task.
+            PayloadError: statistics a loader would refuse (the task is unchanged).
+        """
+        task = self._task(name)
+        merged = dict(task.stats, **stats)
+        payload = TaskPayload(task.name, task.num_classes, task.config,
+                              OrderedDict((f'stats.{k}', v.detach()) for k, v in merged.items()), task.class_names,
+                              task.metadata)
+        payload.check_statistics(self.layer_table().feature_dim)
+        device = self._ref_tensor().device
+        for k, v in stats.items():
+            task.stats[k] = v.detach().to(device)
+
+    @property
+    def backbone_dtype(self) -> torch.dtype:
+        """The floating dtype of the frozen backbone (what task tensors are stored in)."""
+        return self._ref_tensor().dtype
+
+    @property
+    def backbone_device(self) -> torch.device:
+        """The device of the frozen backbone (where task tensors live)."""
+        return self._ref_tensor().device
+
+    def update_task_metadata(self, name: str, metadata: Mapping[str, Any]) -> Dict[str, str]:
+        """Add or change entries of a task's free-form metadata (numbers and booleans stored as strings).
+
+        Returns:
+            The task's whole metadata.
+
+        Raises:
+            TaskNotFoundError: no such task.
+            TaskError: metadata that ``add_task`` would refuse (the task is unchanged).
+        """
+        task = self._task(name)
+        merged = validate_metadata(dict(task.metadata, **validate_metadata(metadata)))
+        task.metadata = merged
+        return dict(merged)
+
+    def check_payload(self, payload: TaskPayload) -> None:
+        """Check that ``payload`` fits this model exactly as ``load_payloads`` would, changing nothing.
+
+        Raises:
+            PayloadError: naming the problem.
+        """
+        self._task_from_payload(payload, fresh_head=False)
+
+    def load_payloads(self, payloads: Sequence[TaskPayload], *, replace: bool = False, activate: bool = False
+                      ) -> List[str]:
+        """Add tasks from payloads, all or nothing: every payload is checked and built before the first is added.
+
+        A headless payload (``payload.headless``) gets a fresh, untrained head.
+
+        Args:
+            payloads: The tasks.
+            replace: Replace tasks of the same names instead of raising.
+            activate: Make the last one the active task.
+
+        Returns:
+            The added task names.
+
+        Raises:
+            PayloadError: a payload that does not fit (missing, extra or wrongly shaped tensors, weights that
+                overflow, statistics of another feature size), or ``base`` among the names.
+            TaskExistsError: a task of that name exists (unless ``replace``), or a name given twice.
+        """
+        built: 'OrderedDict[str, TaskState]' = OrderedDict()
+        for payload in payloads:
+            if not isinstance(payload, TaskPayload):
+                raise PayloadError(f'expected a TaskPayload, got {type(payload).__name__}')
+            if payload.name == BASE_TASK:
+                raise PayloadError(f'a task named {BASE_TASK!r} cannot be added (the name is reserved)')
+            if payload.name in built or (payload.name in self._modcl.tasks and not replace):
+                raise TaskExistsError(f'task {payload.name!r} already exists (pass replace=True, or load it under '
+                                      f'another name)')
+            built[payload.name] = self._task_from_payload(payload)
+        for i, task in enumerate(built.values()):
+            self._insert_task(task, activate=activate and i == len(built) - 1)
+        return list(built)
+
+    def _task_from_payload(self, payload: TaskPayload, fresh_head: bool = True) -> TaskState:
+        """Build (but do not insert) a task from a payload checked against this model; nothing of the model (or the
+        global random state) changes. The tensors are copied to the model's device and dtype.
+
+        Raises:
+            PayloadError: naming the problem.
+        """
+        payload.check(self.layer_table())
+        name, config, tensors = payload.name, payload.config, payload.tensors
         ref = self._ref_tensor()
 
         def take(k: str) -> torch.Tensor:
@@ -933,44 +1015,28 @@ class ModCLMixin:
                 return t.to(device=ref.device, dtype=torch.long).clone()
             return t.to(device=ref.device, dtype=ref.dtype).clone()
 
-        modulators = OrderedDict((k[len('modulator.'):], nn.Parameter(take(k))) for k in expected
-                                 if k.startswith('modulator.'))
+        modulators = OrderedDict((layer, nn.Parameter(take(f'modulator.{layer}'))) for layer in payload.modulators)
         with torch.no_grad():
             for layer, m in modulators.items():
                 if not torch.isfinite(method_of(config).weight(self._modcl.weight_layers[layer], m)).all():
-                    raise error(f'task {name!r}: modulator.{layer} makes the layer\'s weights overflow '
-                                f'{ref.dtype} (values up to {float(m.abs().max()):.3g})')
-        norm_stats: Dict[str, Dict[str, torch.Tensor]] = OrderedDict()
-        norm_affine: Dict[str, Dict[str, nn.Parameter]] = OrderedDict()
-        for k in expected:
-            kind, _, rest = k.partition('.')
-            if kind == 'bn':
-                layer, _, stat = rest.rpartition('.')
-                norm_stats.setdefault(layer, {})[stat] = take(k)
-            elif kind == 'norm':
-                layer, _, which = rest.rpartition('.')
-                norm_affine.setdefault(layer, {})[which] = nn.Parameter(take(k))
-        stats = OrderedDict((k[len('stats.'):], take(k)) for k in stats_keys)
-        self._check_task_stats(name, stats, num_classes, error)
+                    raise PayloadError(f'task {name!r}: modulator.{layer} makes the layer\'s weights overflow '
+                                       f'{ref.dtype} (values up to {float(m.abs().max()):.3g})')
+        norm_stats = OrderedDict((layer, {k: take(f'bn.{layer}.{k}') for k in s})
+                                 for layer, s in payload.norm_stats.items())
+        norm_affine = OrderedDict((layer, {k: nn.Parameter(take(f'norm.{layer}.{k}')) for k in a})
+                                  for layer, a in payload.norm_affine.items())
+        stats = OrderedDict((k, take(f'stats.{k}')) for k in payload.stats)
         head: nn.Module = nn.Identity()
-        if any(k.startswith('head.') for k in expected):
-            with torch.random.fork_rng(devices=[]):  # initialised, then overwritten: leave the global RNG alone
-                head = self._new_head(num_classes)
-            with torch.no_grad():
-                for k, v in head.state_dict(keep_vars=True).items():
-                    v.copy_(take(f'head.{k}'))
-        return TaskState(name, num_classes, head, config, modulators=modulators, norm_stats=norm_stats,
-                         norm_affine=norm_affine, stats=stats, class_names=class_names, metadata=metadata)
-
-    def _check_task_stats(self, name: str, stats: Mapping[str, torch.Tensor], num_classes: int, error) -> None:
-        """Validate a task's prototype statistics (as converted to the model's dtype) against the model: complete,
-        consistent, fitting its class count and feature size, usable for scoring. Raises ``error``."""
-        from .errors import StatisticsError
-        from .serving import check_prototype_statistics, prototype_dim
-        try:
-            check_prototype_statistics(stats, num_classes, prototype_dim(self), name)
-        except StatisticsError as e:
-            raise error(str(e)) from None
+        if self._modcl.head is not None and payload.num_classes > 0 and (fresh_head or not payload.headless):
+            with torch.random.fork_rng(devices=[]):  # initialised (then overwritten): leave the global RNG alone
+                head = self._new_head(payload.num_classes)
+            if not payload.headless:
+                with torch.no_grad():
+                    for k, v in head.state_dict(keep_vars=True).items():
+                        v.copy_(take(f'head.{k}'))
+        return TaskState(name, payload.num_classes, head, config, modulators=modulators, norm_stats=norm_stats,
+                         norm_affine=norm_affine, stats=stats, class_names=payload.class_names,
+                         metadata=payload.metadata)
 
     # ------------------------------------------------------------------ state dict
     def _natural_task_keys(self, task_meta: Mapping[str, Any], config: TaskConfig, prefix: str = ''
@@ -978,7 +1044,9 @@ class ModCLMixin:
         """Module-tree keys under which a task's tensors appear when it is active, mapped to its flat names."""
         st = self._modcl
         out: 'OrderedDict[str, str]' = OrderedDict()
-        for flat in self._expected_task_tensors(config, int(task_meta.get('num_classes') or 0)):
+        num_classes = task_meta.get('num_classes')
+        num_classes = num_classes if isinstance(num_classes, int) and not isinstance(num_classes, bool) else 0
+        for flat in self.layer_table().expected(config, max(num_classes, 0)):
             kind, _, rest = flat.partition('.')
             if kind == 'modulator':
                 out[f'{prefix}{rest}.modulator'] = flat
@@ -1055,7 +1123,10 @@ class ModCLMixin:
                 grouped[active][flat] = state_dict[key]
         plan: 'OrderedDict[str, TaskState]' = OrderedDict()
         for m in metas:
-            plan[m['name']] = self._task_from_tensors(m, grouped[m['name']])
+            try:
+                plan[m['name']] = self._task_from_payload(TaskPayload.from_meta(m, grouped[m['name']]))
+            except PayloadError as e:
+                raise StateDictError(str(e)) from None
         return plan, active, natural
 
     def _own_natural_task_keys(self) -> set:

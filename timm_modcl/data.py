@@ -9,7 +9,7 @@ import os
 import random
 import warnings
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,7 @@ from .errors import DataError
 
 __all__ = [
     'DigitsTask', 'FolderDatasets', 'ImageFiles', 'image_folder_datasets', 'data_config', 'eval_transform',
-    'scan_image_folder', 'digits_tasks',
+    'scan_image_folder', 'digits_tasks', 'image_files', 'read_rgb_image',
 ]
 
 _VAL_SYNONYMS = ('val', 'validation', 'valid')
@@ -81,6 +81,44 @@ def _natural_key(s: str):
 def _image_extensions() -> set:
     from timm.data.readers.img_extensions import get_img_extensions
     return {e.lower() for e in get_img_extensions(as_set=True)}
+
+
+def image_files(paths: Sequence[Union[str, os.PathLike]]) -> List[Path]:
+    """Image files to predict on: files as given, and every image file of a folder (sorted, not recursive).
+
+    Raises:
+        DataError: a folder without image files.
+    """
+    out: List[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            out.append(path)
+            continue
+        exts = _image_extensions()
+        found = sorted(f for f in path.iterdir() if f.suffix.lower() in exts and f.is_file())
+        if not found:
+            raise DataError(f'{str(path)!r} is a folder without image files (extensions: {", ".join(sorted(exts))})')
+        out.extend(found)
+    return out
+
+
+def read_rgb_image(path: Union[str, os.PathLike]):
+    """An image file decoded with PIL and converted to RGB.
+
+    Raises:
+        FileNotFoundError: no such file.
+        DataError: PIL cannot read it.
+    """
+    from PIL import Image, UnidentifiedImageError
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(2, 'image does not exist', str(path))
+    try:
+        with Image.open(path) as im:
+            return im.convert('RGB')
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        why = ' '.join((str(e).strip() or type(e).__name__).split())
+        raise DataError(f'cannot read image {str(path)!r}: {why}') from None
 
 
 def _is_readable_image(path: str) -> Optional[str]:
@@ -233,8 +271,9 @@ class ImageFiles(Dataset):
                         f'be decoded')
 
 
-def _split(samples: List[Tuple[str, int]], fraction: float, seed: int):
-    """Stratified split: about ``fraction`` of each class to the second part, at least one image kept in the first."""
+def _split(samples: List[Tuple[Any, int]], fraction: float, seed: int, key=None):
+    """Stratified split of ``(item, class index)`` pairs: about ``fraction`` of each class to the second part, at least
+    one image kept in the first; both sorted by ``key`` (default: the natural order of the item, a path)."""
     by_class: Dict[int, List[Tuple[str, int]]] = {}
     for s in samples:
         by_class.setdefault(s[1], []).append(s)
@@ -248,7 +287,8 @@ def _split(samples: List[Tuple[str, int]], fraction: float, seed: int):
             n_val = 1
         second += items[:n_val]
         first += items[n_val:]
-    key = lambda s: _natural_key(s[0])  # noqa: E731
+    if key is None:
+        key = lambda s: _natural_key(s[0])  # noqa: E731
     return sorted(first, key=key), sorted(second, key=key)
 
 

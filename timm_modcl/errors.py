@@ -21,6 +21,7 @@ __all__ = [
     'CheckpointError',
     'TrainingError',
     'NonFiniteLossError',
+    'PayloadError',
 ]
 
 
@@ -110,3 +111,9 @@ class TrainingError(ModCLError, RuntimeError):
 class NonFiniteLossError(TrainingError, TaskError):
     """The training loss (or the trained tensors) became NaN or Inf; the task is put back to where the failing epoch
     began and nothing is stored. (Also a ``TaskError``, which ``train_task`` raised for this before.)"""
+
+
+class PayloadError(ModCLError, ValueError):
+    """A task's tensors or description are not valid, or do not fit the architecture (``timm_modcl.payload``).
+    File and state-dict readers report it as their own error (``AdapterFormatError``, ``CheckpointError``,
+    ``StateDictError``) naming the source."""

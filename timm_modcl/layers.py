@@ -42,6 +42,7 @@ from .methods import LayerMethod, Modulation, modulator_shape
 
 __all__ = [
     'MODULATION_VARIANTS',
+    'frozen_names',
     'task_scope',
     'scoped_task',
     'ModulatedWeight',
@@ -574,6 +575,12 @@ def modulate_layer(module: nn.Module) -> str:
 
 _LAYER_ATTRS = ('modcl_chunks', 'modcl_sign', 'modcl_cache', 'modcl_slot', '_modcl_interp', '_modcl_frozen',
                 'modcl_bn_guard', 'modcl_name', 'modcl_method', '_modcl_eff')
+
+
+def frozen_names(module: nn.Module) -> Tuple[str, ...]:
+    """Names of the frozen, shared tensors (buffers) of a layer made task-aware by ``modulate_layer`` (its weight,
+    bias, ...); empty for any other module."""
+    return tuple(module.__dict__.get('_modcl_frozen', ()))
 
 
 def unmodulate_layer(module: nn.Module, copy: bool = False) -> nn.Module:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .adapter import AdapterMixin
-from .core import ModCLMixin
+from .core import ModCLMixin, attach
 from .errors import UnsupportedModelError
 from .hub import HubMixin
 from .serving import ServingMixin
@@ -177,7 +177,7 @@ def modulate(
     base = type(model)
     model.__class__ = modcl_class(base)
     try:
-        model._modcl_setup(head=head, base=base, freeze=tuple(freeze), cache_bytes=cache_bytes)
+        attach(model, head=head, base=base, freeze=tuple(freeze), cache_bytes=cache_bytes)
     except BaseException:
         model.__class__ = base
         model.__dict__.pop('_modcl', None)

@@ -104,6 +104,16 @@ class TaskInfo:
     def variant(self) -> str:
         return self.config.variant
 
+    def meta(self) -> Dict[str, Any]:
+        """JSON-serialisable description of the task (as ``TaskState.meta()`` and ``TaskPayload.meta()`` give it)."""
+        return {
+            'name': self.name,
+            'num_classes': self.num_classes,
+            'class_names': None if self.class_names is None else list(self.class_names),
+            'config': self.config.to_dict(),
+            'metadata': dict(self.metadata),
+        }
+
     @property
     def resolution(self) -> Optional[Tuple[int, int]]:
         return self.config.resolution

@@ -1,0 +1,181 @@
+"""Accuracy protocol v2 (benchmarks/accuracy.py, _protocol.py, _stats.py): the rate-grid search and its extension,
+interior flags, seed-level t intervals and Holm's correction, the ``--plan`` time estimate, and the committed summary's
+chosen settings. No training here: every test is pure arithmetic on synthetic numbers or on the stored JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _protocol as P  # noqa: E402
+import _stats  # noqa: E402
+
+
+def _peak(at, scale=1.0):
+    """A smooth synthetic validation surface over ladder indices, highest at ``at``."""
+    return lambda p: 1.0 - scale * sum((a - b) ** 2 for a, b in zip(p, at))
+
+
+# ---------------------------------------------------------------------------------------------------- (a) grid
+def test_interior_optimum_needs_no_extension():
+    g = P.GridSearch(centre=(6, 6), width=3, max_extensions=2)
+    res = P.run_grid(g, _peak((6, 6)))
+    assert res["settings"] == 9
+    assert res["interior"] and res["edge"] == [] and not res["cap_hit"]
+    assert res["best"] == [6, 6] and res["position"] == [1, 1] and res["grid_size"] == [3, 3]
+
+
+def test_edge_optimum_extends_until_interior():
+    g = P.GridSearch(centre=(6, 6), width=3, max_extensions=2)
+    res = P.run_grid(g, _peak((8, 6)))  # two steps above the grid on the adapter axis
+    assert res["best"] == [8, 6]
+    assert res["interior"] and not res["cap_hit"]
+    assert res["extensions"] == {"0+": 2}  # a line of 3 per step
+    assert res["settings"] == 9 + 3 + 3
+    assert (9, 6) in g.scores and (8, 5) in g.scores and (8, 7) in g.scores
+
+
+def test_head_axis_is_searched_separately():
+    g = P.GridSearch(centre=(6, 6), width=3, max_extensions=2)
+    res = P.run_grid(g, _peak((6, 4)))  # head rate two steps below the grid, adapter rate in the middle
+    assert res["best"] == [6, 4] and res["interior"] and res["extensions"] == {"1-": 2}
+
+
+def test_cap_is_flagged():
+    g = P.GridSearch(centre=(6, 6), width=3, max_extensions=2)
+    res = P.run_grid(g, _peak((12, 6)))  # far beyond what two extensions reach
+    assert res["best"] == [9, 6]
+    assert not res["interior"] and res["cap_hit"]
+    assert any("cap" in w and "axis 0 high" in w for w in res["edge"])
+
+
+def test_ladder_end_is_flagged_not_extended():
+    g = P.GridSearch(centre=(11, 6), width=3, max_extensions=2)
+    res = P.run_grid(g, _peak((20, 6)))
+    assert res["best"] == [12, 6]
+    assert not res["interior"] and not res["cap_hit"]
+    assert res["edge"] == ["axis 0 high: ladder ends"]
+
+
+def test_one_axis_gets_the_same_number_of_settings():
+    g = P.GridSearch(centre=(8,), width=3, max_extensions=2)
+    assert len(g.initial()) == 9
+    res = P.run_grid(g, _peak((8,)))
+    assert res["interior"] and res["settings"] == 9
+    g = P.GridSearch(centre=(6,), width=3, max_extensions=2)
+    res = P.run_grid(g, _peak((0,)))  # 9 points around 6 start at index 2: two extensions reach 0, the ladder end
+    assert res["best"] == [0] and res["settings"] == 11 and not res["interior"]
+
+
+def test_ties_keep_the_first_tried_point():
+    g = P.GridSearch(centre=(6, 6), width=3, max_extensions=0)
+    res = P.run_grid(g, lambda p: 0.5)
+    assert res["best"] == [5, 5] and not res["interior"] and res["cap_hit"]
+
+
+# ---------------------------------------------------------------------------------------------------- (b) stats
+def test_paired_t_on_known_values():
+    # diffs 1, 2, 3: mean 2, sd 1, se 1/sqrt(3); t_{0.975, 2} = 4.302652729911275
+    r = _stats.paired_t([1.0, 2.0, 3.0])
+    q = 4.302652729911275
+    assert r["diff"] == pytest.approx(2.0)
+    assert r["ci"] == pytest.approx([2 - q / math.sqrt(3), 2 + q / math.sqrt(3)], rel=1e-9)
+    # t = 2 / (1/sqrt 3) = 3.4641; two-sided p with 2 df = 0.07418
+    assert r["p"] == pytest.approx(0.0741799, rel=1e-4)
+    assert _stats.paired_t([0.5])["ci"] is None
+
+
+def test_holm_on_known_values():
+    r = _stats.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.20})
+    # sorted 0.01, 0.03, 0.04, 0.20 -> 4*0.01, 3*0.03, max(0.09, 2*0.04), max(0.09, 1*0.2)
+    assert r["a"]["p_holm"] == pytest.approx(0.04)
+    assert r["c"]["p_holm"] == pytest.approx(0.09)
+    assert r["b"]["p_holm"] == pytest.approx(0.09)  # monotone: not 0.08
+    assert r["d"]["p_holm"] == pytest.approx(0.20)
+    assert [k for k, v in r.items() if v["reject"]] == ["a"]
+    assert _stats.holm({"x": 0.6, "y": 0.7})["y"]["p_holm"] == 1.0  # capped
+
+
+def test_compare_seeds_pairs_by_seed_and_widens_for_bonferroni():
+    a = {0: 0.90, 1: 0.91, 2: 0.92, 3: 0.93}
+    b = {0: 0.89, 1: 0.89, 2: 0.91, 3: 0.915, 9: 0.5}  # seed 9 has no partner: ignored
+    c = _stats.compare_seeds(a, b, comparisons=8)
+    assert c["seeds"] == [0, 1, 2, 3]
+    assert c["diff"] == pytest.approx((0.01 + 0.02 + 0.01 + 0.015) / 4)
+    lo, hi = c["ci"]
+    blo, bhi = c["ci_bonferroni"]
+    assert blo < lo < c["diff"] < hi < bhi
+
+
+# ---------------------------------------------------------------------------------------------------- (c) summary
+def test_every_chosen_setting_is_interior_or_flagged():
+    path = BENCH / "results" / "accuracy_v2.json"
+    if not path.is_file():
+        pytest.skip("benchmarks/results/accuracy_v2.json does not exist yet (the protocol v2 run has not finished "
+                    "a summary); this check runs once it does")
+    summary = json.loads(path.read_text())
+    checked = 0
+    for name, m in summary["methods"].items():
+        c = m.get("chosen")
+        if not c:
+            continue
+        checked += 1
+        assert c["interior"] or c["flag"], f"{name}: chosen setting on an edge without a flag"
+        assert len(c["grid_position"]) == len(c["grid_size"]) and all(
+            0 <= i < n for i, n in zip(c["grid_position"], c["grid_size"]))
+    for name, r in (summary.get("recipe") or {}).get("methods", {}).items():
+        if "chosen" in r:
+            assert "interior" in r["chosen"], name
+    assert checked or not summary["methods"], "summary has methods but none with a chosen setting"
+
+
+# ---------------------------------------------------------------------------------------------------- (d) plan
+def test_plan_fits_six_hours():
+    import accuracy as A
+    st = A.Settings()
+    # as after the baselines branch lands: a fifth (RGB) task, modcl_lora, 3 structural options per method and
+    # 15 byte budgets of which the 4 default structures (hp {}) reuse test cells
+    tasks = tuple(st.tasks) + (("rgb_task",) if len(st.tasks) < 5 else ())
+    st.tasks = tasks
+    configs = [("modcl default", "modcl", {})] + [(f"modcl p{i}", "modcl", {"config": {"x": i}}) for i in range(4)]
+    configs += [(f"lora r{r}", "lora", {"rank": r}) for r in (1, 2, 4, 8)]
+    configs += [(f"modcl_lora r{r}", "modcl_lora", {"rank": r}) for r in (1, 2, 4, 8)]
+    configs += [("IA3", "ia3", {}), ("BN + head", "bn_head", {}), ("Piggyback", "piggyback", {})]
+    pl = A.plan(st, A.ALL_METHODS, configs)
+    assert pl["workers"] == 2
+    assert pl["hours"] <= 6.0, pl
+    assert pl["worst_case_hours"] >= pl["hours"]
+    assert set(pl["stages"]) == {"tune", "test", "bytes", "recipe"}
+    assert all(s["cells"] > 0 for s in pl["stages"].values())
+    # the default (current) settings fit too
+    assert A.plan(A.Settings())["hours"] <= 6.0
+
+
+# ---------------------------------------------------------------------------------------------------- divergence
+def test_a_diverged_cell_scores_zero_and_stays_well_formed():
+    """A rate at the grid's far edge may make the loss non-finite: the cell is kept with accuracy 0 (every test image
+    wrong) instead of ending the whole run."""
+    import numpy as np
+
+    import _cellrun
+    import baselines as B
+
+    class S:  # the fields of _fetch.TaskSplits that a diverged record needs
+        def __init__(self, n_val, n_test):
+            self.y_train, self.y_val, self.y_test = np.zeros(5), np.zeros(n_val), np.zeros(n_test)
+
+    task = {"kind": "task", "evaluate": ["val", "test"]}
+    r = _cellrun.diverged_result(task, [S(7, 9)], "loss nan")
+    assert r["val_acc"] == 0.0 and r["test_n"] == 9 and r["diverged"] == "loss nan"
+    assert not B.unpack_bits(r["test_correct"], 9).any() and r["counts"] == {}
+    seq = {"kind": "sequence", "evaluate": ["val", "test"]}
+    r = _cellrun.diverged_result(seq, [S(7, 9), S(3, 4)], "loss inf")
+    assert r["val_acc"] == [0.0, 0.0] and r["test_n"] == [9, 4] and len(r["test_matrix"]) == 2
+    assert [B.unpack_bits(c, n).sum() for c, n in zip(r["test_correct"], (9, 4))] == [0, 0]
