@@ -60,13 +60,7 @@ def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device, d
 
 def task_bn_stats(model: nn.Module, task: str, kinds=('running_mean', 'running_var')) -> List[torch.Tensor]:
     """The live BatchNorm running-statistics tensors of ``task`` (floating point ones by default)."""
-    out = []
-    for stats in model._task(task).norm_stats.values():
-        for k in kinds:
-            t = stats.get(k)
-            if t is not None:
-                out.append(t)
-    return out
+    return [t for k, t in model.task_tensors(task).items() if k.startswith('bn.') and k.rpartition('.')[2] in kinds]
 
 
 def average_bn_stats_(model: nn.Module, task: str, device: torch.device) -> None:

@@ -92,7 +92,7 @@ def evaluate(
     """
     model = _dist.unwrap_model(model)
     if task is not None:
-        model._task(task)
+        model.task_info(task)  # TaskNotFoundError
     device = resolve_device(model, device)
     reduce = bool(distributed) and _dist.is_distributed() and _dist.get_world_size() > 1
     comm = _dist.comm_device(device) if reduce else None
@@ -120,7 +120,7 @@ def predict(
     if images.ndim == 3:
         images = images.unsqueeze(0)
     if task is not None:
-        model._task(task)
+        model.task_info(task)  # TaskNotFoundError
     device = resolve_device(model, device)
     dtype = model_dtype(model)
     out: List[List[tuple]] = []

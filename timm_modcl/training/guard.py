@@ -31,7 +31,7 @@ class TaskSnapshot:
         self.take()
 
     def _live(self) -> Dict[str, torch.Tensor]:
-        return self.model._task(self.task).tensors(stats=False)
+        return self.model.task_tensors(self.task)
 
     def take(self) -> None:
         """Copy the task's tensors as they are now."""

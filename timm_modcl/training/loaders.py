@@ -27,8 +27,9 @@ def model_device(model: nn.Module) -> torch.device:
 
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype inputs are cast to: the frozen backbone's."""
-    if hasattr(model, '_ref_tensor'):
-        return model._ref_tensor().dtype
+    dtype = getattr(model, 'backbone_dtype', None)
+    if dtype is not None:
+        return dtype
     for t in model.parameters():
         return t.dtype
     return torch.float32

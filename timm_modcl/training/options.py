@@ -37,13 +37,13 @@ def check_task(model: nn.Module, task: str) -> int:
     if not is_modcl_model(model):
         raise TaskError(f'train_task needs a modcl model (timm.create_model("modcl_...") or timm_modcl.modulate), '
                         f'got {type(model).__name__}')
-    state = model._task(task)  # TaskNotFoundError naming the model's tasks
+    info = model.task_info(task)  # TaskNotFoundError naming the model's tasks
     if task == BASE_TASK:
         raise TaskError(f'the {BASE_TASK!r} task is the frozen pretrained model and is not trained; add a task with '
                         f'model.add_task(name, num_classes) and train that')
-    if int(state.num_classes) < 1 or not model._has_head:
+    if int(info.num_classes) < 1 or not model.has_head:
         raise TaskError(f'task {task!r} has no classifier head to train')
-    return int(state.num_classes)
+    return int(info.num_classes)
 
 
 @dataclass

@@ -72,9 +72,10 @@ class TrainRun:
 
 def param_groups(model: nn.Module, task: str, lr: float, head_lr: Optional[float]) -> List[Dict[str, Any]]:
     """The optimizer's groups: the task's modulators (and norm affine) at ``lr``, its head at ``head_lr``."""
-    head_params = list(model._task(task).head.parameters())
-    head_ids = {id(p) for p in head_params}
-    mod_params = [p for p in model.task_parameters(task) if id(p) not in head_ids]
+    head_ids = {id(t) for k, t in model.task_tensors(task).items() if k.startswith('head.')}
+    params = model.task_parameters(task)
+    head_params = [p for p in params if id(p) in head_ids]
+    mod_params = [p for p in params if id(p) not in head_ids]
     groups = [{'params': head_params, 'lr': float(head_lr if head_lr is not None else lr)}]
     if mod_params:
         groups.insert(0, {'params': mod_params, 'lr': float(lr)})
