@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / 'timm_modcl'
 #: payload branch: ``model.task_info`` / ``task_tensors`` / ``task_payload`` / ``has_head`` /
 #: ``update_task_metadata`` / ``layer_table``); remove an entry once its module uses them.
 ALLOWED: Set = {
-    'train.py',            # _task, _has_head, _serving, _ref_tensor
+    ('training/evaluation.py', '_eval_mode'),  # serving's _serving (the issue's _eval_mode vs _serving)
     'distributed.py',      # _task, _modcl_base (layers)
     'serving.py',          # _task, _modcl, _ref_tensor, scorers' _feature_fn
     'scorers.py',          # _task, _modcl, _ref_tensor, _serving, _base_features, _check_batch, _candidates

@@ -175,7 +175,7 @@ def _check_history(history: Mapping[str, Any], task: str, epoch: int, label: str
     """The history of ``epoch`` finished epochs: the fields of ``TrainHistory``, one finite value per epoch each."""
     from dataclasses import fields
 
-    from .train import TrainHistory
+    from .training.history import TrainHistory
     names = {f.name for f in fields(TrainHistory)}
     if set(history) != names:
         odd = sorted(set(history) ^ names)
@@ -385,8 +385,8 @@ class TrainCheckpoint:
         opt = st['optimizer'] if isinstance(st['optimizer'], dict) else {}
         pgs = opt.get('param_groups')
         params = [p for g in groups for p in g]
-        if not isinstance(pgs, list) or [len(g.get('params', ())) for g in pgs if isinstance(g, dict)] != \
-                [len(g) for g in groups]:
+        listed = isinstance(pgs, list) and all(isinstance(g, dict) and isinstance(g.get('params'), list) for g in pgs)
+        if not listed or [len(g['params']) for g in pgs] != [len(g) for g in groups]:
             raise CheckpointError(f'{label}: the optimizer state does not fit the task\'s parameter groups')
         for k, v in self.tensors.items():
             if not k.startswith('optimizer.'):

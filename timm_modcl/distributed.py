@@ -19,7 +19,7 @@ import datetime
 import json
 import os
 import warnings
-from typing import Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 _created_group = False
+T = TypeVar('T')
 
 
 # ---------------------------------------------------------------------------------------------------- queries
@@ -80,13 +81,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------- setup
-def _device(device) -> torch.device:
-    device = torch.device('cpu') if device is None else torch.device(device)
-    if device.type == 'cuda' and device.index is None and is_distributed():
-        device = torch.device('cuda', get_local_rank())
-    return device
-
-
 def _launched() -> bool:
     """Whether a launcher (torchrun) described a process group in the environment, of any size."""
     return all(os.environ.get(v) for v in ('WORLD_SIZE', 'RANK', 'MASTER_ADDR', 'MASTER_PORT'))
@@ -187,23 +181,22 @@ def barrier() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- collectives
-def _flat_collective_(tensors: Sequence[torch.Tensor], device: torch.device, collective) -> None:
-    """Run ``collective`` on the tensors (all of one dtype) flattened into one buffer, and copy the result back."""
-    if not tensors:
-        return
-    flat = torch.cat([t.detach().reshape(-1).to(device) for t in tensors])
-    collective(flat)
-    offset = 0
-    with torch.no_grad():
-        for t in tensors:
-            n = t.numel()
-            t.copy_(flat[offset:offset + n].view_as(t).to(t.device))
-            offset += n
-
-
-def _flat_all_reduce_(tensors: Sequence[torch.Tensor], device: torch.device, op=dist.ReduceOp.SUM) -> None:
-    """All-reduce several tensors of one dtype in place with a single collective."""
-    _flat_collective_(tensors, device, lambda flat: dist.all_reduce(flat, op=op))
+def flat_collective_(tensors: Sequence[torch.Tensor], device: torch.device, collective,
+                     dtype: Optional[torch.dtype] = None) -> None:
+    """Run ``collective`` in place on the tensors flattened into one buffer per dtype (or into one buffer of
+    ``dtype``), and copy the results back into the tensors (cast to their own dtype)."""
+    groups = {}
+    for t in tensors:
+        groups.setdefault(dtype or t.dtype, []).append(t)
+    for kind, group in groups.items():
+        flat = torch.cat([t.detach().reshape(-1).to(device, kind) for t in group])
+        collective(flat)
+        offset = 0
+        with torch.no_grad():
+            for t in group:
+                n = t.numel()
+                t.copy_(flat[offset:offset + n].view_as(t).to(t.device, t.dtype))
+                offset += n
 
 
 def all_reduce_numbers(values: Sequence[float], device: torch.device, op: str = 'sum') -> List[float]:
@@ -219,11 +212,7 @@ def broadcast_tensors_(tensors: Sequence[torch.Tensor], device: torch.device, sr
     """Overwrite ``tensors`` on every process with rank ``src``'s values (grouped by dtype, one collective each)."""
     if not is_distributed() or get_world_size() == 1:
         return
-    by_dtype = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for group in by_dtype.values():
-        _flat_collective_(group, device, lambda flat: dist.broadcast(flat, src=src))
+    flat_collective_(tensors, device, lambda flat: dist.broadcast(flat, src=src))
 
 
 def broadcast_int(value: int, device: torch.device, src: int = 0) -> int:
@@ -291,6 +280,24 @@ def raise_together(error: Optional[BaseException], device: torch.device) -> None
     raise cls(f'process {rank} failed: {message}')
 
 
+def call_together(fn: Callable[[], T], device: Optional[torch.device]) -> T:
+    """``fn()``, called by every process at the same point (a training step): when it raises on any process, every
+    process raises the same typed error (``raise_together``) instead of hanging in the next collective.
+    ``device=None`` (not distributed): ``fn()`` alone, its error raised as is.
+    """
+    error: Optional[Exception] = None
+    result = None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 (raised below, on every process)
+        error = e
+    if device is not None:
+        raise_together(error, device)
+    elif error is not None:
+        raise error
+    return result
+
+
 def check_same_backbone(model: nn.Module, device: torch.device) -> None:
     """Refuse to train when the processes' frozen backbones differ (different weight files on different machines).
 
@@ -328,7 +335,8 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.parallel.DistributedD
     """``DistributedDataParallel`` over a modcl model whose task is bound already.
 
     ``broadcast_buffers=False``: the frozen backbone (buffers) is never sent; the task's own BatchNorm statistics are
-    kept consistent by ``average_bn_stats_`` (or SyncBatchNorm). DDP broadcasts rank 0's task parameters once.
+    kept consistent by ``training.batchnorm.average_bn_stats_`` (or SyncBatchNorm). DDP broadcasts rank 0's task
+    parameters once.
     """
     with warnings.catch_warnings():
         # torch >= 2.14 deprecates broadcast_buffers for forward_sync_buffers, but forward_sync_buffers=False still
@@ -338,58 +346,25 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.parallel.DistributedD
             model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
 
 
-def task_bn_stats(model: nn.Module, task: str, kinds=('running_mean', 'running_var')) -> List[torch.Tensor]:
-    """The live BatchNorm running-statistics tensors of ``task`` (floating point ones by default)."""
-    out = []
-    for stats in model._task(task).norm_stats.values():
-        for k in kinds:
-            t = stats.get(k)
-            if t is not None:
-                out.append(t)
-    return out
+@contextlib.contextmanager
+def ddp_session(model: nn.Module, device: torch.device, enabled: bool, sync_bn: bool = False
+                ) -> Iterator[nn.Module]:
+    """The module to train with: ``model`` wrapped by ``wrap_ddp`` when ``enabled`` (its BatchNorm layers made
+    ``SyncBatchNorm`` first with ``sync_bn``: DDP looks for them when it is built), else ``model`` itself. On exit the
+    wrapper (and its reducer's gradient hooks) is dropped before the layers swap back.
 
-
-def average_bn_stats_(model: nn.Module, task: str, device: torch.device) -> None:
-    """Replace the task's BN running mean and variance by their average over the processes (one collective)."""
-    if not is_distributed() or get_world_size() == 1:
+    Raises:
+        DistributedError: ``sync_bn`` with a BatchNorm type that has no synchronised counterpart.
+    """
+    if not enabled:
+        yield model
         return
-    tensors = task_bn_stats(model, task)
-    by_dtype = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    world = get_world_size()
-    for group in by_dtype.values():
-        _flat_all_reduce_(group, device)
-        with torch.no_grad():
-            for t in group:
-                t.div_(world)
-
-
-def combine_recalibrated_bn_(bns: Sequence[nn.Module], batches: int, device: torch.device) -> int:
-    """Combine per-process cumulative BN averages over ``batches`` local batches into the average over all processes'
-    batches (each process's statistics weighted by its batch count). Returns the total number of batches."""
-    if not is_distributed() or get_world_size() == 1:
-        return batches
-    tensors = []
-    for bn in bns:
-        tensors += [bn.running_mean, bn.running_var]
-    flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in tensors]
-                     + [torch.tensor([float(batches)], dtype=torch.float64, device=device)])
-    flat[:-1] *= batches
-    dist.all_reduce(flat)
-    total = int(round(float(flat[-1].item())))
-    if total == 0:
-        return 0
-    flat[:-1] /= total
-    offset = 0
-    with torch.no_grad():
-        for t in tensors:
-            n = t.numel()
-            t.copy_(flat[offset:offset + n].view_as(t).to(t.device, t.dtype))
-            offset += n
-        for bn in bns:
-            bn.num_batches_tracked.fill_(total)
-    return total
+    with (sync_batchnorm(model) if sync_bn else contextlib.nullcontext()):
+        net: Optional[nn.Module] = wrap_ddp(model, device)
+        try:
+            yield net
+        finally:
+            net = None
 
 
 # ---------------------------------------------------------------------------------------------------- SyncBatchNorm
@@ -455,3 +430,17 @@ def rng_seed_for_run(seed: Optional[int], device: torch.device) -> int:
         return int(seed)
     local = int(torch.empty((), dtype=torch.int64).random_(0, 2 ** 62).item())
     return broadcast_int(local, device)
+
+
+_MOVED = {'task_bn_stats', 'average_bn_stats_', 'combine_recalibrated_bn_'}
+
+
+def __getattr__(name: str):
+    """The trained task's BN helpers moved to ``timm_modcl.training.batchnorm`` (still reachable here, with a
+    ``DeprecationWarning``)."""
+    if name in _MOVED:
+        warnings.warn(f'timm_modcl.distributed.{name} moved to timm_modcl.training.batchnorm.{name}',
+                      DeprecationWarning, stacklevel=2)
+        from .training import batchnorm
+        return getattr(batchnorm, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
