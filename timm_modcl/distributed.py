@@ -392,11 +392,11 @@ def sync_batchnorm(model: nn.Module, process_group=None) -> Iterator[int]:
     Raises:
         DistributedError: a BatchNorm layer of a type with no synchronised counterpart (nothing is changed then).
     """
-    from .layers import TaskNorm, _layer_class
+    from .layers import TaskNorm, plain_class, task_aware_class
     todo = []
     for m in model.modules():
         if isinstance(m, TaskNorm) and isinstance(m, nn.modules.batchnorm._BatchNorm):
-            todo.append((m, type(m), _layer_class(TaskNorm, _sync_base(m._modcl_base))))
+            todo.append((m, type(m), task_aware_class(TaskNorm, _sync_base(plain_class(m)))))
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             raise DistributedError(f'SyncBatchNorm: {type(m).__name__} is not a task-aware layer of a modcl model')
     for m, _, sync_cls in todo:

@@ -43,6 +43,8 @@ from .methods import LayerMethod, Modulation, modulator_shape
 __all__ = [
     'MODULATION_VARIANTS',
     'frozen_names',
+    'plain_class',
+    'task_aware_class',
     'task_scope',
     'scoped_task',
     'ModulatedWeight',
@@ -482,7 +484,7 @@ class _LayerParameters(OrderedDict):
 _CLASSES: Dict[Tuple[type, type], type] = {}
 
 
-def _layer_class(mixin: type, base: type) -> type:
+def task_aware_class(mixin: type, base: type) -> type:
     """The (cached) subclass of ``base`` with ``mixin`` in front, registered as a torch.fx leaf."""
     cls = _CLASSES.get((mixin, base))
     if cls is None:
@@ -498,9 +500,14 @@ def _layer_class(mixin: type, base: type) -> type:
     return cls
 
 
+def plain_class(module: nn.Module) -> type:
+    """The plain class a task-aware layer was made from (``nn.Conv2d``, timm's ``BatchNormAct2d``, ...)."""
+    return type(module)._modcl_base
+
+
 def _new_layer(mixin: type, base: type) -> nn.Module:
     """Unpickling helper: an empty instance of the modulated subclass of ``base``."""
-    return object.__new__(_layer_class(mixin, base))
+    return object.__new__(task_aware_class(mixin, base))
 
 
 def is_weight_layer(module: nn.Module) -> bool:
@@ -551,7 +558,7 @@ def modulate_layer(module: nn.Module) -> str:
     base = type(module)
     if is_weight_layer(module):
         module._modcl_frozen = _freeze(module)            # weight, bias (and a gain): frozen buffers
-        module.__class__ = _layer_class(ModulatedWeight, base)
+        module.__class__ = task_aware_class(ModulatedWeight, base)
         module._parameters = _LayerParameters(module._parameters)
         module._parameters['modulator'] = None
         module.modcl_chunks = 1
@@ -565,7 +572,7 @@ def modulate_layer(module: nn.Module) -> str:
         for name in ('weight', 'bias'):                   # a norm without affine still answers .weight (None)
             module._buffers.setdefault(name, None)
         module._modcl_frozen = frozen
-        module.__class__ = _layer_class(TaskNorm, base)
+        module.__class__ = task_aware_class(TaskNorm, base)
         module._parameters = _LayerParameters(module._parameters)
         module._parameters['task_weight'] = None
         module._parameters['task_bias'] = None

@@ -176,7 +176,8 @@ def _batches(data, batch_size: int, num_workers: int, what: str = 'data') -> Ite
     return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
-def _feature_fn(model: nn.Module) -> None:
+def check_feature_model(model: nn.Module) -> None:
+    """Raise ``UnsupportedModelError`` unless ``model`` has timm's ``forward_features`` / ``forward_head``."""
     if not (callable(getattr(model, 'forward_features', None)) and callable(getattr(model, 'forward_head', None))):
         raise UnsupportedModelError(
             f'{type(model).__name__} has no forward_features / forward_head(pre_logits=True): task statistics need '
@@ -256,7 +257,7 @@ def for_each_base_feature(model, task: str, data, num_classes: int, fn: Callable
         UnsupportedModelError: a model without ``forward_features`` / ``forward_head(pre_logits=True)``.
     """
     from tqdm.auto import tqdm
-    _feature_fn(model)
+    check_feature_model(model)
     loader = _batches(data, batch_size, num_workers)
     ref = model._ref_tensor()
     with model._serving(), model.task_scope(BASE_TASK):

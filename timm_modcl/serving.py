@@ -228,7 +228,7 @@ def prototype_statistics(
 
 def has_prototypes(model, name: str) -> bool:
     """Whether task ``name`` of ``model`` has the prototype statistics of the ``'prototype'`` scorer."""
-    stats = model._task(name).stats
+    stats = model.task_statistics(name)
     return all(k in stats for k in PROTOTYPE_STATS)
 
 
@@ -264,10 +264,11 @@ def prototype_dim(model) -> Optional[int]:
     size = getattr(model, 'head_hidden_size', None)
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
-    tasks = model._modcl.tasks
-    head = tasks[BASE_TASK].head if BASE_TASK in tasks else None
-    if isinstance(head, nn.Linear):
-        return int(head.in_features)
+    if BASE_TASK not in model.tasks:
+        return None
+    weight = model.task_tensors(BASE_TASK).get('head.weight')  # the base task's Linear classifier, if it has one
+    if weight is not None and weight.ndim == 2:
+        return int(weight.shape[1])
     return None
 
 
@@ -474,7 +475,7 @@ def compute_task_statistics(
         InputError: images the model cannot take (NaN/Inf values, wrong shape or dtype).
         On error the task's statistics and the global random states (torch, NumPy, Python) are as they were.
     """
-    state = model._task(task)
+    state = model.task_info(task)
     _check_hyper(rank, power, shrinkage)
     if num_classes is None:
         num_classes = int(state.num_classes)
@@ -492,20 +493,20 @@ def compute_task_statistics(
         moments.add(_power(f.to(torch.float64), float(power)), y)
     _scorers.for_each_base_feature(model, task, data, num_classes, add, batch_size=batch_size,
                                    num_workers=num_workers, progress=progress, desc='prototypes')
-    ref = model._ref_tensor()
+    dtype = model.backbone_dtype
     if moments is None:
         moments = _Moments(num_classes, 1)
     if all_reduce:
         moments.all_reduce()
     stats = moments.finish(rank, float(power), float(shrinkage))
-    stats = OrderedDict((k, v.to(ref.device, ref.dtype if ref.is_floating_point() else torch.float32))
+    stats = OrderedDict((k, v.to(model.backbone_device, dtype if dtype.is_floating_point else torch.float32))
                         for k, v in stats.items())
     try:  # what is stored must load again (adapter files validate the statistics)
         check_prototype_statistics(stats, num_classes, None, task)
     except StatisticsError as e:
         raise DataError(f'the data gave unusable prototype statistics ({e}); use more varied samples or rank=0') \
             from None
-    state.stats.update(stats)
+    model.update_task_statistics(task, stats)
     return stats
 
 
@@ -528,6 +529,22 @@ class ServingMixin:
                 stack.callback(_restore_modes, modes)
                 self.eval()
             stack.enter_context(torch.no_grad())
+            yield
+
+    @contextlib.contextmanager
+    def inference_scope(self, task: Optional[str] = None) -> Iterator[None]:
+        """Eval mode without autograd, with ``task`` (default: the active one) computed per call (``task_scope``).
+
+        A model in eval mode is not changed at all, so threads can run different tasks at once; a model in train
+        mode is switched to eval for the call and back afterwards, under the model's lock (one such call at a time).
+
+            with model.inference_scope('flowers'):
+                logits = model(x)
+
+        Raises:
+            TaskNotFoundError: if there is no such task.
+        """
+        with self._serving(), self.task_scope(self.active_task if task is None else task):
             yield
 
     def _check_batch(self, x: Any) -> int:
@@ -644,7 +661,7 @@ class ServingMixin:
             UnsupportedModelError: the model has no ``forward_features`` / ``forward_head(pre_logits=True)``.
         """
         self._check_batch(x)
-        _scorers._feature_fn(self)
+        _scorers.check_feature_model(self)
         with self._serving(), self.task_scope(BASE_TASK):
             return self._base_features(x)
 
@@ -691,10 +708,10 @@ class ServingMixin:
                     f'task(s) {", ".join(map(repr, missing[:5]))} have no prototype statistics; compute them with '
                     f'compute_task_statistics(model, task, train_data) (or train with train_task(..., '
                     f'prototypes=True)), or use scorer="energy"')
-            _scorers._feature_fn(self)
+            _scorers.check_feature_model(self)
             names = self._usable_prototype_tasks(names)
         elif scorer in _scorers.BASE_SCORERS:
-            _scorers._feature_fn(self)
+            _scorers.check_feature_model(self)
             _scorers.check_candidates(self, names)
         else:
             headless = [n for n in names if st.tasks[n].num_classes < 1]

@@ -1,7 +1,6 @@
 """Evaluation: top-1 accuracy (per epoch in training, and ``evaluate``) and top-k ``predict``; the task is chosen per
 call, so threads can evaluate different tasks of one model in eval mode at once."""
-import contextlib
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -14,14 +13,6 @@ from ..errors import DataError
 from .loaders import DataLike, make_loader, model_dtype, resolve_device
 
 __all__ = ['accuracy', 'evaluate', 'predict']
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module, task: Optional[str]) -> Iterator[None]:
-    """Eval mode with ``task`` (default: the active one) computed inside, per call (``task_scope``): the model is not
-    changed when it is in eval mode already, so threads can evaluate different tasks at once."""
-    with model._serving(), model.task_scope(model.active_task if task is None else task):
-        yield
 
 
 @torch.inference_mode()
@@ -37,7 +28,7 @@ def accuracy(model: nn.Module, loader: DataLoader, task: Optional[str], device: 
     dtype = model_dtype(model)
     sampler = getattr(loader, 'sampler', None)
     correct = seen = position = 0
-    with _eval_mode(model, task):
+    with model.inference_scope(task):
         num_classes = int(model.tasks[name].num_classes)
         for batch in loader:
             x, y = unpack_batch(batch, 'data')
@@ -124,7 +115,7 @@ def predict(
     device = resolve_device(model, device)
     dtype = model_dtype(model)
     out: List[List[tuple]] = []
-    with torch.inference_mode(), _eval_mode(model, task):
+    with torch.inference_mode(), model.inference_scope(task):
         names = model.tasks[model.active_task if task is None else task].class_names
         for start in range(0, images.shape[0], 64):
             probs = model(images[start:start + 64].to(device, dtype)).float().softmax(1).cpu()
