@@ -665,3 +665,15 @@ def test_malformed_input_size_statistic_raises(served):
                 model.predict_classes(data['a'][0][:2])
     finally:
         model._task('a').stats = saved
+
+
+def test_a_model_that_cannot_take_the_resized_copy_raises_a_typed_error_and_keeps_its_statistics():
+    from timm_modcl import UnsupportedModelError
+    model = timm.create_model('modcl_vit_tiny_patch16_224', pretrained=False, img_size=SIZE).eval()  # fixed size
+    model.add_task('a', 2, activate=False)
+    x, y = torch.randn(4, 3, SIZE, SIZE), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(UnsupportedModelError, match='input_size=16'):
+        model.compute_task_statistics('a', (x, y), scorer='ranpac', dim=DIM, input_size=SMALL)
+    assert not model._task('a').stats
+    model.compute_task_statistics('a', (x, y), scorer='ranpac', dim=DIM, input_size=SIZE)   # the same size: fine
+    assert float(model._task('a').stats['ranpac_input_size']) == SIZE

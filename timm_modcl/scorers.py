@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 
 from .data import check_labels, unpack_batch
-from .errors import DataError, StatisticsError, TaskError, UnsupportedModelError
+from .errors import DataError, ModCLError, StatisticsError, TaskError, UnsupportedModelError
 from .task import BASE_TASK
 
 __all__ = [
@@ -248,9 +248,22 @@ def base_features(model, x: torch.Tensor, layers: Optional[Sequence[int]] = None
     (``None``: on ``x``).
 
     Raises:
-        UnsupportedModelError: the model has no ``forward_intermediates`` or not the layers asked for.
+        UnsupportedModelError: the model has no ``forward_intermediates`` or not the layers asked for, or does not
+            take the resized copy (e.g. a ViT with a fixed input size).
     """
-    x = scaled_input(x, input_size)
+    small = scaled_input(x, input_size)
+    if small is x:
+        return _layer_features(model, x, layers)
+    try:
+        return _layer_features(model, small, layers)
+    except ModCLError:
+        raise
+    except (AssertionError, RuntimeError) as e:
+        raise UnsupportedModelError(f'{type(model).__name__} cannot take the scorer\'s {tuple(small.shape[-2:])} copy '
+                                    f'of the batch (input_size={input_size}): {e}') from None
+
+
+def _layer_features(model, x: torch.Tensor, layers: Optional[Sequence[int]]) -> torch.Tensor:
     if layers is None:
         return model._base_features(x)
     fi = getattr(model, 'forward_intermediates', None)
