@@ -40,6 +40,12 @@ head forward), of ``predict_classes`` (one base forward), with head evidence (1 
 scorer, with 16 tasks, at 64 px (batch 64) and at 224 px (batch 1).
 
 Writes ``benchmarks/results/taskid.json`` and ``taskid.md`` (``--quick``: ``taskid_quick.*``).
+
+    nice -n 10 python benchmarks/taskid.py --scorer-size-study --size 128 --seeds 0 1 --repeats 30
+
+runs only the scorer input-size study (``size_study``: the scorer's base forward on a downscaled copy,
+``compute_task_statistics(..., input_size=S)``): batch-1 cost at 224 px with 16 tasks for scorer sizes 224 / 112 /
+96, and task identification with statistics and scoring at ``--size`` vs half of it; writes ``taskid_size.*``.
 """
 import argparse
 import json
@@ -465,6 +471,161 @@ def cost(weights: Path, tasks, n_tasks: int, size: int, batch: int, repeats: int
             'cache_info': scorers.cache_info(model)}
 
 
+# ---------------------------------------------------------------------------------------------------- scorer input size
+SCORER_SIZES_224 = (224, 112, 96)
+SIZE_LAYER_SETS = ((-1,), (5, 7))
+
+
+def size_cost(weights: Path, n_tasks: int, repeats: int, seed: int) -> Dict:
+    """Batch-1, 224 px cost of ``predict_task_agnostic(scorer='ranpac')`` and ``predict_classes`` with the scorer's
+    base forward on a copy resized to each of ``SCORER_SIZES_224`` (``ranpac_input_size``; 224: no resize, today's
+    path), pre-logits features, dim 1024, ridge 100, ``n_tasks`` tasks with their own modulators; every call is timed
+    interleaved with the task-given forward (one model per scorer size, the same weights). The statistics' values do
+    not change the cost: they are made model-free from random features."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 3, 224, 224, generator=g)
+    models = {}
+    for s in SCORER_SIZES_224:
+        model = new_model(weights).eval()
+        gm = torch.Generator().manual_seed(seed)
+        for i in range(n_tasks):
+            name = f'task{i:02d}'
+            model.add_task(name, 10, activate=False)
+            with torch.no_grad():
+                for p in model._task(name).parameters():
+                    p.add_(0.02 * torch.randn(p.shape, generator=gm))
+            f = torch.randn(40, model.num_features, generator=gm)
+            model._task(name).stats.update(ranpac_statistics(
+                f, torch.arange(40) % 10, 10, dim=DEFAULT_RANPAC_DIM, ridge=DEFAULT_RANPAC_RIDGE,
+                input_size=None if s == 224 else s))
+        model.set_task('task00')
+        models[s] = model
+    ref = models[224]
+    fns: Dict[str, Callable[[], object]] = {'task_given_forward': lambda: ref(x)}
+    for s, m in models.items():
+        fns[f'predict_task_agnostic_scorer{s}px'] = (lambda m=m: m.predict_task_agnostic(x, scorer='ranpac'))
+        fns[f'predict_classes_scorer{s}px'] = (lambda m=m: m.predict_classes(x))
+    with torch.no_grad():
+        res = interleaved(fns, repeats)
+    base = res['task_given_forward']['median_ms']
+    for v in res.values():
+        v['ratio'] = v['median_ms'] / base
+    return {'tasks': n_tasks, 'size': 224, 'batch': 1, 'repeats': repeats, 'ms': res,
+            'cache_info': {s: scorers.cache_info(m) for s, m in models.items()}}
+
+
+def size_study(args) -> Dict:
+    """``--scorer-size-study``: (a) ``size_cost``; (b) task identification on the ``domains`` and ``photos_split``
+    sequences built at ``args.size`` px, with the scorer's statistics and scoring on the full-size images or on
+    copies resized to half the side (``scorers.scaled_input``, what ``input_size`` does), for the pre-logits and the
+    [5, 7] features, dim 1024, the ridge chosen on validation (both sequences, all seeds) per setting; test task
+    identification once, with intervals, and the paired difference half - full."""
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    weights = _fetch.backbone_weights(args.cache)
+    cost_res = size_cost(weights, 16, args.repeats, args.seeds[0])
+    log('cost 224 px batch 1, 16 tasks: ' + ', '.join(f"{k} {v['median_ms']:.1f} ms ({v['ratio']:.2f}x)"
+                                                       for k, v in cost_res['ms'].items())
+        + f' ({time.perf_counter() - t_start:.0f} s)')
+    model = new_model(weights).eval()
+    half = args.size // 2
+    scorer_sizes = (args.size, half)
+    slices = {s: layer_slices(model, s) for s in scorer_sizes}
+    runs: Dict[int, Dict] = {}
+    for seed in args.seeds:
+        seqs = sequences(seed, args)
+        feats: Dict[int, Dict] = {s: {} for s in scorer_sizes}
+        for seq, tasks in seqs.items():
+            for s in scorer_sizes:
+                feats[s][seq] = {'pre': {}, 'multi': {}}
+                for split in ('train', 'val', 'test'):
+                    both = [all_features(model, scorers.scaled_input(d[split][0], s)) for _, _, d in tasks]
+                    feats[s][seq]['pre'][split] = [p for p, _ in both]
+                    feats[s][seq]['multi'][split] = [m for _, m in both]
+        runs[seed] = {'seqs': seqs, 'feats': feats}
+        log(f'seed {seed}: features at {scorer_sizes} px ({time.perf_counter() - t_start:.0f} s)')
+    dim = DEFAULT_RANPAC_DIM
+    chosen: Dict[str, Dict] = {}
+    for layers in SIZE_LAYER_SETS:
+        for s in scorer_sizes:
+            ok = {r: [] for r in RIDGES}
+            for seed, r in runs.items():
+                for seq, tasks in r['seqs'].items():
+                    t_true, _, _ = joint_labels(tasks, 'val')
+                    sc = ridge_sweep_scores(r['feats'][s][seq], tasks, 'val', layers, dim, seed, RIDGES, slices[s])
+                    for ridge, v in sc.items():
+                        ok[ridge].append((task_of(v.argmax(1), tasks) == t_true).numpy())
+            val = {ridge: float(np.concatenate(o).mean()) for ridge, o in ok.items()}
+            ridge = max(val, key=lambda k: (val[k], k))
+            chosen[f'{list(layers)}@{s}'] = {'layers': list(layers), 'scorer_size': s, 'ridge': ridge,
+                                             'val_task_id': val[ridge], 'val_by_ridge': val}
+            log(f'val layers {list(layers)} scorer {s} px: ridge {ridge:g}, task id {val[ridge]:.3f}')
+    table: Dict[str, Dict] = {}
+    for seq in runs[args.seeds[0]]['seqs']:
+        table[seq] = {}
+        correct: Dict[str, Dict[int, np.ndarray]] = {}
+        for key, c in chosen.items():
+            correct[key] = {}
+            for seed, r in runs.items():
+                tasks = r['seqs'][seq]
+                t_true, _, _ = joint_labels(tasks, 'test')
+                sc = ranpac_class_scores(r['feats'][c['scorer_size']][seq], tasks, 'test', tuple(c['layers']), dim,
+                                         seed, [c['ridge']], slices[c['scorer_size']])[float(c['ridge'])]
+                correct[key][seed] = (task_of(sc.argmax(1), tasks) == t_true).numpy()
+            table[seq][key] = {'task_id': interval(correct[key])}
+            log(f"test {seq:13s} {key:14s} task id {fmt(table[seq][key]['task_id'])}")
+        for layers in SIZE_LAYER_SETS:
+            a, b = correct[f'{list(layers)}@{half}'], correct[f'{list(layers)}@{args.size}']
+            d = paired_bootstrap({k: [v] for k, v in a.items()}, {k: [v] for k, v in b.items()}, replicates=2000)
+            table[seq][f'{list(layers)} half - full'] = {'diff': d['diff'], 'ci95': d['ci']}
+    result = {'cost_224px_batch1': cost_res, 'chosen': chosen, 'test': table,
+              'config': {k: v for k, v in vars(args).items() if k != 'cache'},
+              'machine': {'platform': platform.platform(), 'cpus': os.cpu_count(),
+                          'torch_threads': torch.get_num_threads(), 'torch': torch.__version__,
+                          'timm': timm.__version__, 'timm_modcl': timm_modcl.__version__},
+              'wall_s': time.perf_counter() - t_start}
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / 'taskid_size.json').write_text(json.dumps(result, indent=1, default=str) + '\n')
+    md = size_markdown(result, args)
+    (out_dir / 'taskid_size.md').write_text(md)
+    print(md)
+    return result
+
+
+def size_markdown(result: Dict, args) -> str:
+    m = result['machine']
+    c = result['cost_224px_batch1']
+    lines = ['# Scorer input size: cost and task identification\n',
+             f"`nice -n 10 python benchmarks/taskid.py --scorer-size-study --size {args.size} --seeds "
+             f"{' '.join(map(str, args.seeds))} --repeats {args.repeats}` — {m['platform']}, {m['cpus']} CPUs "
+             f"(shared with a background benchmark), torch {m['torch']} ({m['torch_threads']} thread), wall "
+             f"{result['wall_s'] / 60:.1f} min. ImageNet MobileNetV2.", '',
+             f"Cost at 224 px, batch 1, {c['tasks']} tasks (ranpac, pre-logits, dim {DEFAULT_RANPAC_DIM}; scorer "
+             f"size: the side the scorer's copy of the batch is resized to, `compute_task_statistics(..., "
+             f"input_size=S)`; 224 = no resize, today). Median of {c['repeats']} interleaved repeats, ratio to the "
+             f"task-given forward timed in the same rounds:", '', '| call | ms | IQR ms | ratio |', '|---|---|---|---|']
+    for k, v in c['ms'].items():
+        lines.append(f"| {k} | {v['median_ms']:.1f} | {v['iqr_ms'][0]:.1f}-{v['iqr_ms'][1]:.1f} | "
+                     f"{v['ratio']:.2f}x |")
+    lines += ['', f"Task identification on shifted test data, sequences built at {args.size} px "
+                  f"({args.train_n} / {args.val_n} / {args.test_n} train / val / test crops per class, seeds "
+                  f"{args.seeds}); statistics and scoring at the full size or at half the side; dim "
+                  f"{DEFAULT_RANPAC_DIM}, ridge chosen on validation per setting. Mean over seeds with 95 % bootstrap "
+                  f"interval (seeds and images resampled); half - full: paired bootstrap difference.", '',
+              '| setting | ridge | val task id | ' + ' | '.join(result['test']) + ' |',
+              '|---|---|---|' + '---|' * len(result['test'])]
+    for key, ch in result['chosen'].items():
+        lines.append(f"| layers {key} px | {ch['ridge']:g} | {ch['val_task_id']:.3f} | "
+                     + ' | '.join(fmt(result['test'][seq][key]['task_id']) for seq in result['test']) + ' |')
+    for layers in SIZE_LAYER_SETS:
+        key = f'{list(layers)} half - full'
+        lines.append(f"| layers {key} | | | " + ' | '.join(
+            f"{result['test'][seq][key]['diff']:+.3f} [{result['test'][seq][key]['ci95'][0]:+.3f}, "
+            f"{result['test'][seq][key]['ci95'][1]:+.3f}]" for seq in result['test']) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def interval(correct: Dict[int, np.ndarray], seed: int = 0) -> Dict:
     """Mean accuracy over seeds with a 95 % bootstrap interval (seeds and images resampled) and the seed-level
@@ -504,7 +665,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument('--threads', type=int, default=1)
     ap.add_argument('--cache', default=None)
     ap.add_argument('--out-dir', default=str(RESULTS))
+    ap.add_argument('--scorer-size-study', action='store_true',
+                    help='only the scorer input-size study (cost at 224 px and task identification at --size vs '
+                         'half of it); writes taskid_size.{json,md}')
     args = ap.parse_args(argv)
+    if args.scorer_size_study:
+        return size_study(args)
     layer_sets, dims = LAYER_SETS, DIMS
     if args.quick:
         args.train_n, args.val_n, args.test_n, args.seeds, args.repeats = 20, 10, 10, [0], 3

@@ -522,3 +522,158 @@ def test_layers_travel_in_adapter_files_and_fp16(served, tmp_path):
     finally:
         for n, s in saved.items():
             model._task(n).stats = s
+
+
+# ---------------------------------------------------------------------------------------------------- input size
+SMALL = 16   # the scorer's side for SIZE = 32 images: a quarter of the pixels
+
+
+def _input_sizes(model):
+    """Record the spatial size of every input the stem convolution sees."""
+    seen = []
+    return seen, model.conv_stem.register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape[-2:])))
+
+
+def test_input_size_statistics_equal_the_model_free_statistics_of_resized_inputs(served):
+    model, data = served
+    saved = {n: _stats(model, n) for n in ('a', 'b')}
+    seen, hook = _input_sizes(model)
+    try:
+        for name, (x, y) in data.items():
+            st = model.compute_task_statistics(name, (x, y), scorer='ranpac', dim=DIM, ridge=RIDGE,
+                                               input_size=SMALL, batch_size=5)
+            assert float(st['ranpac_input_size']) == SMALL and 'ranpac_layers' not in st
+        assert seen and set(seen) == {(SMALL, SMALL)}
+        x, y = data['a']
+        small = torch.nn.functional.interpolate(x, size=(SMALL, SMALL), mode='bilinear', antialias=True,
+                                                align_corners=False)
+        f = model.prototype_features(small)
+        ref = ranpac_statistics(f, y, 3, dim=DIM, ridge=RIDGE, input_size=SMALL)
+        for k in RANPAC_STATS + ('ranpac_input_size',):
+            torch.testing.assert_close(ref[k], model._task('a').stats[k], rtol=1e-4, atol=1e-5)
+        # scoring resizes the same way: the model-free scores of the resized batch
+        xs = torch.cat([data['a'][0][:4], data['b'][0][:4]])
+        small = torch.nn.functional.interpolate(xs, size=(SMALL, SMALL), mode='bilinear', antialias=True,
+                                                align_corners=False)
+        want, _ = score_ranpac(model.prototype_features(small), [model._task(n).stats for n in ('a', 'b')])
+        seen.clear()
+        got = model.predict_classes(xs)
+        assert seen == [(SMALL, SMALL)]
+        torch.testing.assert_close(got.class_scores.view(len(xs), -1).max(1).values, want.max(1).values,
+                                   rtol=1e-4, atol=1e-4)
+        seen.clear()
+        agn = model.predict_task_agnostic(xs, scorer='ranpac')
+        assert seen[0] == (SMALL, SMALL) and all(s == (SIZE, SIZE) for s in seen[1:]) and len(seen) >= 2
+        torch.testing.assert_close(agn.task_scores, want, rtol=1e-4, atol=1e-4)   # heads still see the full batch
+        assert agn.tasks == ['a'] * 4 + ['b'] * 4
+        seen.clear()
+        select_ridge(model, {n: (v[0][:3], v[1][:3]) for n, v in data.items()}, grid=[RIDGE])
+        assert seen and set(seen) == {(SMALL, SMALL)}
+        # None (the default): no resize, the full-size batch as before
+        assert scorers.scaled_input(xs, None) is xs and scorers.scaled_input(xs, SIZE) is xs
+        model.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, ridge=RIDGE)
+        assert 'ranpac_input_size' not in model._task('a').stats
+    finally:
+        hook.remove()
+        for n, s in saved.items():
+            model._task(n).stats = s
+
+
+def test_scaled_input_keeps_the_aspect_ratio_and_dtype():
+    x = torch.rand(2, 3, 32, 48, dtype=torch.float64)
+    y = scorers.scaled_input(x, 16)
+    assert y.shape == (2, 3, 16, 24) and y.dtype == torch.float64
+    assert scorers.scaled_input(x.transpose(2, 3), 16).shape == (2, 3, 24, 16)
+    assert scorers.scaled_input(torch.ones(1, 3, 32, 32), 16).allclose(torch.ones(1, 3, 16, 16))
+
+
+def test_input_size_travels_in_adapter_files_and_fp16(served, tmp_path):
+    model, data = served
+    saved = {n: _stats(model, n) for n in ('a', 'b')}
+    try:
+        for name, (x, y) in data.items():
+            model.compute_task_statistics(name, (x, y), scorer='ranpac', dim=DIM, ridge=RIDGE, input_size=SMALL,
+                                          layers=[4, 7])
+        x = torch.cat([v[0][:4] for v in data.values()])
+        ref = model.predict_classes(x)
+        model.save_tasks(tmp_path / 'folder')
+        fresh = _model()
+        fresh.load_tasks(tmp_path / 'folder')
+        assert float(fresh._task('a').stats['ranpac_input_size']) == SMALL
+        d = scorers.decoded(fresh, ['a', 'b'])
+        assert (d.input_size, d.layers) == (SMALL, (4, 7))
+        assert torch.equal(fresh.predict_classes(x).class_scores, ref.class_scores)
+        half = _model()
+        half.load_task(model.save_task('a', tmp_path / 'a16.safetensors', dtype=torch.float16))
+        half.load_task(model.save_task('b', tmp_path / 'b16.safetensors', dtype=torch.float16))
+        assert scorers.decoded(half, ['a', 'b']).input_size == SMALL
+        assert half.predict_classes(x).tasks == ref.tasks
+    finally:
+        for n, s in saved.items():
+            model._task(n).stats = s
+
+
+def test_different_input_sizes_are_refused(served):
+    model, data = served
+    saved = {n: _stats(model, n) for n in ('a', 'b')}
+    x = data['a'][0][:2]
+    try:
+        model.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, ridge=RIDGE, input_size=SMALL)
+        for call in (lambda: model.predict_classes(x), lambda: model.predict_task_agnostic(x, scorer='ranpac'),
+                     lambda: model.predict_task_agnostic(x, scorer='ncm')):
+            with pytest.raises(StatisticsError, match='input size'):
+                call()
+        with pytest.raises(StatisticsError, match='input_size'):
+            model.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, input_size=24, accumulate=True)
+        assert float(model._task('a').stats['ranpac_input_size']) == SMALL
+        f = torch.randn(6, 8)
+        y = torch.arange(6) % 2
+        with pytest.raises(StatisticsError, match='input sizes'):
+            merge_ranpac_statistics(ranpac_statistics(f, y, 2, dim=DIM, input_size=SMALL),
+                                    ranpac_statistics(f, y, 2, dim=DIM))
+        merged = merge_ranpac_statistics(ranpac_statistics(f[:3], y[:3], 2, dim=DIM, input_size=SMALL),
+                                         ranpac_statistics(f[3:], y[3:], 2, dim=DIM, input_size=SMALL))
+        assert float(merged['ranpac_input_size']) == SMALL
+        # accumulating at the same size works and keeps the size
+        model.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, input_size=SMALL, accumulate=True)
+        assert float(model._task('a').stats['ranpac_input_size']) == SMALL
+    finally:
+        for n, s in saved.items():
+            model._task(n).stats = s
+
+
+@pytest.mark.parametrize('size', [0, 7, 4096, 16.0, True, '16'])
+def test_bad_input_size_raises_a_typed_error_and_changes_nothing(served, size):
+    model, data = served
+    saved = _stats(model, 'a')
+    with pytest.raises(TaskError, match='input_size'):
+        model.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, input_size=size)
+    with pytest.raises(TaskError, match='input_size'):
+        ranpac_statistics(torch.randn(4, 8), torch.zeros(4, dtype=torch.long), 1, dim=DIM, input_size=size)
+    assert all(torch.equal(model._task('a').stats[k], saved[k]) for k in saved) and \
+        set(model._task('a').stats) == set(saved)
+
+
+def test_malformed_input_size_statistic_raises(served):
+    model, data = served
+    saved = _stats(model, 'a')
+    try:
+        for bad in (torch.tensor(16.5), torch.tensor([16.0]), torch.tensor(4.0), torch.tensor(float('nan')),
+                    torch.tensor(16)):
+            model._task('a').stats['ranpac_input_size'] = bad
+            with pytest.raises(StatisticsError, match='ranpac_input_size'):
+                model.predict_classes(data['a'][0][:2])
+    finally:
+        model._task('a').stats = saved
+
+
+def test_a_model_that_cannot_take_the_resized_copy_raises_a_typed_error_and_keeps_its_statistics():
+    from timm_modcl import UnsupportedModelError
+    model = timm.create_model('modcl_vit_tiny_patch16_224', pretrained=False, img_size=SIZE).eval()  # fixed size
+    model.add_task('a', 2, activate=False)
+    x, y = torch.randn(4, 3, SIZE, SIZE), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(UnsupportedModelError, match='input_size=16'):
+        model.compute_task_statistics('a', (x, y), scorer='ranpac', dim=DIM, input_size=SMALL)
+    assert not model._task('a').stats
+    model.compute_task_statistics('a', (x, y), scorer='ranpac', dim=DIM, input_size=SIZE)   # the same size: fine
+    assert float(model._task('a').stats['ranpac_input_size']) == SIZE

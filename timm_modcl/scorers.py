@@ -11,7 +11,9 @@ with the same ``seed`` and size ``M`` uses the same projection (RanPAC, McDonnel
 ``layers=`` (``compute_task_statistics(..., layers=[4, 5])``, stored as ``ranpac_layers``) makes ``f`` from earlier
 layers instead: each layer's output globally average-pooled and L2-normalised, concatenated (``base_features``); a
 set without the pre-logits layer (-1) stops the base forward after its deepest layer, so scoring costs less than a
-full forward.
+full forward. ``input_size=S`` (``compute_task_statistics(..., input_size=112)``, stored as ``ranpac_input_size``)
+makes ``f`` from a downscaled copy of each batch (shorter side resized to ``S`` px, bilinear with antialiasing,
+``scaled_input``): the base forward then costs about ``(S / H)^2`` of a full-size one, for statistics and scoring alike.
 
 **Statistics per task** (``stats.ranpac_*`` tensors in the task's adapter file): ``ranpac_gram``, the upper triangle
 (row-major, ``M (M + 1) / 2`` values) of the mean outer product ``H^T H / n`` of the task's random features;
@@ -31,9 +33,10 @@ mean instead. The decoded weights are cached per model and candidate set, on the
 for a float64 model; ``score_dtype``), and recomputed only when a task's statistics change (keyed on each statistics
 tensor's identity and in-place version) or the model moves (``cache_info`` counts hits and misses).
 
-Cost of a prediction: one forward of the base task for all candidate tasks together (truncated with ``layers``), one
-``(N, D) x (D, M)`` and one ``(N, M) x (M, C)`` product (plus, in ``predict_task_agnostic``, one grouped forward for
-the chosen tasks' heads, or one forward per candidate with ``head_weight > 0``).
+Cost of a prediction: one forward of the base task for all candidate tasks together (truncated with ``layers``, on a
+downscaled copy with ``input_size``), one ``(N, D) x (D, M)`` and one ``(N, M) x (M, C)`` product (plus, in
+``predict_task_agnostic``, one grouped forward for the chosen tasks' heads, or one forward per candidate with
+``head_weight > 0``).
 """
 import math
 import threading
@@ -46,22 +49,23 @@ import torch
 import torch.nn as nn
 
 from .data import check_labels, unpack_batch
-from .errors import DataError, StatisticsError, TaskError, UnsupportedModelError
+from .errors import DataError, ModCLError, StatisticsError, TaskError, UnsupportedModelError
 from .task import BASE_TASK
 
 __all__ = [
     'select_ridge', 'RIDGE_GRID', 'BASE_SCORERS', 'RANPAC_STATS', 'DEFAULT_RANPAC_DIM', 'DEFAULT_RANPAC_RIDGE', 'DEFAULT_RANPAC_SEED',
     'ClassPrediction', 'random_features', 'ranpac_statistics', 'merge_ranpac_statistics', 'has_ranpac',
     'score_ranpac', 'compute_ranpac_statistics', 'predict_classes', 'PRE_LOGITS', 'base_features', 'cache_info',
-    'score_dtype',
+    'score_dtype', 'scaled_input', 'check_input_size',
 ]
 
 #: Scorers of this module (both read the ``ranpac_*`` statistics).
 BASE_SCORERS = ('ranpac', 'ncm')
 #: Names of the statistics in ``TaskState.stats`` (``stats.<name>`` tensors in adapter files).
 RANPAC_STATS = ('ranpac_gram', 'ranpac_mean', 'ranpac_count', 'ranpac_seed', 'ranpac_ridge')
-#: Optional statistics: ``ranpac_layers``, the layers the features come from (absent: the pre-logits features).
-RANPAC_OPTIONAL_STATS = ('ranpac_layers',)
+#: Optional statistics: ``ranpac_layers``, the layers the features come from (absent: the pre-logits features);
+#: ``ranpac_input_size``, the side in px the scorer's copy of each batch is resized to (absent: no resize).
+RANPAC_OPTIONAL_STATS = ('ranpac_layers', 'ranpac_input_size')
 #: Size ``M`` of the random projection (chosen on validation data by ``benchmarks/taskid.py``).
 DEFAULT_RANPAC_DIM = 1024
 #: Relative ridge regulariser ``lambda / (trace(G) / M)`` (chosen on validation data by ``benchmarks/taskid.py``).
@@ -76,6 +80,7 @@ PRE_LOGITS = -1
 #: Layers the random features are made from by default (``None``: the pre-logits features only).
 DEFAULT_RANPAC_LAYERS: Optional[Tuple[int, ...]] = None
 _MAX_LAYER = 255
+_MIN_INPUT_SIZE, _MAX_INPUT_SIZE = 8, 2048   # sizes up to 2048 are exact integers in float16
 _MAX_SEED = 256          # seeds below this are exact integers in float16 and bfloat16
 _MAX_DIM = 16384
 _CACHE_ENTRIES = 8       # decoded candidate sets kept per model
@@ -203,16 +208,63 @@ def check_layers(layers: Any) -> Optional[Tuple[int, ...]]:
     return None if out == [PRE_LOGITS] else tuple(out)
 
 
-def base_features(model, x: torch.Tensor, layers: Optional[Sequence[int]] = None) -> torch.Tensor:
+def check_input_size(input_size: Any) -> Optional[int]:
+    """``input_size`` checked: ``None`` (no resize) or the scorer's input side in px.
+
+    Raises:
+        TaskError: not ``None`` nor an integer in ``[8, 2048]``.
+    """
+    if input_size is None:
+        return None
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or \
+            not _MIN_INPUT_SIZE <= input_size <= _MAX_INPUT_SIZE:
+        raise TaskError(f'input_size must be None or an integer in [{_MIN_INPUT_SIZE}, {_MAX_INPUT_SIZE}] (px), '
+                        f'got {input_size!r}')
+    return input_size
+
+
+def scaled_input(x: torch.Tensor, input_size: Optional[int]) -> torch.Tensor:
+    """The scorer's copy of a batch ``(N, C, H, W)``: its shorter side resized to ``input_size`` px, keeping the
+    aspect ratio (bilinear, antialiased when downscaling), in ``x``'s dtype; ``x`` itself when ``input_size`` is
+    ``None`` or already the size."""
+    if input_size is None or x.ndim != 4:
+        return x
+    h, w = x.shape[-2:]
+    if min(h, w) == input_size:
+        return x
+    size = (input_size, max(1, round(w * input_size / h))) if h <= w else \
+        (max(1, round(h * input_size / w)), input_size)
+    y = torch.nn.functional.interpolate(x.float(), size=size, mode='bilinear', align_corners=False,
+                                        antialias=input_size < min(h, w))
+    return y.to(x.dtype) if x.is_floating_point() else y
+
+
+def base_features(model, x: torch.Tensor, layers: Optional[Sequence[int]] = None,
+                  input_size: Optional[int] = None) -> torch.Tensor:
     """Features of the frozen base model the scorers use, for a model already in serving mode under the ``base``
     task: ``layers=None``, the pre-logits features ``(N, D)``; else each layer's output globally average-pooled and
     L2-normalised, concatenated in ``layers`` order. Layers are timm ``forward_intermediates(..., extra_blocks=True)``
     indices and ``PRE_LOGITS`` (-1); without the pre-logits layer the forward stops after the deepest layer asked
-    for (a truncated base forward: cheaper).
+    for (a truncated base forward: cheaper). ``input_size``: the forward runs on ``scaled_input(x, input_size)``
+    (``None``: on ``x``).
 
     Raises:
-        UnsupportedModelError: the model has no ``forward_intermediates`` or not the layers asked for.
+        UnsupportedModelError: the model has no ``forward_intermediates`` or not the layers asked for, or does not
+            take the resized copy (e.g. a ViT with a fixed input size).
     """
+    small = scaled_input(x, input_size)
+    if small is x:
+        return _layer_features(model, x, layers)
+    try:
+        return _layer_features(model, small, layers)
+    except ModCLError:
+        raise
+    except (AssertionError, RuntimeError) as e:
+        raise UnsupportedModelError(f'{type(model).__name__} cannot take the scorer\'s {tuple(small.shape[-2:])} copy '
+                                    f'of the batch (input_size={input_size}): {e}') from None
+
+
+def _layer_features(model, x: torch.Tensor, layers: Optional[Sequence[int]]) -> torch.Tensor:
     if layers is None:
         return model._base_features(x)
     fi = getattr(model, 'forward_intermediates', None)
@@ -248,9 +300,10 @@ def check_all_reduce(all_reduce: bool) -> None:
 
 def for_each_base_feature(model, task: str, data, num_classes: int, fn: Callable[[torch.Tensor, torch.Tensor], None],
                           *, batch_size: int, num_workers: int, progress: bool, desc: str,
-                          layers: Optional[Sequence[int]] = None) -> None:
+                          layers: Optional[Sequence[int]] = None, input_size: Optional[int] = None) -> None:
     """Run the frozen base model (eval, no autograd, per-call ``base`` task) over ``data`` and call ``fn(features,
-    labels)`` per batch: what every scorer's statistics are made from (``layers``: see ``base_features``).
+    labels)`` per batch: what every scorer's statistics are made from (``layers``, ``input_size``: see
+    ``base_features``).
 
     Raises:
         DataError: unusable data, labels out of ``task``'s range, or non-finite features.
@@ -266,7 +319,7 @@ def for_each_base_feature(model, task: str, data, num_classes: int, fn: Callable
             check_labels(y, num_classes, task, images=len(x))
             if x.is_floating_point():
                 x = x.to(ref.device, ref.dtype)
-            f = base_features(model, x, layers)
+            f = base_features(model, x, layers, input_size)
             if not torch.isfinite(f).all():
                 raise DataError('the backbone gave NaN or Inf features for the data')
             fn(f, y)
@@ -314,8 +367,8 @@ class _Sums(ClassMoments):
         self.sum += mean * count[:, None]
         self.outer += gram * float(count.sum())
 
-    def finish(self, seed: int, ridge: float, layers: Optional[Tuple[int, ...]] = None
-               ) -> 'OrderedDict[str, torch.Tensor]':
+    def finish(self, seed: int, ridge: float, layers: Optional[Tuple[int, ...]] = None,
+               input_size: Optional[int] = None) -> 'OrderedDict[str, torch.Tensor]':
         n = float(self.count.sum())
         if n < 1:
             raise DataError('no samples to compute random-feature statistics from')
@@ -329,6 +382,8 @@ class _Sums(ClassMoments):
         out['ranpac_ridge'] = torch.tensor(float(ridge))
         if layers is not None:
             out['ranpac_layers'] = torch.tensor([float(v) for v in layers])
+        if input_size is not None:
+            out['ranpac_input_size'] = torch.tensor(float(input_size))
         return out
 
 
@@ -353,6 +408,21 @@ def layers_of(stats: Dict[str, torch.Tensor], name: str) -> Optional[Tuple[int, 
     if checked is None or checked != tuple(layers):
         raise _bad(name, f'ranpac_layers {layers} must be distinct sorted indices in [{PRE_LOGITS}, {_MAX_LAYER}]')
     return checked
+
+
+def input_size_of(stats: Dict[str, torch.Tensor], name: str) -> Optional[int]:
+    """The scorer input size of a task's random-feature statistics (``ranpac_input_size``; absent: ``None``).
+
+    Raises:
+        StatisticsError: a malformed ``ranpac_input_size``.
+    """
+    v = stats.get('ranpac_input_size')
+    if v is None:
+        return None
+    if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.ndim != 0 or not torch.isfinite(v) or \
+            float(v) != round(float(v)) or not _MIN_INPUT_SIZE <= float(v) <= _MAX_INPUT_SIZE:
+        raise _bad(name, f'ranpac_input_size must be a scalar integer in [{_MIN_INPUT_SIZE}, {_MAX_INPUT_SIZE}]')
+    return int(float(v))
 
 
 def _bad(name: str, msg: str) -> StatisticsError:
@@ -425,8 +495,8 @@ def check_features_and_labels(features: Any, labels: Any, num_classes: int) -> t
 
 def ranpac_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
                       dim: int = DEFAULT_RANPAC_DIM, seed: int = DEFAULT_RANPAC_SEED,
-                      ridge: float = DEFAULT_RANPAC_RIDGE, layers: Optional[Sequence[int]] = None
-                      ) -> 'OrderedDict[str, torch.Tensor]':
+                      ridge: float = DEFAULT_RANPAC_RIDGE, layers: Optional[Sequence[int]] = None,
+                      input_size: Optional[int] = None) -> 'OrderedDict[str, torch.Tensor]':
     """Random-feature statistics (the ``ranpac_*`` tensors) of a task from its base features, without a model.
 
     Args:
@@ -437,25 +507,29 @@ def ranpac_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes:
         dim, seed: Size and seed of the random projection.
         ridge: Relative ridge regulariser stored with the statistics.
         layers: The layers ``features`` come from (stored as ``ranpac_layers``; ``None``: pre-logits).
+        input_size: The side ``features``' images were resized to (``base_features(..., input_size)``; stored as
+            ``ranpac_input_size``; ``None``: not resized).
 
     Raises:
         DataError: mismatched shapes, labels out of range, non-finite features or no samples.
-        TaskError: bad ``dim``, ``seed`` or ``ridge``.
+        TaskError: bad ``dim``, ``seed``, ``ridge``, ``layers`` or ``input_size``.
     """
     _check_dim_seed(dim, seed)
     _check_ridge(ridge)
     layers = check_layers(layers)
+    input_size = check_input_size(input_size)
     labels = check_features_and_labels(features, labels, num_classes)
     sums = _Sums(num_classes, dim)
     sums.add(random_features(features.float(), dim, seed), labels)
-    return sums.finish(seed, float(ridge), layers)
+    return sums.finish(seed, float(ridge), layers, input_size)
 
 
 def merge_ranpac_statistics(*stats: Dict[str, torch.Tensor]) -> 'OrderedDict[str, torch.Tensor]':
     """Statistics of the union of the data of several shards of *one* task (sums of counts, class sums and Gram).
 
     Raises:
-        StatisticsError: no statistics, malformed ones, or shards with different classes, size, seed or ridge.
+        StatisticsError: no statistics, malformed ones, or shards with different classes, size, seed, ridge, layers
+            or input size.
     """
     if not stats:
         raise StatisticsError('merge_ranpac_statistics needs at least one set of statistics')
@@ -467,11 +541,14 @@ def merge_ranpac_statistics(*stats: Dict[str, torch.Tensor]) -> 'OrderedDict[str
     layers = {layers_of(s, f'#{i}') for i, s in enumerate(stats)}
     if len(layers) > 1:
         raise StatisticsError(f'cannot merge statistics of different layers {sorted(map(str, layers))}')
+    sizes = {input_size_of(s, f'#{i}') for i, s in enumerate(stats)}
+    if len(sizes) > 1:
+        raise StatisticsError(f'cannot merge statistics of different input sizes {sorted(map(str, sizes))}')
     first = _unpack(stats[0], '#0')
     sums = _Sums(*first[1].shape)
     for i, s in enumerate(stats):
         sums.add_stats(s, f'#{i}')
-    return sums.finish(int(seeds.pop()), ridges.pop(), layers.pop())
+    return sums.finish(int(seeds.pop()), ridges.pop(), layers.pop(), sizes.pop())
 
 
 def has_ranpac(model, name: str) -> bool:
@@ -483,7 +560,7 @@ def compute_ranpac_statistics(
         model, task: str, data, *, dim: int = DEFAULT_RANPAC_DIM, seed: int = DEFAULT_RANPAC_SEED,
         ridge: float = DEFAULT_RANPAC_RIDGE, num_classes: Optional[int] = None, accumulate: bool = False,
         batch_size: int = 64, num_workers: int = 0, progress: bool = False, all_reduce: bool = False,
-        layers: Optional[Sequence[int]] = DEFAULT_RANPAC_LAYERS,
+        layers: Optional[Sequence[int]] = DEFAULT_RANPAC_LAYERS, input_size: Optional[int] = None,
 ) -> 'OrderedDict[str, torch.Tensor]':
     """Compute and store a task's random-feature statistics (``model.compute_task_statistics(..., scorer='ranpac')``).
 
@@ -503,15 +580,19 @@ def compute_ranpac_statistics(
             passes its shard; the sums are exact float64 sums).
         layers: The base model's layers the features come from (``base_features``; ``None``: the pre-logits
             features). Every candidate of one prediction must use the same layers.
+        input_size: Make the features from a copy of each batch resized to this side in px (``scaled_input``;
+            stored as ``ranpac_input_size``; ``None``: full size). Predictions then resize the same way, so the
+            scorer's base forward costs about ``(input_size / H)^2`` of a full one. Every candidate of one
+            prediction must use the same size.
 
     Returns:
         The task's new ``ranpac_*`` statistics.
 
     Raises:
         TaskNotFoundError: unknown task.
-        TaskError: bad ``dim``, ``seed``, ``ridge``, ``num_classes``, ``layers``, or ``all_reduce`` without a
-            process group.
-        StatisticsError: ``accumulate=True`` onto statistics of other classes, size, seed or layers.
+        TaskError: bad ``dim``, ``seed``, ``ridge``, ``num_classes``, ``layers``, ``input_size``, or
+            ``all_reduce`` without a process group.
+        StatisticsError: ``accumulate=True`` onto statistics of other classes, size, seed, layers or input size.
         DataError: unusable data.
         UnsupportedModelError: a model without ``forward_features`` / ``forward_head(pre_logits=True)`` (or, with
             ``layers``, without ``forward_intermediates`` or those layers).
@@ -520,6 +601,7 @@ def compute_ranpac_statistics(
     _check_dim_seed(dim, seed)
     _check_ridge(ridge)
     layers = check_layers(layers)
+    input_size = check_input_size(input_size)
     if num_classes is None:
         num_classes = int(state.num_classes)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -535,17 +617,21 @@ def compute_ranpac_statistics(
         if layers_of(state.stats, task) != layers:
             raise StatisticsError(f'task {task!r}: accumulate=True with layers {layers}, the statistics have layers '
                                   f'{layers_of(state.stats, task)}')
+        if input_size_of(state.stats, task) != input_size:
+            raise StatisticsError(f'task {task!r}: accumulate=True with input_size {input_size}, the statistics have '
+                                  f'input size {input_size_of(state.stats, task)}')
         sums.add_stats(state.stats, task)
     for_each_base_feature(model, task, data, num_classes,
                           lambda f, y: sums.add(random_features(f.float(), dim, seed), y),
                           batch_size=batch_size, num_workers=num_workers, progress=progress, desc='random features',
-                          layers=layers)
+                          layers=layers, input_size=input_size)
     ref = model._ref_tensor()
     if all_reduce:
         sums.all_reduce()
-    stats = sums.finish(seed, float(ridge), layers)   # float32 whatever the model's dtype: counts stay exact
+    stats = sums.finish(seed, float(ridge), layers, input_size)   # float32 whatever the model's dtype: counts exact
     stats = OrderedDict((k, v.to(ref.device)) for k, v in stats.items())
-    state.stats.pop('ranpac_layers', None)
+    for k in RANPAC_OPTIONAL_STATS:
+        state.stats.pop(k, None)
     state.stats.update(stats)
     return stats
 
@@ -573,6 +659,11 @@ class _Decoded:
             raise StatisticsError(f'tasks {", ".join(map(repr, names))} have random-feature statistics of different '
                                   f'layers {sorted(map(str, layers))}; recompute them with the same layers')
         self.layers: Optional[Tuple[int, ...]] = layers.pop()
+        sizes = {input_size_of(s, n) for n, s in zip(names, stats)}
+        if len(sizes) > 1:
+            raise StatisticsError(f'tasks {", ".join(map(repr, names))} have random-feature statistics of different '
+                                  f'input sizes {sorted(map(str, sizes))}; recompute them with the same input_size')
+        self.input_size: Optional[int] = sizes.pop()
         self.dim, self.seed = dims.pop(), int(seeds.pop())
         self.sizes = [m.shape[0] for m in means]
         self.offsets = [0]
@@ -672,7 +763,7 @@ def score(model, x: torch.Tensor, names: Sequence[str], method: str) -> Tuple[to
     """Task scores ``(N, T)`` and per task its class scores ``(N, C_t)``, for a model already in serving mode."""
     d = decoded(model, names, method)
     with model.task_scope(BASE_TASK):
-        f = base_features(model, x, d.layers)
+        f = base_features(model, x, d.layers, d.input_size)
     return _task_scores(d.class_scores(f), d)
 
 
@@ -752,7 +843,7 @@ def predict_classes(model, x: torch.Tensor, scorer: str = 'ranpac',
     names = model._candidates(tasks, scorer)
     with model._serving(), model.task_scope(BASE_TASK):
         d = decoded(model, names, scorer)
-        scores = d.class_scores(base_features(model, x, d.layers)).float().cpu()
+        scores = d.class_scores(base_features(model, x, d.layers, d.input_size)).float().cpu()
     glob = scores.argmax(1)
     offsets = torch.tensor(d.offsets)
     t_idx = torch.bucketize(glob, offsets[1:], right=True)
@@ -794,7 +885,8 @@ def select_ridge(model, data: Dict[str, Any], grid: Sequence[float] = RIDGE_GRID
     names = list(data)
     check_candidates(model, names)
     tasks = [model._task(n) for n in names]
-    layers = decoded(model, names).layers
+    d = decoded(model, names)
+    layers, input_size = d.layers, d.input_size
     feats, truth = [], []
     ref = model._ref_tensor()
     with model._serving(), model.task_scope(BASE_TASK):
@@ -803,7 +895,7 @@ def select_ridge(model, data: Dict[str, Any], grid: Sequence[float] = RIDGE_GRID
                 x, _ = unpack_batch(batch, 'data')
                 if x.is_floating_point():
                     x = x.to(ref.device, ref.dtype)
-                feats.append(base_features(model, x, layers).float())
+                feats.append(base_features(model, x, layers, input_size).float())
                 truth.append(torch.full((len(x),), i))
     if not feats:
         raise DataError('select_ridge: no validation images')
