@@ -473,7 +473,10 @@ def cost(weights: Path, tasks, n_tasks: int, size: int, batch: int, repeats: int
 
 # ---------------------------------------------------------------------------------------------------- scorer input size
 SCORER_SIZES_224 = (224, 112, 96)
-SIZE_LAYER_SETS = ((-1,), (5, 7))
+#: (scorer size, layers) timed at 224 px batch 1 (None: pre-logits): the sizes above, and the truncated forward
+#: (layer 3) at full and half size
+SIZE_COST_CONFIGS = tuple((s, None) for s in SCORER_SIZES_224) + ((224, (3,)), (112, (3,)))
+SIZE_LAYER_SETS = ((-1,), (5, 7), (3,))
 
 
 def size_cost(weights: Path, n_tasks: int, repeats: int, seed: int) -> Dict:
@@ -485,33 +488,36 @@ def size_cost(weights: Path, n_tasks: int, repeats: int, seed: int) -> Dict:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 3, 224, 224, generator=g)
     models = {}
-    for s in SCORER_SIZES_224:
+    for s, layers in SIZE_COST_CONFIGS:
         model = new_model(weights).eval()
         gm = torch.Generator().manual_seed(seed)
+        with torch.no_grad(), model.inference_scope('base'):
+            feat_dim = scorers.base_features(model, x, layers).shape[1] if layers else model.num_features
         for i in range(n_tasks):
             name = f'task{i:02d}'
             model.add_task(name, 10, activate=False)
             with torch.no_grad():
                 for p in model._task(name).parameters():
                     p.add_(0.02 * torch.randn(p.shape, generator=gm))
-            f = torch.randn(40, model.num_features, generator=gm)
+            f = torch.randn(40, feat_dim, generator=gm)
             model._task(name).stats.update(ranpac_statistics(
-                f, torch.arange(40) % 10, 10, dim=DEFAULT_RANPAC_DIM, ridge=DEFAULT_RANPAC_RIDGE,
+                f, torch.arange(40) % 10, 10, dim=DEFAULT_RANPAC_DIM, ridge=DEFAULT_RANPAC_RIDGE, layers=layers,
                 input_size=None if s == 224 else s))
         model.set_task('task00')
-        models[s] = model
-    ref = models[224]
+        models[(s, layers)] = model
+    ref = models[(224, None)]
     fns: Dict[str, Callable[[], object]] = {'task_given_forward': lambda: ref(x)}
-    for s, m in models.items():
-        fns[f'predict_task_agnostic_scorer{s}px'] = (lambda m=m: m.predict_task_agnostic(x, scorer='ranpac'))
-        fns[f'predict_classes_scorer{s}px'] = (lambda m=m: m.predict_classes(x))
+    for (s, layers), m in models.items():
+        tag = f'scorer{s}px' + ('' if layers is None else '_layers' + '_'.join(map(str, layers)))
+        fns[f'predict_task_agnostic_{tag}'] = (lambda m=m: m.predict_task_agnostic(x, scorer='ranpac'))
+        fns[f'predict_classes_{tag}'] = (lambda m=m: m.predict_classes(x))
     with torch.no_grad():
         res = interleaved(fns, repeats)
     base = res['task_given_forward']['median_ms']
     for v in res.values():
         v['ratio'] = v['median_ms'] / base
     return {'tasks': n_tasks, 'size': 224, 'batch': 1, 'repeats': repeats, 'ms': res,
-            'cache_info': {s: scorers.cache_info(m) for s, m in models.items()}}
+            'cache_info': {f'{s}_{layers}': scorers.cache_info(m) for (s, layers), m in models.items()}}
 
 
 def size_study(args) -> Dict:
@@ -601,7 +607,8 @@ def size_markdown(result: Dict, args) -> str:
              f"{' '.join(map(str, args.seeds))} --repeats {args.repeats}` — {m['platform']}, {m['cpus']} CPUs "
              f"(shared with a background benchmark), torch {m['torch']} ({m['torch_threads']} thread), wall "
              f"{result['wall_s'] / 60:.1f} min. ImageNet MobileNetV2.", '',
-             f"Cost at 224 px, batch 1, {c['tasks']} tasks (ranpac, pre-logits, dim {DEFAULT_RANPAC_DIM}; scorer "
+             f"Cost at 224 px, batch 1, {c['tasks']} tasks (ranpac, pre-logits unless a row names its layers, dim "
+             f"{DEFAULT_RANPAC_DIM}; scorer "
              f"size: the side the scorer's copy of the batch is resized to, `compute_task_statistics(..., "
              f"input_size=S)`; 224 = no resize, today). Median of {c['repeats']} interleaved repeats, ratio to the "
              f"task-given forward timed in the same rounds:", '', '| call | ms | IQR ms | ratio |', '|---|---|---|---|']
