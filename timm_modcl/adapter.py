@@ -53,7 +53,7 @@ __all__ = [
     'save_task', 'load_task', 'save_tasks', 'load_tasks', 'read_adapter', 'read_index', 'read_index_file', 'parse_index', 'write_index',
     'adapter_metadata', 'adapter_bytes', 'describe_adapter', 'load_task_files', 'merge_adapter_folders',
     'read_file', 'AdapterMixin', 'payload_bytes', 'adapter_payload', 'read_payload', 'read_folder', 'check_adapters',
-    'index_bytes', 'index_layer_table', 'adapter_config_bytes',
+    'index_bytes', 'index_layer_table', 'adapter_config_bytes', 'model_architecture',
 ]
 
 ADAPTER_FORMAT = 'timm_modcl.adapter'
@@ -148,9 +148,12 @@ def _canonical(data: bytes) -> bytes:
     return struct.pack('<Q', len(text)) + text + data[8 + n:]
 
 
-def _architecture(model) -> Tuple[str, str]:
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    return str(cfg.get('architecture', type(model).__name__)), str(cfg.get('tag', '') or '')
+def model_architecture(model) -> Tuple[str, str]:
+    """``(architecture, pretrained tag)`` of a model, as adapter files and indexes record them: timm's
+    ``pretrained_cfg`` (the ``modcl_*`` name of a registered model), else the model's class name and an empty tag.
+    The one place the library derives a model's architecture name."""
+    cfg = getattr(model, 'pretrained_cfg', None) or getattr(model, 'default_cfg', None) or {}
+    return str(cfg.get('architecture') or type(model).__name__), str(cfg.get('tag', '') or '')
 
 
 # ---------------------------------------------------------------------------------------------------- single task
@@ -173,7 +176,7 @@ def _header(task_meta: Mapping[str, Any], architecture: str, pretrained_tag: str
 def adapter_metadata(model, task, dtype: torch.dtype, has_head: bool, has_stats: bool) -> Dict[str, str]:
     """The safetensors header metadata of a task adapter (all values are strings); ``task`` is a ``TaskPayload``
     (or anything with ``meta()``)."""
-    arch, tag = _architecture(model)
+    arch, tag = model_architecture(model)
     return _header(task.meta(), arch, tag, model.backbone_fingerprint(), dtype, has_head, has_stats)
 
 
@@ -215,7 +218,7 @@ def adapter_bytes(model, name: str, dtype: Optional[torch.dtype] = None, include
         payload = model.task_payload(name, head=include_head, stats=include_stats)
     except PayloadError as e:
         raise AdapterError(f'{e} (a diverged training run?); such an adapter would be refused when loaded') from None
-    arch, tag = _architecture(model)
+    arch, tag = model_architecture(model)
     return payload_bytes(payload, architecture=arch, pretrained_tag=tag,
                          backbone_fingerprint=model.backbone_fingerprint(), dtype=dtype)
 
@@ -352,7 +355,7 @@ def adapter_payload(
 
 
 def _check_fit(model, meta: Mapping[str, str], source: str, allow_fingerprint_mismatch: bool) -> None:
-    arch, _ = _architecture(model)
+    arch, _ = model_architecture(model)
     if meta.get('architecture') and meta['architecture'] != arch:
         raise AdapterFormatError(f'{source} was made for {meta["architecture"]}, the model is {arch}')
     theirs, ours = meta.get('backbone_fingerprint', ''), model.backbone_fingerprint()
@@ -494,7 +497,7 @@ def save_tasks(
     names = [n for n in model.tasks if n != BASE_TASK] if names is None else task_names(names)
     for n in names:
         model.task_tensors(n)  # TaskNotFoundError before anything is written
-    arch, tag = _architecture(model)
+    arch, tag = model_architecture(model)
     fingerprint = model.backbone_fingerprint()
     # every task serialised first: one that cannot be (an fp16 overflow) fails before any file is written
     files = {}
@@ -595,7 +598,7 @@ def index_layer_table(index: Mapping[str, Any]) -> Optional[LayerTable]:
 
 def write_index(model, directory: _PathLike, tasks: List[str]) -> Path:
     """Write a folder's ``modcl_index.json`` listing ``tasks`` of ``model``'s architecture, backbone and layers."""
-    arch, tag = _architecture(model)
+    arch, tag = model_architecture(model)
     return atomic_write_bytes(Path(directory) / INDEX_FILE, _json_bytes(
         _index(arch, tag, model.backbone_fingerprint(), tasks, model.layer_table().to_dict())))
 

@@ -26,7 +26,8 @@ from huggingface_hub.errors import (
 from ._io import atomic_write_bytes
 from .adapter import (
     ADAPTER_CONFIG_FILE, ADAPTER_FILE, INDEX_FILE, adapter_config_bytes, check_adapters, describe_adapter,
-    index_bytes, load_tasks, merge_adapter_folders, read_file, read_index, read_index_file, save_tasks, task_names,
+    index_bytes, load_tasks, merge_adapter_folders, model_architecture, read_file, read_index, read_index_file,
+    save_tasks, task_names,
 )
 from ._settings import hub_timeout
 from .errors import AdapterError, AdapterFormatError, FingerprintMismatchError, HubError, TaskExistsError
@@ -251,7 +252,7 @@ def _base_model_id(model) -> Optional[str]:
 
 def task_model_card(model, names: List[str], repo_id: str, sizes: Dict[str, int]) -> ModelCard:
     """A model card for a repo of task adapters, with the Hub metadata of an adapter of a timm backbone."""
-    arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture', 'modcl_mobilenetv2_100')
+    arch, _ = model_architecture(model)
     infos = model.tasks
     rows = {n: dict(num_classes=infos[n].num_classes, class_names=infos[n].class_names, config=infos[n].config,
                     num_added_values=infos[n].num_added_params, metadata=infos[n].metadata) for n in names}

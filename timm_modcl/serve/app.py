@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (AdapterError, AdapterFormatError, FingerprintMismatchError, HubError, InvalidTaskNameError,
                       ModCLError, TaskError, TaskNotFoundError)
+from ..adapter import model_architecture
 from ..version import __version__
 from .page import PAGE
 from .worker import InferenceWorker, NotReadyError, QueueFullError, Result, TaskVersion
@@ -242,7 +243,7 @@ class ModelServer:
         self.metrics = Metrics()
         if config.device is not None:
             model.to(config.device)
-        self.model_name = getattr(model, 'default_cfg', {}).get('architecture') or type(model).__name__
+        self.model_name = model_architecture(model)[0]
         self.fingerprint = model.backbone_fingerprint()
         self._cfg_model = model  # read only for its data config (pretrained_cfg) here; only the worker calls it
         self._transforms: Dict[Optional[int], Any] = {}
