@@ -229,11 +229,11 @@ def all_features(model, x: torch.Tensor, batch: int = 256) -> Tuple[torch.Tensor
     """Pre-logits features ``(N, D)`` and the per-layer normalised pooled features of every layer of ``ALL_LAYERS``
     (``scorers.base_features``), from one forward."""
     pre, multi = [], []
-    with model._serving(), model.task_scope('base'):
+    with model.inference_scope('base'):
         for s in range(0, len(x), batch):
             f = scorers.base_features(model, x[s:s + batch], ALL_LAYERS)
             multi.append(f)
-            pre.append(model._base_features(x[s:s + batch]))
+            pre.append(scorers.pre_logit_features(model, x[s:s + batch]))
     return torch.cat(pre), torch.cat(multi)
 
 
@@ -401,7 +401,7 @@ def layer_costs(weights: Path, layer_sets, repeats: int) -> Dict[str, float]:
 
     def feats(layers):
         def run():
-            with model._serving(), model.task_scope('base'):
+            with model.inference_scope('base'):
                 scorers.base_features(model, x, scorers.check_layers(layers))
         return run
     with torch.no_grad():

@@ -18,7 +18,7 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -913,22 +913,25 @@ class ModCLMixin:
         """
         return OrderedDict(self._task(self._modcl.active if name is None else name).stats)
 
-    def update_task_statistics(self, name: str, stats: Mapping[str, torch.Tensor]) -> None:
-        """Add or replace statistics of a task, validated as loading them from an adapter would (names, dtypes,
-        finite values, prototype statistics complete and of this model's feature size); kept in their dtype, on the
-        model's device.
+    def update_task_statistics(self, name: str, stats: Mapping[str, torch.Tensor], drop: Iterable[str] = ()) -> None:
+        """Add or replace statistics of a task (and remove those named in ``drop``), validated as loading them from an
+        adapter would (names, dtypes, finite values, prototype statistics complete and of this model's feature size);
+        kept in their dtype, on the model's device.
 
         Raises:
             TaskNotFoundError: no such task.
             PayloadError: statistics a loader would refuse (the task is unchanged).
         """
         task = self._task(name)
-        merged = dict(task.stats, **stats)
+        drop = [k for k in drop if k not in stats]
+        merged = {k: v for k, v in dict(task.stats, **stats).items() if k not in drop}
         payload = TaskPayload(task.name, task.num_classes, task.config,
                               OrderedDict((f'stats.{k}', v.detach()) for k, v in merged.items()), task.class_names,
                               task.metadata)
         payload.check_statistics(self.layer_table().feature_dim)
         device = self._ref_tensor().device
+        for k in drop:
+            task.stats.pop(k, None)
         for k, v in stats.items():
             task.stats[k] = v.detach().to(device)
 

@@ -110,8 +110,7 @@ def cache_info(model) -> Dict[str, int]:
 def score_dtype(model) -> Tuple[torch.device, torch.dtype]:
     """Device and dtype the scorers' factors and scores use for ``model``: the model's device; float64 for a float64
     model, else float32 (half-precision factors would lose the scores' resolution)."""
-    ref = model._ref_tensor()
-    return ref.device, (torch.float64 if ref.dtype == torch.float64 else torch.float32)
+    return model.backbone_device, (torch.float64 if model.backbone_dtype == torch.float64 else torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------- features
@@ -264,9 +263,23 @@ def base_features(model, x: torch.Tensor, layers: Optional[Sequence[int]] = None
                                     f'of the batch (input_size={input_size}): {e}') from None
 
 
+def pre_logit_features(model, x: torch.Tensor) -> torch.Tensor:
+    """``(N, D)`` pre-logits features of ``model`` for ``x`` under the current task scope (timm's
+    ``forward_head(forward_features(x), pre_logits=True)``).
+
+    Raises:
+        UnsupportedModelError: the model does not give ``(N, D)`` features.
+    """
+    f = model.forward_head(model.forward_features(x), pre_logits=True)
+    if not isinstance(f, torch.Tensor) or f.ndim != 2:
+        raise UnsupportedModelError(f'forward_head(pre_logits=True) must give (N, D) features, got '
+                                    f'{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}')
+    return f
+
+
 def _layer_features(model, x: torch.Tensor, layers: Optional[Sequence[int]]) -> torch.Tensor:
     if layers is None:
-        return model._base_features(x)
+        return pre_logit_features(model, x)
     fi = getattr(model, 'forward_intermediates', None)
     if not callable(fi):
         raise UnsupportedModelError(f'{type(model).__name__} has no forward_intermediates: its statistics can only '
@@ -312,13 +325,13 @@ def for_each_base_feature(model, task: str, data, num_classes: int, fn: Callable
     from tqdm.auto import tqdm
     check_feature_model(model)
     loader = _batches(data, batch_size, num_workers)
-    ref = model._ref_tensor()
-    with model._serving(), model.task_scope(BASE_TASK):
+    device, dtype = model.backbone_device, model.backbone_dtype
+    with model.inference_scope(BASE_TASK):
         for batch in tqdm(loader, desc=f'{task} {desc}', disable=not progress, leave=False):
             x, y = unpack_batch(batch, 'data')
             check_labels(y, num_classes, task, images=len(x))
             if x.is_floating_point():
-                x = x.to(ref.device, ref.dtype)
+                x = x.to(device, dtype)
             f = base_features(model, x, layers, input_size)
             if not torch.isfinite(f).all():
                 raise DataError('the backbone gave NaN or Inf features for the data')
@@ -553,7 +566,8 @@ def merge_ranpac_statistics(*stats: Dict[str, torch.Tensor]) -> 'OrderedDict[str
 
 def has_ranpac(model, name: str) -> bool:
     """Whether task ``name`` of ``model`` has the statistics of the ``'ranpac'`` and ``'ncm'`` scorers."""
-    return all(k in model._task(name).stats for k in RANPAC_STATS)
+    stats = model.task_statistics(name)
+    return all(k in stats for k in RANPAC_STATS)
 
 
 def compute_ranpac_statistics(
@@ -597,42 +611,39 @@ def compute_ranpac_statistics(
         UnsupportedModelError: a model without ``forward_features`` / ``forward_head(pre_logits=True)`` (or, with
             ``layers``, without ``forward_intermediates`` or those layers).
     """
-    state = model._task(task)
+    info, current = model.task_info(task), model.task_statistics(task)
     _check_dim_seed(dim, seed)
     _check_ridge(ridge)
     layers = check_layers(layers)
     input_size = check_input_size(input_size)
     if num_classes is None:
-        num_classes = int(state.num_classes)
+        num_classes = int(info.num_classes)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise TaskError(f'task {task!r} has no classes: pass num_classes= for its statistics')
-    if state.num_classes and num_classes != state.num_classes:
-        raise TaskError(f'task {task!r} has {state.num_classes} classes, got num_classes={num_classes}')
+    if info.num_classes and num_classes != info.num_classes:
+        raise TaskError(f'task {task!r} has {info.num_classes} classes, got num_classes={num_classes}')
     check_all_reduce(all_reduce)
     sums = _Sums(num_classes, dim)
     if accumulate and has_ranpac(model, task):
-        if float(state.stats['ranpac_seed']) != seed:
+        if float(current['ranpac_seed']) != seed:
             raise StatisticsError(f'task {task!r}: accumulate=True with seed {seed}, the statistics have seed '
-                                  f'{float(state.stats["ranpac_seed"]):g}')
-        if layers_of(state.stats, task) != layers:
+                                  f'{float(current["ranpac_seed"]):g}')
+        if layers_of(current, task) != layers:
             raise StatisticsError(f'task {task!r}: accumulate=True with layers {layers}, the statistics have layers '
-                                  f'{layers_of(state.stats, task)}')
-        if input_size_of(state.stats, task) != input_size:
+                                  f'{layers_of(current, task)}')
+        if input_size_of(current, task) != input_size:
             raise StatisticsError(f'task {task!r}: accumulate=True with input_size {input_size}, the statistics have '
-                                  f'input size {input_size_of(state.stats, task)}')
-        sums.add_stats(state.stats, task)
+                                  f'input size {input_size_of(current, task)}')
+        sums.add_stats(current, task)
     for_each_base_feature(model, task, data, num_classes,
                           lambda f, y: sums.add(random_features(f.float(), dim, seed), y),
                           batch_size=batch_size, num_workers=num_workers, progress=progress, desc='random features',
                           layers=layers, input_size=input_size)
-    ref = model._ref_tensor()
     if all_reduce:
         sums.all_reduce()
     stats = sums.finish(seed, float(ridge), layers, input_size)   # float32 whatever the model's dtype: counts exact
-    stats = OrderedDict((k, v.to(ref.device)) for k, v in stats.items())
-    for k in RANPAC_OPTIONAL_STATS:
-        state.stats.pop(k, None)
-    state.stats.update(stats)
+    stats = OrderedDict((k, v.to(model.backbone_device)) for k, v in stats.items())
+    model.update_task_statistics(task, stats, drop=RANPAC_OPTIONAL_STATS)
     return stats
 
 
@@ -841,7 +852,7 @@ def predict_classes(model, x: torch.Tensor, scorer: str = 'ranpac',
         raise TaskError(f'unknown scorer {scorer!r} for predict_classes; choose one of {", ".join(BASE_SCORERS)}')
     model._check_batch(x)
     names = model._candidates(tasks, scorer)
-    with model._serving(), model.task_scope(BASE_TASK):
+    with model.inference_scope(BASE_TASK):
         d = decoded(model, names, scorer)
         scores = d.class_scores(base_features(model, x, d.layers, d.input_size)).float().cpu()
     glob = scores.argmax(1)
@@ -884,17 +895,18 @@ def select_ridge(model, data: Dict[str, Any], grid: Sequence[float] = RIDGE_GRID
         _check_ridge(r)
     names = list(data)
     check_candidates(model, names)
-    tasks = [model._task(n) for n in names]
+    stats = [model.task_statistics(n) for n in names]
+    num_classes = [model.task_info(n).num_classes for n in names]
     d = decoded(model, names)
     layers, input_size = d.layers, d.input_size
     feats, truth = [], []
-    ref = model._ref_tensor()
-    with model._serving(), model.task_scope(BASE_TASK):
+    device, dtype = model.backbone_device, model.backbone_dtype
+    with model.inference_scope(BASE_TASK):
         for i, n in enumerate(names):
             for batch in _batches(data[n], batch_size, 0, what=f'validation data of {n!r}'):
                 x, _ = unpack_batch(batch, 'data')
                 if x.is_floating_point():
-                    x = x.to(ref.device, ref.dtype)
+                    x = x.to(device, dtype)
                 feats.append(base_features(model, x, layers, input_size).float())
                 truth.append(torch.full((len(x),), i))
     if not feats:
@@ -902,11 +914,11 @@ def select_ridge(model, data: Dict[str, Any], grid: Sequence[float] = RIDGE_GRID
     f, t = torch.cat(feats), torch.cat(truth).to(feats[0].device)
     accuracy: Dict[float, float] = {}
     for r in grid:
-        d = _Decoded(names, [s.stats for s in tasks], [s.num_classes for s in tasks], 'ranpac', f.device,
-                     torch.float32, ridge=float(r))
+        d = _Decoded(names, stats, num_classes, 'ranpac', f.device, torch.float32, ridge=float(r))
         task_scores, _ = _task_scores(d.class_scores(f), d)
         accuracy[float(r)] = float((task_scores.argmax(1) == t).float().mean())
     best = max(accuracy, key=lambda r: (accuracy[r], r))
-    for s in tasks:
-        s.stats['ranpac_ridge'] = torch.tensor(best, dtype=torch.float32, device=s.stats['ranpac_ridge'].device)
+    for n, st in zip(names, stats):
+        model.update_task_statistics(n, {'ranpac_ridge': torch.tensor(best, dtype=torch.float32,
+                                                                      device=st['ranpac_ridge'].device)})
     return best, accuracy

@@ -645,13 +645,6 @@ class ServingMixin:
                                         f'got {type(y).__name__}')
         return y
 
-    def _base_features(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.forward_head(self.forward_features(x), pre_logits=True)
-        if not isinstance(f, torch.Tensor) or f.ndim != 2:
-            raise UnsupportedModelError(f'forward_head(pre_logits=True) must give (N, D) features, got '
-                                        f'{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}')
-        return f
-
     def prototype_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-logits features of the frozen, unmodulated backbone (the ``base`` task, eval mode): what the prototype
         statistics describe. ``(N, D)``; the model is unchanged afterwards.
@@ -663,7 +656,7 @@ class ServingMixin:
         self._check_batch(x)
         _scorers.check_feature_model(self)
         with self._serving(), self.task_scope(BASE_TASK):
-            return self._base_features(x)
+            return _scorers.pre_logit_features(self, x)
 
     def compute_task_statistics(self, task: str, data, scorer: str = 'prototype',
                                 **kwargs) -> 'OrderedDict[str, torch.Tensor]':
@@ -858,7 +851,7 @@ class ServingMixin:
                           ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Task log-likelihoods ``(N, T)`` and, per task, the class log-posterior within the task ``(N, C_t)``."""
         with self.task_scope(BASE_TASK):
-            f = self._base_features(x)
+            f = _scorers.pre_logit_features(self, x)
         return _score(f, gaussians)
 
 
