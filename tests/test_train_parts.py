@@ -22,6 +22,8 @@ from timm_modcl.training.options import TrainOptions
 from timm_modcl.training.precision import Stepper, amp_enabled, amp_settings
 from timm_modcl.training.setup import plan, set_up, start
 
+from test_resume import _Interrupt, _InterruptAfter  # a dataset that crashes mid-epoch
+
 PACKAGE = Path(timm_modcl.__file__).parent
 TRAINING_MODULES = [PACKAGE / 'train.py', PACKAGE / 'distributed.py'] + sorted((PACKAGE / 'training').glob('*.py'))
 SIZE = 32
@@ -165,24 +167,6 @@ def test_a_missing_checkpoint_loads_nothing(tmp_path):
     run = _run(model, tmp_path / 'none.safetensors', data, resume=True)
     assert run.checkpoint.load(model, [g['params'] for g in run.groups]) is False
     assert run.checkpoint.loaded is None
-
-
-class _Interrupt(Exception):
-    pass
-
-
-class _InterruptAfter(Dataset):
-    def __init__(self, data, after):
-        self.data, self.after, self.reads = data, after, 0
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        if self.reads > self.after:
-            raise _Interrupt()
-        return self.data[i]
 
 
 def test_interrupted_and_resumed_run_is_bit_equal_to_an_uninterrupted_one(tmp_path):
