@@ -520,6 +520,12 @@ def size_cost(weights: Path, n_tasks: int, repeats: int, seed: int) -> Dict:
             'cache_info': {f'{s}_{layers}': scorers.cache_info(m) for (s, layers), m in models.items()}}
 
 
+def machine() -> Dict:
+    """Where a result was measured."""
+    return {'platform': platform.platform(), 'cpus': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
+            'torch': torch.__version__, 'timm': timm.__version__, 'timm_modcl': timm_modcl.__version__}
+
+
 def size_study(args) -> Dict:
     """``--scorer-size-study``: (a) ``size_cost``; (b) task identification on the ``domains`` and ``photos_split``
     sequences built at ``args.size`` px, with the scorer's statistics and scoring on the full-size images or on
@@ -586,9 +592,7 @@ def size_study(args) -> Dict:
             table[seq][f'{list(layers)} half - full'] = {'diff': d['diff'], 'ci95': d['ci']}
     result = {'cost_224px_batch1': cost_res, 'chosen': chosen, 'test': table,
               'config': {k: v for k, v in vars(args).items() if k != 'cache'},
-              'machine': {'platform': platform.platform(), 'cpus': os.cpu_count(),
-                          'torch_threads': torch.get_num_threads(), 'torch': torch.__version__,
-                          'timm': timm.__version__, 'timm_modcl': timm_modcl.__version__},
+              'machine': machine(),
               'wall_s': time.perf_counter() - t_start}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -847,9 +851,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
               'test': table, 'cost': costs,
               'tasks': {seq: [(n, c) for n, c, _ in t] for seq, t in runs[args.seeds[0]]['seqs'].items()},
               'config': {k: v for k, v in vars(args).items() if k != 'cache'},
-              'machine': {'platform': platform.platform(), 'cpus': os.cpu_count(),
-                          'torch_threads': torch.get_num_threads(), 'torch': torch.__version__,
-                          'timm': timm.__version__, 'timm_modcl': timm_modcl.__version__},
+              'machine': machine(),
               'wall_s': time.perf_counter() - t_start}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
