@@ -867,7 +867,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 def markdown(result: Dict, args, layer_sets, dims) -> str:
     m = result['machine']
     ch = result['chosen']
-    lines = [f"# Task identification and class-incremental prediction on shifted test data\n",
+    lines = ["# Task identification and class-incremental prediction on shifted test data\n",
              f"`nice -n 10 python benchmarks/taskid.py{' --quick' if args.quick else ''}` — {m['platform']}, "
              f"{m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} thread), wall "
              f"{result['wall_s'] / 60:.1f} min. ImageNet MobileNetV2, {args.size} px, {args.train_n} / {args.val_n} / "
