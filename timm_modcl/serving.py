@@ -264,11 +264,10 @@ def prototype_dim(model) -> Optional[int]:
     size = getattr(model, 'head_hidden_size', None)
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
-    if BASE_TASK not in model.tasks:
-        return None
-    weight = model.task_tensors(BASE_TASK).get('head.weight')  # the base task's Linear classifier, if it has one
-    if weight is not None and weight.ndim == 2:
-        return int(weight.shape[1])
+    tasks = model._modcl.tasks  # read per prediction: model.tasks would build every task's TaskInfo
+    head = tasks[BASE_TASK].head if BASE_TASK in tasks else None
+    if isinstance(head, nn.Linear):
+        return int(head.in_features)
     return None
 
 
