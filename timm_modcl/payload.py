@@ -33,7 +33,7 @@ from ._io import load_json
 from .config import TaskConfig
 from .errors import PayloadError, TaskError
 from .methods import method_of
-from .task import BN_STATS, validate_metadata, validate_task_name
+from .task import BN_STATS, task_meta, validate_metadata, validate_task_name
 
 __all__ = ['TaskPayload', 'LayerTable', 'read_safetensors', 'modulator_shapes', 'MAX_CLASSES', 'MAX_MODULATOR']
 
@@ -291,13 +291,7 @@ class TaskPayload:
 
     def meta(self) -> Dict[str, Any]:
         """JSON-ready description (everything but the tensors), as adapter headers and state dicts store it."""
-        return {
-            'name': self.name,
-            'num_classes': self.num_classes,
-            'class_names': None if self.class_names is None else list(self.class_names),
-            'config': self.config.to_dict() if isinstance(self.config, TaskConfig) else self.config,
-            'metadata': dict(self.metadata),
-        }
+        return task_meta(self.name, self.num_classes, self.class_names, self.config, self.metadata)
 
     def replace(self, **changes: Any) -> 'TaskPayload':
         """A copy with some fields changed (checked again)."""

@@ -86,6 +86,19 @@ def validate_metadata(metadata: Any, error=TaskError) -> Dict[str, str]:
     return out
 
 
+def task_meta(name: str, num_classes: int, class_names: Optional[Sequence[str]], config: Any,
+              metadata: Mapping[str, str]) -> Dict[str, Any]:
+    """JSON-serialisable description of a task (everything but its tensors), as adapter headers and state dicts
+    store it; ``TaskState``, ``TaskInfo`` and ``TaskPayload`` give it through their ``meta()``."""
+    return {
+        'name': name,
+        'num_classes': num_classes,
+        'class_names': None if class_names is None else list(class_names),
+        'config': config.to_dict() if hasattr(config, 'to_dict') else config,
+        'metadata': dict(metadata),
+    }
+
+
 @dataclass(frozen=True)
 class TaskInfo:
     """A read-only summary of one task."""
@@ -106,13 +119,7 @@ class TaskInfo:
 
     def meta(self) -> Dict[str, Any]:
         """JSON-serialisable description of the task (as ``TaskState.meta()`` and ``TaskPayload.meta()`` give it)."""
-        return {
-            'name': self.name,
-            'num_classes': self.num_classes,
-            'class_names': None if self.class_names is None else list(self.class_names),
-            'config': self.config.to_dict(),
-            'metadata': dict(self.metadata),
-        }
+        return task_meta(self.name, self.num_classes, self.class_names, self.config, self.metadata)
 
     @property
     def resolution(self) -> Optional[Tuple[int, int]]:
@@ -197,13 +204,7 @@ class TaskState:
 
     def meta(self) -> Dict[str, Any]:
         """JSON-serialisable description of the task (everything but the tensors)."""
-        return {
-            'name': self.name,
-            'num_classes': self.num_classes,
-            'class_names': None if self.class_names is None else list(self.class_names),
-            'config': self.config.to_dict(),
-            'metadata': dict(self.metadata),
-        }
+        return task_meta(self.name, self.num_classes, self.class_names, self.config, self.metadata)
 
     def info(self) -> TaskInfo:
         affine = sum(p.numel() for a in self.norm_affine.values() for p in a.values())
