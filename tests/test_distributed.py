@@ -88,7 +88,7 @@ def reference_batchnorm(ds):
                 x, y = ds[share[step]]
                 o.zero_grad()
                 F.cross_entropy(m(x), y).backward()
-            for p0, p1 in zip(reps[0].parameters(), reps[1].parameters()):
+            for p0, p1 in zip(reps[0].task_parameters('t'), reps[1].task_parameters('t')):
                 g = (p0.grad + p1.grad) / 2
                 p0.grad, p1.grad = g, g.clone()
             for o in opts:

@@ -287,8 +287,8 @@ def test_hostile_statistics_are_refused_in_state_dicts(served):
     for label, rep, drop in _hostile_stats(good):
         sd = model.state_dict()
         for k in drop:
-            sd.pop(f'modcl.tasks.t1.stats.{k}')
-        sd.update({f'modcl.tasks.t1.stats.{k}': v for k, v in rep.items()})
+            sd.pop(f'modcl_tasks.t1.stats.{k}')
+        sd.update({f'modcl_tasks.t1.stats.{k}': v for k, v in rep.items()})
         with pytest.raises(StateDictError):
             fresh.load_state_dict(sd)
         assert _state(fresh) == before, label

@@ -183,7 +183,7 @@ def test_adapters_and_checkpoints_share_one_safetensors_reader(data):
 
 def test_a_state_dict_task_is_checked_as_a_payload(trained):
     sd = trained.state_dict()
-    key = next(k for k in sd if k.startswith('modcl.tasks.t1.modulator.'))
+    key = next(k for k in sd if k.startswith('modcl_tasks.t1.modulator.'))
     sd[key] = torch.full_like(sd[key], float('nan'))
     with pytest.raises(StateDictError, match="task 't1'.*NaN"):
         _model().load_state_dict(sd)

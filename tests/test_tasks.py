@@ -125,18 +125,47 @@ def test_add_set_remove_tasks_and_metadata():
     assert model.active_task == 'cars2'
 
 
-def test_parameters_are_exactly_active_task():
+def test_only_the_active_task_requires_grad():
     model = _model()
     model.add_task('a', 3)
     model.add_task('b', 4)
-    ids = {id(p) for p in model.parameters()}
-    assert ids == {id(p) for p in model.task_parameters('b')}
-    assert not ids & {id(p) for p in model.task_parameters('a')}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in model.task_parameters('b')}
+    assert not trainable & {id(p) for p in model.task_parameters('a')}
+    # every task's tensors are in the module tree (what .to(), DDP and optimizers see), only the active one trains
+    every = {id(p) for p in model.parameters()}
+    assert every >= {id(p) for t in model.tasks for p in model.task_parameters(t)}
     model.set_task(BASE_TASK)  # the base task is trainable too: zero identity modulators and the pretrained head
-    names = [n for n, _ in model.named_parameters()]
-    assert names[-2:] == ['classifier.weight', 'classifier.bias']
-    assert all(n.endswith('.modulator') for n in names[:-2]) and len(names) > 2
-    assert not any(p.any() for n, p in model.named_parameters() if n.endswith('.modulator'))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert 'classifier.weight' in names and 'classifier.bias' in names
+    mods = [n for n in names if '.modulator.' in n]
+    assert mods and all(n.startswith('modcl_tasks.base.modulator.') for n in mods)
+    assert not any(p.any() for n, p in model.named_parameters() if n.startswith('modcl_tasks.base.modulator.'))
+
+
+@pytest.mark.parametrize('make_opt', [
+    lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.5),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.5),
+    lambda ps: torch.optim.Adam(ps, lr=0.1, weight_decay=0.5),
+], ids=['adamw', 'sgd', 'adam'])
+def test_optimizer_over_all_parameters_changes_only_the_active_task(make_opt, x_small):
+    model = _model()
+    model.add_task('a', 3)
+    model.add_task('b', 4)
+    before = {t: {k: v.detach().clone() for k, v in model.task_tensors(t).items()} for t in model.tasks}
+    frozen = {k: v.clone() for k, v in model._frozen_tensors().items()}
+    opt = make_opt(model.parameters())   # weight decay over everything: must still never touch another task
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        model(x_small).logsumexp(1).mean().backward()
+        opt.step()
+    model.set_task('a')   # switching tasks with the same optimizer: no stale gradient reaches 'b' either
+    opt.step()
+    for t in ('base', 'a'):
+        assert all(torch.equal(v, model.task_tensors(t)[k]) for k, v in before[t].items()), t
+    assert any(not torch.equal(v, model.task_tensors('b')[k]) for k, v in before['b'].items())
+    assert all(torch.equal(v, model._frozen_tensors()[k]) for k, v in frozen.items())
 
 
 def test_backbone_never_gets_gradients(x_small):
@@ -485,3 +514,77 @@ def test_device_dtype_moves_keep_all_tasks(x_small):
     assert model.conv_stem.modulator is model._task('a').modulators['conv_stem']
     _train_steps(model, x_small, steps=1)
 
+
+
+# ---------------------------------------------------------------------------------------------------- module tree
+DATA = __import__('pathlib').Path(__file__).parent / 'data'
+
+
+def test_a_format_2_state_dict_of_timm_modcl_0_2_still_loads():
+    """A state dict written by timm_modcl 0.2 (format 2: the active task under timm's keys, the others under
+    ``modcl.tasks.<name>.``), stored with the outputs it gave: the same outputs for every task, and it saves again as
+    format 3."""
+    from safetensors.torch import load_file
+    sd = load_file(DATA / 'modcl_0.2_state_dict_test_efficientnet.safetensors')
+    expected = load_file(DATA / 'modcl_0.2_state_dict_test_efficientnet.expected.safetensors')
+    assert any(k.startswith('modcl.tasks.b.') for k in sd) and 'blocks.0.0.conv.modulator' in sd
+    model = timm_modcl.modulate(timm.create_model('test_efficientnet', num_classes=4)).eval()
+    model.load_state_dict(sd)
+    assert list(model.tasks) == ['base', 'a', 'b'] and model.active_task == 'a'
+    with torch.no_grad():
+        for t in ('base', 'a', 'b'):
+            torch.testing.assert_close(model.forward_task(expected['input'], t), expected[f'expected.{t}'])
+    again = timm_modcl.modulate(timm.create_model('test_efficientnet', num_classes=4)).eval()
+    sd3 = model.state_dict()
+    assert not any(k.startswith('modcl.tasks.') for k in sd3) and any(k.startswith('modcl_tasks.b.') for k in sd3)
+    again.load_state_dict(sd3)
+    with torch.no_grad():
+        for t in ('base', 'a', 'b'):
+            assert torch.equal(again.forward_task(expected['input'], t), model.forward_task(expected['input'], t))
+
+
+def test_every_task_is_in_the_module_tree_once(x_small):
+    """Tasks are modules (``model.modcl_tasks``): state_dict holds each tensor once, and PyTorch's own .to(),
+    deepcopy and pickling carry every task without a hand-written override."""
+    import pickle
+    from safetensors.torch import load, save
+    model = _model()
+    model.add_task('a', 3)
+    model.add_task('b', 4, activate=False, variant='paper')
+    model.eval()
+    assert isinstance(model.modcl_tasks, torch.nn.ModuleDict) and list(model.modcl_tasks) == list(model.tasks)
+    sd = model.state_dict()
+    ptrs = [v.data_ptr() for v in sd.values() if v.numel()]
+    assert len(ptrs) == len(set(ptrs))   # no tensor twice (safetensors' save refuses shared tensors)
+    assert 'classifier.weight' in sd and 'modcl_tasks.b.head.weight' in sd and 'modcl_tasks.a.head.weight' not in sd
+    restored = _model()
+    restored.load_state_dict(load(save({k: v.contiguous() for k, v in sd.items()})))
+    with torch.no_grad():
+        ref = {t: model.forward_task(x_small, t) for t in model.tasks}
+        for clone in (restored, copy.deepcopy(model), pickle.loads(pickle.dumps(model)), copy.deepcopy(model).double()):
+            for t, y in ref.items():
+                got = clone.forward_task(x_small.to(clone.backbone_dtype), t)
+                torch.testing.assert_close(got.float(), y, rtol=1e-5, atol=1e-5)
+    doubled = copy.deepcopy(model).double()
+    assert all(v.dtype == torch.float64 for t in doubled.tasks for v in doubled.task_tensors(t).values()
+               if v.is_floating_point()) and doubled.task_tensors("b")["modulator.conv_stem"].dtype == torch.float64
+
+
+def test_ddp_style_capture_sees_every_task_and_trains_only_the_bound_one(x_small):
+    """A wrapper that captures ``parameters()`` once (DDP, accelerate, an optimizer) sees every task's tensors, and
+    a later ``set_task`` decides which of them train: nothing else can change."""
+    model = _model()
+    model.add_task('a', 3)
+    model.add_task('b', 3, activate=False)
+    captured = list(model.parameters())
+    opt = torch.optim.SGD(captured, lr=0.5, weight_decay=0.1)
+    model.train()
+    for task in ('a', 'b'):
+        model.set_task(task)
+        before = {t: {k: v.clone() for k, v in model.task_tensors(t).items()} for t in model.tasks}
+        opt.zero_grad()
+        model(x_small).logsumexp(1).mean().backward()
+        opt.step()
+        for t in model.tasks:
+            changed = any(not torch.equal(v, model.task_tensors(t)[k]) for k, v in before[t].items())
+            assert changed == (t == task), (task, t)

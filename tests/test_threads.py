@@ -164,22 +164,26 @@ def test_forward_task_in_train_mode_restores_the_modes_and_statistics(model):
         model.eval()
 
 
-def test_scoped_training_step_updates_only_the_scoped_task(model):
-    """In train mode a task scope updates the scoped task's own BatchNorm statistics and gives gradients to its own
-    tensors; the bound task and the others stay as they were."""
+def test_scoped_training_step_updates_only_the_scoped_task_statistics(model):
+    """In train mode a task scope updates the scoped task's own BatchNorm statistics; the bound task and the others
+    stay as they were. Only the bound task's tensors require grad, so a scope trains nothing (set_task / use_task
+    bind the task to train)."""
     import copy
     m = copy.deepcopy(model)
     m.train()
     snap = {t: {k: v.detach().clone() for k, v in m._task(t).tensors().items()} for t in TASKS}
     x = torch.randn(4, 3, 32, 32)
     with m.task_scope('c'):
-        loss = m(x).logsumexp(1).mean()
-    loss.backward()
+        out = m(x)
     changed = {t: [k for k, v in m._task(t).tensors().items() if not torch.equal(v, snap[t][k])] for t in TASKS}
     assert changed['c'] and all(k.startswith('bn.') for k in changed['c'])
     assert not changed['a'] and not changed['b'] and not changed['d']
-    grads = [p for p in m._task('c').parameters() if p.grad is not None]
-    assert grads and not any(p.grad is not None for t in ('a', 'b', 'd') for p in m._task(t).parameters())
+    assert not out.requires_grad
+    with m.use_task('c'):
+        m(x).logsumexp(1).mean().backward()
+        grads = [p for p in m.task_parameters('c') if p.grad is not None]
+        assert grads and not any(p.grad is not None for t in ('a', 'b', 'd') for p in m.task_parameters(t))
+    assert not any(p.grad is not None for p in m.task_parameters('c'))   # unbinding drops them: no stale step
 
 
 def test_copies_and_pickles_keep_working_with_scopes(model):

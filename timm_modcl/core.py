@@ -3,14 +3,19 @@
 ``timm_modcl.modulate(model)`` mixes ``ModCLMixin`` into a timm model's class. The mixin finds the layers once
 (``layers.modulate_layer`` on every conv/linear and norm layer, the head from timm's ``pretrained_cfg['classifier']``),
 freezes everything else that holds a parameter (a module type it does not know raises ``UnsupportedModelError``
-instead of staying shared and trainable), and keeps the tasks. Binding a task wires its tensors into the layers, so
-``model.parameters()`` is exactly what an optimizer should train for the active task and nothing of another task
-can be touched.
+instead of staying shared and trainable), and keeps the tasks.
 
-A fresh model's ``base`` task is the checkpoint as a task: its head, its norm statistics, zero ``identity``
-modulators and its own copy of the LayerNorm/GroupNorm affine, so it computes exactly the pretrained model, and is
-trainable like any task (as timm's model tests expect). New tasks start from the base task's norm statistics and the
-pretrained affine.
+Tasks live in the module tree: ``model.modcl_tasks`` is an ``nn.ModuleDict`` of ``TaskState`` modules (modulators,
+norm affine, BatchNorm statistics, prototype statistics, head), so ``.to()``, ``state_dict``, ``deepcopy``, pickling
+and any wrapper that captures ``parameters()`` (DDP, an optimizer) see every task through PyTorch's own machinery.
+The layers read the tensors of the task of the call (a ``task_scope``'s, else the bound task's) on every forward;
+binding a task (``set_task``) only moves its head to the model's head path and makes its tensors, and only its,
+require grad, so an optimizer step can never change another task.
+
+A fresh model's ``base`` task is the checkpoint as a task: its head, its norm statistics (the layers' own buffers),
+zero ``identity`` modulators and its own copy of the LayerNorm/GroupNorm affine, so it computes exactly the pretrained
+model, and is trainable like any task (as timm's model tests expect). New tasks start from the base task's norm
+statistics and the pretrained affine.
 """
 import contextlib
 import copy
@@ -36,17 +41,21 @@ from .layers import (
     scoped_task, task_scope, unmodulate_layer,
 )
 from .payload import MAX_CLASSES, MAX_MODULATOR, LayerTable, TaskPayload, modulator_shapes
-from .task import BASE_TASK, BN_STATS, TaskInfo, TaskState, validate_metadata, validate_task_name
+from .task import BASE_TASK, BN_STATS, TaskDict, TaskInfo, TaskState, table_key, table_name, validate_metadata, validate_task_name
 
 __all__ = [
     'ModCLMixin', 'MAX_CLASSES', 'MAX_MODULATOR', 'STATE_DICT_FORMAT', 'register_frozen_parameters', 'frozen_parameter_names',
 ]
 
-#: Version of the ``state_dict`` layout (tensors only: natural keys for the active task, ``modcl.tasks.<name>.*`` for
-#: the others, ``modcl.meta`` a uint8 tensor holding the JSON task list).
-STATE_DICT_FORMAT = 2
+#: Version of the ``state_dict`` layout: PyTorch's own over the module tree (timm's keys for the backbone, the base
+#: task's BatchNorm statistics and the bound task's head; ``modcl_tasks.<name>.<table>.<key>`` for every task's tensors)
+#: plus ``modcl.meta``, a uint8 tensor holding the JSON task list. Format 2 (0.2: the active task under timm's keys,
+#: the others under ``modcl.tasks.<name>.<flat name>``) still loads.
+STATE_DICT_FORMAT = 3
 _META_KEY = 'modcl.meta'
-_TASKS_PREFIX = 'modcl.tasks.'
+_TASKS_PREFIX = 'modcl.tasks.'   # format 2's task section
+#: The model's child module holding the tasks (an ``nn.ModuleDict`` of ``TaskState``).
+TASKS_MODULE = 'modcl_tasks'
 _MAX_META_BYTES = 64 * 1024 * 1024
 
 #: Fused projections modulated per chunk (leaf name -> number of chunks): q, k and v are never blended.
@@ -94,6 +103,7 @@ class _FrozenTensor(nn.Module):
 def _register_fx_leaf() -> None:
     from timm.models._features_fx import register_notrace_module
     register_notrace_module(_FrozenTensor)
+    register_notrace_module(TaskDict)   # traced as one call, so a traced model (GraphModule) holds the tasks
 
 
 _register_fx_leaf()
@@ -126,12 +136,13 @@ def _like(head: nn.Module, num_classes: int, path: str) -> nn.Module:
 class _State:
     """Everything the mixin keeps about a model, in one attribute (``model._modcl``)."""
 
-    def __init__(self, base: type, head: Optional[str], freeze: Tuple[str, ...], cache: WeightCache) -> None:
+    def __init__(self, base: type, head: Optional[str], freeze: Tuple[str, ...], cache: WeightCache,
+                 task_dict: nn.ModuleDict) -> None:
         self.base = base
         self.head = head
         self.freeze = freeze
         self.cache = cache
-        self.tasks: 'OrderedDict[str, TaskState]' = OrderedDict()
+        self.task_dict = task_dict   # the model's ``modcl_tasks``: the tasks, in the module tree
         self.active = BASE_TASK
         self.weight_layers: 'OrderedDict[str, nn.Module]' = OrderedDict()
         self.norm_layers: 'OrderedDict[str, nn.Module]' = OrderedDict()
@@ -142,6 +153,11 @@ class _State:
         self.lock = threading.RLock()
         self.module_list: Optional[List[nn.Module]] = None   # the module tree, flat (see ModCLMixin._all_modules)
         self.prototype_cache: Dict[str, tuple] = {}          # prepared prototype Gaussians (ServingMixin._gaussian)
+
+    @property
+    def tasks(self) -> 'OrderedDict[str, TaskState]':
+        """The tasks by name, in the order they were added (the ``modcl_tasks`` ModuleDict's own dict)."""
+        return self.task_dict._modules
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -202,12 +218,13 @@ class ModCLMixin:
                      cache_bytes: Optional[int] = None) -> None:
         """Find and freeze the layers, then create the ``base`` task. Raises before changing anything."""
         cache = WeightCache(weight_cache_bytes() if cache_bytes is None else cache_bytes)
-        self._modcl = _State(base, head, tuple(freeze), cache)
+        self._modcl = _State(base, head, tuple(freeze), cache, TaskDict())
         if head is not None:
             _check_head(self.get_submodule(head), head)
         self._modcl_scan()
         base_task = self._modcl_base_task()
-        self._modcl.tasks[BASE_TASK] = base_task
+        self._modules[TASKS_MODULE] = self._modcl.task_dict
+        self._modcl.task_dict[BASE_TASK] = base_task
         self._bind(BASE_TASK)
         self.register_forward_pre_hook(_prepare_compiled_call)  # last: nothing above may fail after it
 
@@ -220,6 +237,8 @@ class ModCLMixin:
         layers, freeze, problems = [], [], []
         for name, module in self.named_modules():
             if head is not None and (name == head or name.startswith(head + '.')):
+                continue
+            if name == TASKS_MODULE or name.startswith(TASKS_MODULE + '.'):
                 continue
             if is_weight_layer(module) or is_norm_layer(module):
                 layers.append((name, module))
@@ -254,9 +273,15 @@ class ModCLMixin:
             if (name, pname) not in st.extra_frozen:
                 st.extra_frozen.append((name, pname))
         weight_layers, norm_layers = OrderedDict(), OrderedDict()
+        keys = {}
+        for name, module in layers:
+            if keys.setdefault(table_key(name), name) != name:
+                raise UnsupportedModelError(f'layers {keys[table_key(name)]!r} and {name!r} would share a key in the '
+                                            f'tasks\' tables; rename one of them')
         for name, module in layers:
             kind = modulate_layer(module)
             module.modcl_name = name
+            module.modcl_key = table_key(name)
             module.modcl_cache = st.cache
             if kind == 'weight':
                 chunks = CHUNKED_LAYERS.get(name.rsplit('.', 1)[-1], 1)
@@ -266,10 +291,7 @@ class ModCLMixin:
                 norm_layers[name] = module
         st.weight_layers, st.norm_layers = weight_layers, norm_layers
         for task in st.tasks.values():  # layers removed by a structural change: the (base) task forgets them
-            for kept, entries in ((weight_layers, task.modulators), (norm_layers, task.norm_stats),
-                                  (norm_layers, task.norm_affine)):
-                for layer in [n for n in entries if n not in kept]:
-                    del entries[layer]
+            task.forget_layers(list(weight_layers), list(norm_layers))
         st.extra_frozen = [(n, p) for n, p in st.extra_frozen if self._has_buffer(n, p)]
         if weight_layers:
             first = next(iter(weight_layers.values()))
@@ -294,7 +316,37 @@ class ModCLMixin:
             if (task is not None and self._modcl.head is not None and task.head is not self._get_head()
                     and not (args and args[0]) and not kwargs.get('pre_logits', False)):
                 return task.head(self._modcl.base.forward_head(self, x, *args, **dict(kwargs, pre_logits=True)))
+        if _fx_tracing():  # an identity call: the traced graph module then holds the tasks its layers read
+            x = self._modules[TASKS_MODULE](x)
         return self._modcl.base.forward_head(self, x, *args, **kwargs)
+
+    def _modcl_group_matcher(self, coarse: bool = False):
+        """timm's ``group_matcher`` (layer-wise learning-rate decay, ``group_parameters``) for task tensors: each
+        is grouped with the layer it belongs to (``modcl_tasks.<task>.modulator.blocks/0/0/conv`` with
+        ``blocks.0.0.conv.weight``), by a matcher callable."""
+        from timm.models._manipulate import group_with_matcher
+        st = self._modcl
+        matcher = st.base.group_matcher(self, coarse=coarse)
+        natural = {n: self._natural_param_name(n) for n, _ in self.named_parameters(remove_duplicate=False)}
+        natural.update((n, n) for n, _ in self.named_buffers(remove_duplicate=False))
+        ids = group_with_matcher(((n, None) for n in dict.fromkeys(natural.values())), matcher, reverse=True)
+        last = max(ids.values(), default=0) + 1
+        return lambda name: ids.get(natural.get(name, name), last)
+
+    def _natural_param_name(self, name: str) -> str:
+        """The timm name of the layer tensor a task tensor belongs to (other names unchanged)."""
+        if not name.startswith(TASKS_MODULE + '.'):
+            return name
+        _, _, rest = name.partition('.')
+        _, _, rest = rest.partition('.')           # the task name
+        table, _, key = rest.partition('.')
+        if table == 'modulator':
+            return table_name(key) + '.weight'
+        if table in ('norm', 'bn'):
+            return table_name(key)
+        if table == 'head' and self._modcl.head is not None:
+            return f'{self._modcl.head}.{key}'
+        return name
 
     @torch.compiler.disable
     def _modcl_prepare(self) -> None:
@@ -309,7 +361,7 @@ class ModCLMixin:
         cached = not torch.is_grad_enabled()
         for layer in st.weight_layers.values():
             eff = None
-            if cached and not layer.training and layer._parameters['modulator'] is not None:
+            if cached and not layer.training and layer.modulator is not None:
                 eff = layer.weight  # eager: the weight cache's entry, refreshed if the task's tensors changed
             layer.__dict__['_modcl_eff'] = eff
 
@@ -346,11 +398,10 @@ class ModCLMixin:
         modulators = OrderedDict(
             (layer, nn.Parameter(torch.zeros(shape, device=ref.device, dtype=ref.dtype)))
             for layer, shape in self._modulator_shapes(config).items())
-        norm_stats = OrderedDict(
-            (n, {k: m._buffers[k] for k in BN_STATS}) for n, m in st.norm_layers.items() if _tracks_stats(m))
+        layer_stats = OrderedDict((n, m) for n, m in st.norm_layers.items() if _tracks_stats(m))
         head = self._get_head() if st.head is not None else nn.Identity()
         return TaskState(BASE_TASK, int(getattr(self, 'num_classes', 0) or 0) if st.head else 0, head, config,
-                         modulators=modulators, norm_stats=norm_stats, norm_affine=self._fresh_affine(config))
+                         modulators=modulators, norm_affine=self._fresh_affine(config), layer_stats=layer_stats)
 
     def _ref_tensor(self) -> torch.Tensor:
         st = self._modcl
@@ -417,8 +468,9 @@ class ModCLMixin:
                 f'unknown task {name!r}; the model has tasks: {", ".join(map(repr, self._modcl.tasks))}') from None
 
     def task_parameters(self, name: Optional[str] = None) -> List[nn.Parameter]:
-        """Trainable tensors of a task (default: the active one). For the active task, equal to ``parameters()``."""
-        return self._task(self._modcl.active if name is None else name).parameters()
+        """Trainable tensors of a task (default: the active one). For the active task, exactly the parameters of
+        ``parameters()`` that require grad (the other tasks' do not)."""
+        return self._task(self._modcl.active if name is None else name).trainable()
 
     def _modulator_shapes(self, config: TaskConfig) -> 'OrderedDict[str, Tuple[int, ...]]':
         return modulator_shapes(self._weight_table(), config)
@@ -616,7 +668,8 @@ class ModCLMixin:
         st = self._modcl
         replacing_active = task.name == st.active
         st.cache.drop(task.name)
-        st.tasks[task.name] = task
+        task.set_trainable(False)
+        st.task_dict[task.name] = task
         if activate or replacing_active:
             self._bind(task.name)
 
@@ -638,8 +691,8 @@ class ModCLMixin:
         BatchNorm statistics and head from a context variable instead, so any number of threads (or asyncio tasks)
         can run different tasks on one model at the same time, and nothing shared changes. ``model(x)``,
         ``forward_features`` and every other forward compute ``name`` inside the scope (the head too, through timm's
-        ``forward_head``; a model without ``forward_head`` keeps its bound head in ``model(x)``); ``parameters()`` and
-        ``active_task`` still describe the bound task. Scopes nest. For serving, keep the model in eval mode (in train
+        ``forward_head``; a model without ``forward_head`` keeps its bound head in ``model(x)``); ``active_task`` and
+        which tensors require grad still describe the bound task (so a scope trains nothing). Scopes nest. For serving, keep the model in eval mode (in train
         mode, BatchNorm updates the scoped task's own statistics, and threads must not change modes concurrently);
         ``forward_task`` / ``forward_tasks`` do that for you.
 
@@ -681,7 +734,7 @@ class ModCLMixin:
                             f'it cannot be removed')
         if name == self._modcl.active:
             raise TaskError(f'task {name!r} is active; set another task before removing it')
-        del self._modcl.tasks[name]
+        del self._modcl.task_dict[name]
         self._modcl.cache.drop(name)
 
     def rename_task(self, name: str, new_name: str) -> None:
@@ -697,30 +750,27 @@ class ModCLMixin:
             raise TaskError(f'the {BASE_TASK!r} task cannot be renamed')
         if new_name in st.tasks:
             raise TaskExistsError(f'task {new_name!r} already exists')
-        st.tasks = OrderedDict((new_name if n == name else n, t) for n, t in st.tasks.items())
+        renamed = [(new_name if n == name else n, t) for n, t in st.tasks.items()]
+        st.tasks.clear()
+        st.tasks.update(renamed)
         task.name = new_name
         st.cache.rename(name, new_name)
         if st.active == name:
             st.active = new_name
 
     def _bind(self, name: str) -> None:
-        """Wire a task's tensors into the layers (modulators, norm statistics and affine, head)."""
+        """Make ``name`` the task unscoped calls compute: the layers read it through the weight cache, its tensors
+        (and only its) require grad, and its head moves to the model's head path."""
         st = self._modcl
         task = st.tasks[name]
-        sign, method = task.sign, task.method
-        slot = st.cache.activate(name)
-        for layer, module in st.weight_layers.items():
-            module._parameters['modulator'] = task.modulators.get(layer)
-            module.modcl_sign = sign
-            module.modcl_method = method
-            module.modcl_slot = slot
-        for layer, module in st.norm_layers.items():
-            stats = task.norm_stats.get(layer)
-            if stats is not None:
-                module._buffers.update(stats)
-            affine = task.norm_affine.get(layer)
-            module._parameters['task_weight'] = None if affine is None else affine.get('weight')
-            module._parameters['task_bias'] = None if affine is None else affine.get('bias')
+        previous = st.cache.bound
+        if previous is not task:   # (re-binding the bound task after a rescan keeps the user's requires_grad flags)
+            if previous is not None:
+                previous.set_trainable(False)
+                previous.bind_head(False)
+            task.set_trainable(True)
+        task.bind_head(True)
+        st.cache.bind(task)
         if st.head is not None:
             self._set_head(task.head)
             self.num_classes = task.num_classes
@@ -1062,19 +1112,29 @@ class ModCLMixin:
                 out[f'{prefix}{st.head}.{rest}'] = flat
         return out
 
-    def state_dict(self, *args, destination=None, prefix: str = '', keep_vars: bool = False):
-        """The module tree's state dict (frozen backbone and the active task under the usual timm keys), every other
-        task under ``modcl.tasks.<name>.``, and ``modcl.meta`` (a uint8 tensor of JSON describing the tasks).
+    def _natural_keys(self, prefix: str = '') -> 'OrderedDict[str, str]':
+        """Keys of the module tree that hold task state outside ``modcl_tasks``, mapped to flat names: the bound
+        task's head (at the model's head path) and the BatchNorm statistics (the layers' own: the base task's)."""
+        st = self._modcl
+        out: 'OrderedDict[str, str]' = OrderedDict()
+        for layer, m in st.norm_layers.items():
+            if _tracks_stats(m):
+                for k in BN_STATS:
+                    out[f'{prefix}{layer}.{k}'] = f'bn.{layer}.{k}'
+        if st.head is not None:
+            for k in self._get_head().state_dict():
+                out[f'{prefix}{st.head}.{k}'] = f'head.{k}'
+        return out
 
-        Tensors only, and no tensor appears twice, so ``safetensors.torch.save_model`` works. ``load_state_dict``
+    def state_dict(self, *args, destination=None, prefix: str = '', keep_vars: bool = False):
+        """PyTorch's state dict of the module tree (the frozen backbone and the base task's BatchNorm statistics under
+        timm's keys, the bound task's head at the head path, every task's tensors under
+        ``modcl_tasks.<name>.<table>.<key>``), plus ``modcl.meta`` (a uint8 tensor of JSON describing the tasks).
+
+        Tensors only, and no tensor appears twice, so ``safetensors.torch.save_file`` works. ``load_state_dict``
         recreates the tasks from it."""
         st = self._modcl
         sd = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        for tname, task in st.tasks.items():
-            tensors = task.tensors() if tname != st.active else OrderedDict(
-                (f'stats.{k}', v) for k, v in task.stats.items())
-            for k, v in tensors.items():
-                sd[f'{prefix}{_TASKS_PREFIX}{tname}.{k}'] = v if keep_vars else v.detach()
         sd[prefix + _META_KEY] = _json_tensor({
             'format': STATE_DICT_FORMAT,
             'active': st.active,
@@ -1083,19 +1143,21 @@ class ModCLMixin:
         return sd
 
     def _plan_load(self, state_dict: Mapping[str, Any], prefix: str = ''
-                   ) -> Optional[Tuple['OrderedDict[str, TaskState]', str, 'OrderedDict[str, str]']]:
-        """Validate the task section of a state dict and build its tasks, changing nothing.
+                   ) -> Optional[Tuple['OrderedDict[str, TaskState]', str, List[str]]]:
+        """Validate the task section of a state dict (format 3, or format 2 of timm_modcl 0.2) and build its tasks,
+        changing nothing.
 
-        Returns ``None`` for a plain timm state dict (no task section), else ``(tasks, active name, natural keys of
-        the active task)``.
+        Returns ``None`` for a plain timm state dict (no task section), else ``(tasks, active name, keys of the
+        state dict outside the task section that belong to tasks)``.
         """
         if prefix + _META_KEY not in state_dict:
-            if any(k.startswith(prefix + _TASKS_PREFIX) for k in state_dict):
+            if any(k.startswith((prefix + _TASKS_PREFIX, prefix + TASKS_MODULE + '.')) for k in state_dict):
                 raise StateDictError(f'state dict has task tensors but no {_META_KEY!r} entry')
             return None
         meta = _read_json_tensor(state_dict[prefix + _META_KEY])
-        if not isinstance(meta, Mapping) or meta.get('format') != STATE_DICT_FORMAT:
-            raise StateDictError(f'unsupported {_META_KEY!r} entry (expected format {STATE_DICT_FORMAT})')
+        fmt = meta.get('format') if isinstance(meta, Mapping) else None
+        if fmt not in (2, STATE_DICT_FORMAT):
+            raise StateDictError(f'unsupported {_META_KEY!r} entry (expected format 2 or {STATE_DICT_FORMAT})')
         metas = meta.get('tasks')
         if not isinstance(metas, list) or not metas or not all(isinstance(m, Mapping) for m in metas):
             raise StateDictError(f'{_META_KEY!r} lists no tasks')
@@ -1106,41 +1168,66 @@ class ModCLMixin:
         if active not in names:
             raise StateDictError(f'active task {active!r} is not among the state dict tasks')
         grouped: Dict[str, Dict[str, Any]] = {n: {} for n in names}
-        head = prefix + _TASKS_PREFIX
+        section = prefix + (TASKS_MODULE + '.' if fmt == STATE_DICT_FORMAT else _TASKS_PREFIX)
         for k, v in state_dict.items():
-            if k.startswith(head):
-                tname, _, rest = k[len(head):].partition('.')
+            if k.startswith(section):
+                tname, _, rest = k[len(section):].partition('.')
                 if tname not in grouped:
                     raise StateDictError(f'state dict has tensors of task {tname!r}, which {_META_KEY!r} does not list')
-                if tname == active and not rest.startswith('stats.'):
+                if fmt == STATE_DICT_FORMAT:
+                    table, _, key = rest.partition('.')
+                    rest = rest if table == 'head' else f'{table}.{table_name(key)}'
+                elif tname == active and not rest.startswith('stats.'):
                     raise StateDictError(f'the active task {tname!r} must be stored under the natural keys, found {k!r}')
                 grouped[tname][rest] = v
-        active_meta = metas[names.index(active)]
-        try:
-            active_config = TaskConfig.from_dict(active_meta.get('config'))
-        except TaskError as e:
-            raise StateDictError(f'task {active!r}: {e}') from None
-        natural = self._natural_task_keys(active_meta, active_config, prefix)
-        for key, flat in natural.items():
-            if key in state_dict:
-                grouped[active][flat] = state_dict[key]
+        if fmt == STATE_DICT_FORMAT:
+            natural = self._natural_keys(prefix)
+            for key, flat in natural.items():
+                owner = active if flat.startswith('head.') else BASE_TASK
+                if key in state_dict:
+                    grouped[owner][flat] = state_dict[key]
+        else:
+            active_meta = metas[names.index(active)]
+            try:
+                active_config = TaskConfig.from_dict(active_meta.get('config'))
+            except TaskError as e:
+                raise StateDictError(f'task {active!r}: {e}') from None
+            natural = self._natural_task_keys(active_meta, active_config, prefix)
+            for key, flat in natural.items():
+                if key in state_dict:
+                    grouped[active][flat] = state_dict[key]
         plan: 'OrderedDict[str, TaskState]' = OrderedDict()
         for m in metas:
             try:
                 plan[m['name']] = self._task_from_payload(TaskPayload.from_meta(m, grouped[m['name']]))
             except PayloadError as e:
                 raise StateDictError(str(e)) from None
-        return plan, active, natural
+        return plan, active, list(natural)
 
-    def _own_natural_task_keys(self) -> set:
+    def _install_tasks(self, tasks: 'OrderedDict[str, TaskState]', active: str) -> None:
+        """Replace every task by ``tasks`` (built and checked by ``_plan_load``) and bind ``active``."""
         st = self._modcl
-        task = st.tasks[st.active]
-        return set(self._natural_task_keys(task.meta(), task.config))
+        base = tasks[BASE_TASK]
+        layer_stats = OrderedDict((n, m) for n, m in st.norm_layers.items() if _tracks_stats(m))
+        with torch.no_grad():
+            for layer, s in base.norm_stats.items():   # the base task's statistics live in the layers
+                for k, v in s.items():
+                    layer_stats[layer]._buffers[k].copy_(v)
+        base.bn.clear()
+        base.__dict__['layer_stats'] = layer_stats
+        st.tasks.clear()
+        for name, task in tasks.items():
+            task.set_trainable(False)
+            st.task_dict[name] = task
+        st.cache.clear()
+        st.cache.bound = None
+        self._bind(active)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        """Load a state dict written by ``state_dict()`` (replacing all tasks by the saved ones and activating the
-        saved active task), or a plain timm state dict of the same architecture (loaded into the frozen backbone and
-        the active task's norm statistics, affine and head; the active task's modulators are kept).
+        """Load a state dict written by ``state_dict()`` (format 3, or format 2 of timm_modcl 0.2: replacing all tasks
+        by the saved ones and binding the saved active task), or a plain timm state dict of the same architecture
+        (loaded into the frozen backbone and the bound task's norm statistics, affine and head; its modulators are
+        kept).
 
         Everything is validated first: on error nothing changes.
 
@@ -1152,34 +1239,45 @@ class ModCLMixin:
             raise StateDictError('load_state_dict(assign=True) is not supported by modcl models')
         if not isinstance(state_dict, Mapping):
             raise StateDictError(f'expected a mapping of names to tensors, got {type(state_dict).__name__}')
+        st = self._modcl
         own = super().state_dict(keep_vars=True)
-        own_task_keys = self._own_natural_task_keys()
-        frozen_keys = set(own) - own_task_keys
+        natural = self._natural_keys()
+        task_keys = {k for k in own if k.startswith(TASKS_MODULE + '.')}
+        frozen_keys = set(own) - task_keys - set(natural)
         # the backbone first: the clearest message for another width
         self._check_shapes(state_dict, {k: own[k] for k in frozen_keys})
         plan = self._plan_load(state_dict)
-        given = {k for k in state_dict if not k.startswith('modcl.')}
+        given = {k for k in state_dict if not k.startswith(('modcl.', TASKS_MODULE + '.'))}
         if plan is not None:
             expected = frozen_keys | set(plan[2])
         else:
-            allowed_missing = {k for k in own_task_keys if k.endswith(('.modulator', '.task_weight', '.task_bias'))}
             self._check_shapes(state_dict, own)
-            expected = set(own) - allowed_missing
-            given -= allowed_missing
+            expected = frozen_keys | set(natural)
         missing, unexpected = sorted(expected - given), sorted(given - expected)
         if strict and (missing or unexpected):
             raise StateDictError(f'state dict keys do not match: missing {missing[:5]}, unexpected {unexpected[:5]}')
-        self._validated_plan = plan
+        if plan is not None:
+            self._install_tasks(plan[0], plan[1])
+            rest = {k: v for k, v in state_dict.items() if k in frozen_keys}
+        else:
+            rest = {k: v for k, v in state_dict.items() if k in frozen_keys or k in natural}
+            bound = st.tasks[st.active]
+            if st.active != BASE_TASK:  # the statistics of a plain model are the bound task's
+                live = bound.tensors(stats=False)
+                with torch.no_grad():
+                    for key, flat in natural.items():
+                        if flat.startswith('bn.') and key in rest:
+                            live[flat].copy_(rest.pop(key))
+        self.__dict__['_modcl_loading'] = True
         try:
-            super().load_state_dict(state_dict, strict=False)
+            super().load_state_dict(rest, strict=False)
         finally:
-            self._validated_plan = None
-        if plan is None:  # a plain model's affine is the task's affine: give it to the active task
-            st = self._modcl
+            del self.__dict__['_modcl_loading']
+        if plan is None:  # a plain model's affine is the task's affine: give it to the bound task
             with torch.no_grad():
                 for layer, affine in st.tasks[st.active].norm_affine.items():
                     for k, p in affine.items():
-                        if f'{layer}.{k}' in state_dict and f'{layer}.task_{k}' not in state_dict:
+                        if f'{layer}.{k}' in state_dict:
                             p.copy_(st.norm_layers[layer]._buffers[k])
         from torch.nn.modules.module import _IncompatibleKeys
         return _IncompatibleKeys(missing, unexpected)
@@ -1199,17 +1297,17 @@ class ModCLMixin:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        plan = self.__dict__.get('_validated_plan') if not prefix else None
-        if plan is None:  # loaded as part of a parent module: validate here
+        # loaded as part of a parent module (our own load_state_dict has done the tasks): build and install them here
+        if not self.__dict__.get('_modcl_loading'):
             plan = self._plan_load(state_dict, prefix)
+            if plan is not None:
+                self._install_tasks(plan[0], plan[1])
+                for k in plan[2]:
+                    state_dict.pop(k, None)
+                for k in [k for k in state_dict if k.startswith(prefix + TASKS_MODULE + '.')]:
+                    del state_dict[k]
         for k in [k for k in state_dict if k.startswith(prefix + 'modcl.')]:
             del state_dict[k]
-        if plan is not None:
-            tasks, active, _ = plan
-            st = self._modcl
-            st.tasks = tasks
-            st.cache.clear()
-            self._bind(active)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
@@ -1227,18 +1325,21 @@ class ModCLMixin:
         st = self._modcl
         task = self._task(st.active if name is None else name)
         with self.use_task(task.name):
-            memo = {id(st): None, id(st.cache): None}
+            memo = {id(st): None, id(st.cache): None, id(st.task_dict): None}
+            for layer in list(st.weight_layers.values()) + list(st.norm_layers.values()):
+                memo[id(layer)] = unmodulate_layer(layer, copy=True)   # the task folded in, a plain layer
             plain = copy.deepcopy(self, memo)
         for k in [k for k, h in plain._forward_pre_hooks.items() if h is _prepare_compiled_call]:
             del plain._forward_pre_hooks[k]
-        for module in plain.modules():
-            unmodulate_layer(module)
         for module_name, k in st.extra_frozen:
             module = plain.get_submodule(module_name)
             module._parameters[k] = nn.Parameter(module._buffers.pop(k))
         del plain.__dict__['_modcl']
         plain._modules.pop('_modcl_frozen', None)
+        plain._modules.pop(TASKS_MODULE, None)
         plain.__class__ = st.base
+        for p in plain.parameters():
+            p.requires_grad_(True)
         cfg = getattr(plain, 'pretrained_cfg', None)
         if isinstance(cfg, dict):
             arch = str(cfg.get('architecture', ''))
@@ -1252,37 +1353,14 @@ class ModCLMixin:
         """``torch.jit.script(model)`` scripts the active task as a plain timm model (``export_task``)."""
         return self.export_task()
 
-    def __setstate__(self, state) -> None:
-        super().__setstate__(state)
-        if self.__dict__.get('_modcl') is not None:  # a copy or an unpickled model: bind its layers to its own cache
-            self._bind(self._modcl.active)
-
     # ------------------------------------------------------------------ device / dtype moves
     def _apply(self, fn, recurse: bool = True):
+        """PyTorch's ``_apply`` (every task's tensors are in the module tree); then the weight cache and the
+        fingerprint, which describe the old tensors, are cleared."""
         super()._apply(fn, recurse)
         if not recurse:
             return self
         st = self._modcl
-        active = st.tasks[st.active]
-        # pull back the active task's tensors, which the module tree may have replaced by converted copies
-        for layer, module in st.weight_layers.items():
-            if layer in active.modulators:
-                active.modulators[layer] = module._parameters['modulator']
-        for layer, module in st.norm_layers.items():
-            if layer in active.norm_stats:
-                for k in BN_STATS:
-                    active.norm_stats[layer][k] = module._buffers[k]
-            if layer in active.norm_affine:
-                affine = active.norm_affine[layer]
-                for k in list(affine):
-                    affine[k] = module._parameters[f'task_{k}']
-        if st.head is not None:
-            active.head = self._get_head()
-        for k in active.stats:
-            active.stats[k] = fn(active.stats[k])
-        for task in st.tasks.values():
-            if task is not active:
-                task.apply_(fn)
         holders = self._modules.get('_modcl_frozen')
         if holders is not None:
             for k, holder in holders.items():

@@ -13,9 +13,10 @@ dimensions up to ``(O, I)``::
 
 Layers are modulated *in place*: their class is swapped for a subclass that adds a ``weight`` property (the frozen
 tensor stays a buffer under the same state-dict key), so every forward of the original class, and every reference timm
-keeps to the module, keeps working. Normalisation layers get the same treatment for their affine (per-task
-``task_weight``/``task_bias`` parameters in front of the frozen ones) and have their running statistics re-bound per
-task by the model.
+keeps to the module, keeps working. Normalisation layers get the same treatment for their affine (a task's own affine
+in front of the frozen one) and their BatchNorm running statistics (the task's own; the layer's buffers are the base
+task's). The tensors themselves live in the model's tasks (``TaskState`` modules); a layer reads those of the task of
+the call on every forward.
 
 In eval mode without autograd the effective weight is cached in the model's ``WeightCache`` and reused until the
 modulator or the weight changes (tensor version counters), so inference costs what the plain layer costs.
@@ -148,14 +149,17 @@ class WeightCache:
     Entries are grouped per task; the active task is never evicted (it is what the model computes now), so a model
     always runs at the plain model's eval cost, and switching between a few hot tasks recomputes nothing while they
     fit. Every entry records the identity and version counter of the modulator and of the frozen weight it was made
-    from, so a stale weight is never served after an optimizer step, an in-place edit or a load. The model binds the
-    active task's slot (a dict) on every weight layer, which looks its entry up directly; a ``task_scope`` carries the
-    slot of its own task. The cache is safe to use from several threads (one lock around its bookkeeping).
+    from, so a stale weight is never served after an optimizer step, an in-place edit or a load. The cache also knows
+    the model's bound task (``bound``, with its slot): what every layer computes outside a ``task_scope``, which
+    carries the slot of its own task. The cache is safe to use from several threads (one lock around its
+    bookkeeping).
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = int(max_bytes)
         self.active: Optional[str] = None
+        self.bound = None                      # the bound task (a TaskState): what unscoped calls compute
+        self.bound_slot: Dict[nn.Module, tuple] = {}
         self._tasks: 'OrderedDict[str, Dict[nn.Module, tuple]]' = OrderedDict()
         self.bytes = 0
         self.misses = 0
@@ -166,6 +170,12 @@ class WeightCache:
         with self._lock:
             self.active = task
             return self.use(task)
+
+    def bind(self, task) -> None:
+        """Make ``task`` (a ``TaskState``) the one every layer of the model computes outside a ``task_scope``."""
+        with self._lock:
+            self.bound_slot = self.activate(task.name)
+            self.bound = task
 
     def use(self, task: str) -> Dict[nn.Module, tuple]:
         """Make ``task`` the most recently used one and return its slot (the active task is unchanged)."""
@@ -238,12 +248,15 @@ class WeightCache:
         state = self.__dict__.copy()
         state['_tasks'] = OrderedDict()
         state['bytes'] = 0
+        state['bound_slot'] = {}
         del state['_lock']
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
+        if self.active is not None:
+            self._tasks[self.active] = self.bound_slot
 
     def __repr__(self) -> str:
         return (f'WeightCache({len(self.cached_tasks())} task(s), {self.bytes / 2 ** 20:.1f} of '
@@ -254,31 +267,40 @@ class ModulatedWeight:
     """Mixed into the class of a weight layer (``nn.Conv*d``, ``nn.Linear`` or a subclass) by ``modulate_layer``.
 
     ``weight`` becomes a read-only property: the frozen tensor (a buffer, under the layer's usual state-dict key)
-    modulated by the active task's ``modulator`` parameter, or the frozen tensor itself when the task leaves the layer
-    unmodulated. The model re-binds ``modulator``, ``modcl_sign`` and ``modcl_slot`` (the active task's entries of the
-    model's ``WeightCache``) when the task changes.
+    modulated by the task's tensor of this layer (the task of the current ``task_scope``, else the model's bound task:
+    both found through the model's ``WeightCache``), or the frozen tensor itself when the task leaves the layer
+    unmodulated. The tasks' tensors live in the tasks (``model.modcl_tasks``), not in the layer.
     """
 
     _modcl_base: Type[nn.Module]
     modcl_chunks: int
-    modcl_sign: float
     modcl_cache: Optional[WeightCache]
-    modcl_slot: Dict[nn.Module, tuple]
     modcl_name: str = ''             # the layer's name in its model (what a task's tensors are keyed by)
-    modcl_method: LayerMethod = Modulation()   # the bound task's method (``methods.py``)
+    modcl_key: str = ''              # its key in a task's tables (``task.table_key``)
+
+    @property
+    def modulator(self) -> Optional[torch.Tensor]:
+        """The bound task's tensor of this layer (``None``: the task leaves it unmodulated)."""
+        cache = self.modcl_cache
+        if cache is None or cache.bound is None:
+            return None
+        return cache.bound.modulator._parameters.get(self.modcl_key)
 
     @property
     def weight(self) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self._modcl_compiled_weight()
         frozen = self._buffers['weight']
+        cache = self.modcl_cache
         call = _SCOPED.get()
-        if call is not None and call[0] is self.modcl_cache:  # a task_scope of this model: its task, nothing shared
-            task, slot = call[1], call[2]
-            modulator, method, name = task.modulators.get(self.modcl_name), task.method, task.name
+        if call is not None and call[0] is cache:  # a task_scope of this model: its task, nothing shared
+            task, slot, name = call[1], call[2], call[1].name
+        elif cache is not None and cache.bound is not None:
+            task, slot, name = cache.bound, cache.bound_slot, None
         else:
-            modulator, method, slot = self._parameters['modulator'], self.modcl_method, self.modcl_slot
-            name = None
+            return frozen
+        modulator = task.__dict__['modulator_store'].get(self.modcl_key)
+        method = task.method
         if modulator is None:
             return frozen
         if self.training or (modulator.requires_grad and torch.is_grad_enabled()):
@@ -295,13 +317,14 @@ class ModulatedWeight:
         In eval without autograd, the effective weight the model prepared from its cache before the compiled call
         (``ModCLMixin._modcl_prepare``); otherwise computed in the graph."""
         frozen = self._buffers['weight']
-        modulator = self._parameters['modulator']
-        if modulator is None:
-            return frozen
         prepared = self.__dict__.get('_modcl_eff')
         if prepared is not None and not self.training and not torch.is_grad_enabled():
             return prepared
-        return self.modcl_method.weight(self, modulator)
+        task = self.modcl_cache.bound
+        modulator = task.modulator._parameters.get(self.modcl_key)
+        if modulator is None:
+            return frozen
+        return task.method.weight(self, modulator)
 
     def upsample(self, modulator: torch.Tensor) -> torch.Tensor:
         """``upsample_modulator`` as two small matrix products with cached interpolation matrices.
@@ -334,14 +357,18 @@ class ModulatedWeight:
         m = m.reshape(out_ch, i, k).transpose(1, 2) @ up_i.t()       # (O, k, I)
         return m.transpose(1, 2).reshape((out_ch, in_ch) + kernel)
 
+    def _bound_sign(self) -> float:
+        cache = self.modcl_cache
+        return 1.0 if cache is None or cache.bound is None else cache.bound.sign
+
     def modulation(self, modulator: torch.Tensor, sign: Optional[float] = None) -> torch.Tensor:
-        """The full-resolution multiplicative factor ``1 + sign * upsample(M)`` (default sign: the bound one)."""
-        sign = self.modcl_sign if sign is None else sign
+        """The full-resolution multiplicative factor ``1 + sign * upsample(M)`` (default sign: the bound task's)."""
+        sign = self._bound_sign() if sign is None else sign
         return 1.0 + sign * self.upsample(modulator)
 
     def modulated_weight(self, modulator: torch.Tensor, sign: Optional[float] = None) -> torch.Tensor:
         """``W * (1 + sign * upsample(M))`` computed as one fused ``addcmul``."""
-        sign = self.modcl_sign if sign is None else sign
+        sign = self._bound_sign() if sign is None else sign
         frozen = self._buffers['weight']
         return torch.addcmul(frozen, frozen, self.upsample(modulator), value=sign)
 
@@ -369,14 +396,13 @@ class ModulatedWeight:
         return unmodulate_layer(self, copy=True)
 
     def __reduce_ex__(self, protocol):
-        # the cache slot is the model's business: a copy is re-bound to its own (empty) cache by the model
-        return _new_layer, (ModulatedWeight, self._modcl_base), dict(self.__dict__, modcl_slot={})
+        return _new_layer, (ModulatedWeight, self._modcl_base), self.__dict__
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
-        modulator = self._parameters.get('modulator')
+        modulator = self.modulator
         if modulator is not None:
-            s += f', modulator={tuple(modulator.shape)}, method={self.modcl_method!r}'
+            s += f', modulator={tuple(modulator.shape)}, method={self.modcl_cache.bound.method!r}'
         return s
 
 
@@ -391,28 +417,41 @@ class TaskNorm:
     _modcl_base: Type[nn.Module]
     modcl_cache: Optional[WeightCache] = None   # the model's cache: identifies the model in a task_scope
     modcl_name: str = ''
+    modcl_key: str = ''
 
-    # read on every forward: kept to one context-variable read on the common (unscoped) path. torch.compile traces
-    # the read (no graph break) and sees no scope (a scope on a compiled call is refused)
+    def _modcl_task(self):
+        """The task this call computes: the current ``task_scope``'s for this model, else the bound one."""
+        cache = self.modcl_cache
+        call = _SCOPED.get()
+        if call is not None and call[0] is cache:
+            return call[1]
+        return None if cache is None else cache.bound
+
+    # read on every forward: one context-variable read and one dict lookup. torch.compile traces the read (no graph
+    # break) and sees no scope (a scope on a compiled call is refused)
     @property
     def weight(self) -> Optional[torch.Tensor]:
-        call = _SCOPED.get()
-        if call is None or call[0] is not self.modcl_cache:
-            own = self._parameters['task_weight']
-        else:
-            affine = call[1].norm_affine.get(self.modcl_name)
-            own = None if affine is None else affine.get('weight')
+        task = self._modcl_task()
+        own = None if task is None else task.__dict__['norm_store'].get(self.modcl_key + '/weight')
         return self._buffers['weight'] if own is None else own
 
     @property
     def bias(self) -> Optional[torch.Tensor]:
-        call = _SCOPED.get()
-        if call is None or call[0] is not self.modcl_cache:
-            own = self._parameters['task_bias']
-        else:
-            affine = call[1].norm_affine.get(self.modcl_name)
-            own = None if affine is None else affine.get('bias')
+        task = self._modcl_task()
+        own = None if task is None else task.__dict__['norm_store'].get(self.modcl_key + '/bias')
         return self._buffers['bias'] if own is None else own
+
+    @property
+    def task_weight(self) -> Optional[torch.Tensor]:
+        """The bound task's own affine weight of this layer (``None``: it uses the frozen one)."""
+        cache = self.modcl_cache
+        return None if cache is None or cache.bound is None else cache.bound.norm.store.get(self.modcl_key + '/weight')
+
+    @property
+    def task_bias(self) -> Optional[torch.Tensor]:
+        """The bound task's own affine bias of this layer (``None``: it uses the frozen one)."""
+        cache = self.modcl_cache
+        return None if cache is None or cache.bound is None else cache.bound.norm.store.get(self.modcl_key + '/bias')
 
     def __prepare_scriptable__(self) -> nn.Module:
         return unmodulate_layer(self, copy=True)
@@ -422,21 +461,27 @@ class TaskNorm:
 
 
 def _scoped_stat(name: str) -> property:
+    suffix = '/' + name
+
     def get(self) -> Optional[torch.Tensor]:
-        call = _SCOPED.get()
-        if call is not None and call[0] is self.modcl_cache:
-            stats = call[1].norm_stats.get(self.modcl_name)
-            if stats is not None:
-                return stats[name]
-        return self._buffers[name]
+        task = self._modcl_task()
+        if task is not None:
+            t = task.__dict__['bn_store'].get(self.modcl_key + suffix)
+            if t is not None:
+                return t
+        return self._buffers[name]   # the base task's statistics are the layer's own buffers (the checkpoint's)
     return property(get, doc=f'The {name} of the task of the current ``task_scope``, else the bound task\'s.')
 
 
 class _TaskStats:
-    """Mixed in front of BatchNorm layers' ``TaskNorm`` class: the running statistics of a ``task_scope``'s task."""
+    """Mixed in front of BatchNorm layers' ``TaskNorm`` class: the running statistics of the task of the call (its
+    ``task_scope``'s, else the bound one's); the layer's own buffers are the base task's."""
     running_mean = _scoped_stat('running_mean')
     running_var = _scoped_stat('running_var')
     num_batches_tracked = _scoped_stat('num_batches_tracked')
+
+
+_TASK_STATS = ('running_mean', 'running_var', 'num_batches_tracked')
 
 
 class _FrozenGuard:
@@ -445,7 +490,7 @@ class _FrozenGuard:
     reparametrizing them (``torch.nn.utils.parametrizations.weight_norm``). Each raises ``FrozenBackboneError``
     before anything changes, naming the supported way."""
 
-    _modcl_trainable: Tuple[str, ...] = ()
+    _modcl_trainable: Tuple[str, ...] = ()     # the views of the bound task's tensors (``modulator``, ...)
 
     def _modcl_refuse(self, what: str) -> None:
         raise FrozenBackboneError(
@@ -464,9 +509,7 @@ class _FrozenGuard:
         super().__delattr__(name)
 
     def register_parameter(self, name: str, param) -> None:
-        if name not in type(self)._modcl_trainable:
-            self._modcl_refuse(f'registering a new parameter {name!r}')
-        super().register_parameter(name, param)
+        self._modcl_refuse(f'registering a new parameter {name!r}')
 
 
 class _LayerParameters(OrderedDict):
@@ -492,9 +535,9 @@ def task_aware_class(mixin: type, base: type) -> type:
         prefix = 'Modulated' if mixin is ModulatedWeight else 'Task'
         mixins = (_TaskStats, mixin) if mixin is TaskNorm and issubclass(base, nn.modules.batchnorm._BatchNorm) else (
             mixin,)
-        trainable = ('modulator',) if mixin is ModulatedWeight else ('task_weight', 'task_bias')
+        task_views = ('modulator',) if mixin is ModulatedWeight else ('task_weight', 'task_bias')
         cls = type(f'{prefix}{base.__name__}', (_FrozenGuard,) + mixins + (base,),
-                   {'__module__': __name__, '_modcl_base': base, '_modcl_trainable': trainable})
+                   {'__module__': __name__, '_modcl_base': base, '_modcl_trainable': task_views})
         register_notrace_module(cls)  # its caching is Python-side logic: a leaf for feature extraction
         _CLASSES[(mixin, base)] = cls
     return cls
@@ -560,11 +603,8 @@ def modulate_layer(module: nn.Module) -> str:
         module._modcl_frozen = _freeze(module)            # weight, bias (and a gain): frozen buffers
         module.__class__ = task_aware_class(ModulatedWeight, base)
         module._parameters = _LayerParameters(module._parameters)
-        module._parameters['modulator'] = None
         module.modcl_chunks = 1
-        module.modcl_sign = 1.0
         module.modcl_cache = None
-        module.modcl_slot = {}
         module._modcl_interp = {}
         return 'weight'
     if is_norm_layer(module):
@@ -574,14 +614,12 @@ def modulate_layer(module: nn.Module) -> str:
         module._modcl_frozen = frozen
         module.__class__ = task_aware_class(TaskNorm, base)
         module._parameters = _LayerParameters(module._parameters)
-        module._parameters['task_weight'] = None
-        module._parameters['task_bias'] = None
         return 'norm'
     raise TypeError(f'{base.__name__} is neither a weight layer (conv, linear) nor a normalisation layer')
 
 
-_LAYER_ATTRS = ('modcl_chunks', 'modcl_sign', 'modcl_cache', 'modcl_slot', '_modcl_interp', '_modcl_frozen',
-                'modcl_bn_guard', 'modcl_name', 'modcl_method', '_modcl_eff')
+_LAYER_ATTRS = ('modcl_chunks', 'modcl_cache', '_modcl_interp', '_modcl_frozen', 'modcl_bn_guard', 'modcl_name',
+                'modcl_key', '_modcl_eff')
 
 
 def frozen_names(module: nn.Module) -> Tuple[str, ...]:
@@ -609,6 +647,8 @@ def unmodulate_layer(module: nn.Module, copy: bool = False) -> nn.Module:
     buffers = OrderedDict()
     for n, b in module._buffers.items():
         if n not in frozen_names and n not in ('weight', 'bias'):
+            if isinstance(module, _TaskStats) and n in _TASK_STATS:
+                b = getattr(module, n)   # the bound task's statistics
             buffers[n] = b.detach().clone() if copy and b is not None else b
     if copy:
         out = object.__new__(module._modcl_base)

@@ -3,7 +3,7 @@
     import timm, timm_modcl
     model = timm_modcl.modulate(timm.create_model('resnet50', pretrained=True))
     model.add_task('flowers', num_classes=102)      # new modulators, norm state and head; now active
-    ...train model.parameters()...                   # exactly the active task's tensors
+    ...train model.parameters()...                   # every task's tensors; only the active task's require grad
     model.set_task('base')                           # the pretrained model, bit-identical
 
 The model keeps its class's behaviour (forward, ``forward_features``, ``forward_intermediates``, grad checkpointing,
@@ -25,8 +25,8 @@ from .serving import ServingMixin
 __all__ = ['modulate', 'modcl_class', 'is_modcl_model']
 
 _MODEL_CLASSES: Dict[type, type] = {}
-# timm methods that change a model's structure: wrapped (when the class has them) to keep the task state in step
-_STRUCTURAL = ('reset_classifier', 'set_input_size', 'prune_intermediate_layers', 'no_weight_decay')
+# timm methods wrapped (when the class has them) to keep the task state in step with the structure or the names
+_STRUCTURAL = ('reset_classifier', 'set_input_size', 'prune_intermediate_layers', 'no_weight_decay', 'group_matcher')
 
 
 def _new_model(base: type) -> nn.Module:

@@ -10,7 +10,7 @@ import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,7 @@ from .config import TaskConfig
 from .errors import InvalidTaskNameError, TaskError
 from .methods import method_of
 
-__all__ = ['BASE_TASK', 'TaskInfo', 'TaskState', 'validate_task_name', 'validate_metadata']
+__all__ = ['BASE_TASK', 'TaskDict', 'TaskInfo', 'TaskState', 'TaskTable', 'table_key', 'validate_task_name', 'validate_metadata']
 
 #: Name of the task that comes with the backbone checkpoint (its head, its norm statistics, zero modulators).
 BASE_TASK = 'base'
@@ -137,10 +137,120 @@ class TaskInfo:
         return self.num_modulator_params + self.num_head_params + self.num_norm_values
 
 
-class TaskState:
+def table_key(name: str) -> str:
+    """The key of a layer's (or a flat name's) entry in a task's tables: dots become ``/`` (module attributes cannot
+    hold dots), so ``modcl_tasks.<task>.<table>.<key>`` in a state dict reads as the flat name with slashes."""
+    return name.replace('.', '/')
+
+
+def table_name(key: str) -> str:
+    """The layer (or flat) name of a table key (``table_key`` reversed)."""
+    return key.replace('/', '.')
+
+
+class TaskTable(nn.Module):
+    """One kind of a task's tensors (parameters or buffers) keyed by layer name, a mutable mapping.
+
+    The tensors live in the module's own ``_parameters`` / ``_buffers`` under ``table_key(name)``, so ``.to()``,
+    ``state_dict``, ``deepcopy``, pickling and DDP see them through PyTorch's own machinery.
+    """
+
+    def __init__(self, items: Optional[Mapping[str, torch.Tensor]] = None, *, parameters: bool) -> None:
+        super().__init__()
+        self.holds_parameters = parameters
+        for k, v in (items or {}).items():
+            self[k] = v
+
+    @property
+    def store(self) -> Dict[str, Optional[torch.Tensor]]:
+        """The dict the tensors live in, by table key (what the layers read on every forward)."""
+        return self._parameters if self.holds_parameters else self._buffers
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self.store.get(table_key(name))
+        if t is None:
+            raise KeyError(name)
+        return t
+
+    def get(self, name: str, default=None):
+        t = self.store.get(table_key(name))
+        return default if t is None else t
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        key = table_key(name)
+        if self.holds_parameters:
+            self._parameters[key] = value if isinstance(value, nn.Parameter) else nn.Parameter(value)
+        else:
+            self._buffers[key] = value
+
+    def __delitem__(self, name: str) -> None:
+        del self.store[table_key(name)]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and table_key(name) in self.store
+
+    def __iter__(self):
+        return (table_name(k) for k in list(self.store))
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def keys(self):
+        return list(iter(self))
+
+    def values(self):
+        return list(self.store.values())
+
+    def items(self):
+        return [(table_name(k), v) for k, v in self.store.items()]
+
+    def pop(self, name: str, *default):
+        t = self.store.pop(table_key(name), *default) if default else self.store.pop(table_key(name))
+        return t
+
+    def update(self, other: Mapping[str, torch.Tensor] = (), **kw) -> None:
+        for k, v in dict(other, **kw).items():
+            self[k] = v
+
+    def clear(self) -> None:
+        self.store.clear()
+
+    def extra_repr(self) -> str:
+        return f'{len(self)} {"parameters" if self.holds_parameters else "buffers"}'
+
+
+def _grouped(table: TaskTable) -> 'OrderedDict[str, Dict[str, torch.Tensor]]':
+    out: 'OrderedDict[str, Dict[str, torch.Tensor]]' = OrderedDict()
+    for key, t in table.store.items():
+        layer, _, k = key.rpartition('/')
+        out.setdefault(table_name(layer), {})[k] = t
+    return out
+
+
+class TaskDict(nn.ModuleDict):
+    """A model's tasks (``model.modcl_tasks``): an ``nn.ModuleDict`` of ``TaskState`` by name, in the order added.
+
+    Calling it passes the input through unchanged, so wrappers that call every child of a model in order (timm's
+    ``FeatureDictNet`` for ``features_only=True``) see no extra layer.
+    """
+
+    _is_impure = True   # torch.fx: never removed from a traced graph as dead code
+
+    def forward(self, x=None, *args, **kwargs):
+        return x
+
+
+class TaskState(nn.Module):
     """Everything one task owns: modulators, norm statistics and affine, head, statistics and metadata.
 
-    ``tensors()`` gives the flat naming used in adapter files and state dicts (see the module docstring).
+    A module: a model holds its tasks in ``model.modcl_tasks`` (an ``nn.ModuleDict`` keyed by task name), so every
+    task's tensors are in the model's module tree. Tables (``TaskTable``): ``modulator`` (one parameter per modulated
+    layer), ``norm`` (per-task norm affine, ``<layer>.weight|bias``), ``bn`` (BatchNorm running statistics,
+    ``<layer>.running_mean|...``; the base task's are the layers' own buffers), ``stats`` (prototype statistics,
+    buffers). The head is a submodule while the task is not bound; the bound task's head sits at the model's head
+    (timm's classifier path) instead, so no tensor appears twice in the module tree.
+
+    ``tensors()`` gives the flat naming used in adapter files (see the module docstring).
     """
 
     def __init__(
@@ -155,17 +265,86 @@ class TaskState:
             stats: Optional[Dict[str, torch.Tensor]] = None,
             class_names: Optional[Sequence[str]] = None,
             metadata: Optional[Mapping[str, str]] = None,
+            layer_stats: Optional[Mapping[str, nn.Module]] = None,
     ) -> None:
+        super().__init__()
         self.name = name
         self.num_classes = num_classes
-        self.head = head
         self.config = config
-        self.modulators: Dict[str, nn.Parameter] = OrderedDict(modulators or {})
-        self.norm_stats: Dict[str, Dict[str, torch.Tensor]] = OrderedDict(norm_stats or {})
-        self.norm_affine: Dict[str, Dict[str, nn.Parameter]] = OrderedDict(norm_affine or {})
-        self.stats: Dict[str, torch.Tensor] = OrderedDict(stats or {})
+        self.modulator = TaskTable(modulators, parameters=True)
+        self.norm = TaskTable(OrderedDict((f'{layer}.{k}', p) for layer, a in (norm_affine or {}).items()
+                                          for k, p in a.items()), parameters=True)
+        self.bn = TaskTable(OrderedDict((f'{layer}.{k}', t) for layer, s in (norm_stats or {}).items()
+                                        for k, t in s.items()), parameters=False)
+        self._modules['stats'] = TaskTable(stats, parameters=False)   # direct: `stats` is a property
+        # what the layers read on every forward (the tables' own dicts: live across .to(), copies and pickling)
+        self.__dict__['modulator_store'] = self.modulator._parameters
+        self.__dict__['norm_store'] = self.norm._parameters
+        self.__dict__['bn_store'] = self.bn._buffers
+        # the base task's BatchNorm statistics are the layers' own buffers (the checkpoint's): a plain reference
+        self.__dict__['layer_stats'] = OrderedDict(layer_stats or {})
+        self.__dict__['head_module'] = head
+        self._modules['head'] = head
         self.class_names = None if class_names is None else tuple(str(c) for c in class_names)
         self.metadata: Dict[str, str] = dict(metadata or {})
+
+    # ---------------------------------------------------------------- views
+    @property
+    def head(self) -> nn.Module:
+        return self.__dict__['head_module']
+
+    @property
+    def stats(self) -> TaskTable:
+        """The task's statistics by name (a mutable mapping of buffers)."""
+        return self._modules['stats']
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == 'head':
+            bound = 'head' not in self._modules
+            self.__dict__['head_module'] = value
+            if not bound:
+                self._modules['head'] = value
+        elif name == 'stats':   # a new table, as assigning a dict would (an earlier reference keeps the old one)
+            self._modules['stats'] = TaskTable(value, parameters=False)
+        else:
+            super().__setattr__(name, value)
+
+    def bind_head(self, bound: bool) -> None:
+        """Take the head out of this module while the model holds it at its head path (``bound``), or put it back."""
+        if bound:
+            self._modules.pop('head', None)
+        else:
+            self._modules['head'] = self.__dict__['head_module']
+
+    @property
+    def modulators(self) -> TaskTable:
+        """Modulators by layer name."""
+        return self.modulator
+
+    @property
+    def norm_stats(self) -> 'OrderedDict[str, Dict[str, torch.Tensor]]':
+        """BatchNorm running statistics by layer name (the live tensors)."""
+        layers = self.__dict__['layer_stats']
+        if layers:
+            return OrderedDict((n, {k: m._buffers[k] for k in BN_STATS}) for n, m in layers.items())
+        return _grouped(self.bn)
+
+    @property
+    def norm_affine(self) -> 'OrderedDict[str, Dict[str, nn.Parameter]]':
+        """Per-task norm affine by layer name (the live parameters)."""
+        return _grouped(self.norm)
+
+    def forget_layers(self, weights: Sequence[str], norms: Sequence[str]) -> None:
+        """Drop the entries of layers that are no longer in the model (after a structural change)."""
+        weights, norms = set(weights), set(norms)
+        for layer in [n for n in self.modulator if n not in weights]:
+            del self.modulator[layer]
+        for table in (self.norm, self.bn):
+            for key in [k for k in table.store if table_name(k.rpartition('/')[0]) not in norms]:
+                del table.store[key]
+        layers = self.__dict__['layer_stats']
+        for layer in [n for n in layers if n not in norms]:
+            del layers[layer]
 
     @property
     def sign(self) -> float:
@@ -182,7 +361,7 @@ class TaskState:
     def tensors(self, stats: bool = True) -> 'OrderedDict[str, torch.Tensor]':
         """All tensors of the task under their flat names (the live tensors, not copies)."""
         out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
-        for layer, p in self.modulators.items():
+        for layer, p in self.modulator.items():
             out[f'modulator.{layer}'] = p
         for layer, s in self.norm_stats.items():
             for k, v in s.items():
@@ -197,23 +376,34 @@ class TaskState:
                 out[f'stats.{k}'] = v
         return out
 
-    def parameters(self) -> List[nn.Parameter]:
+    def trainable(self) -> List[nn.Parameter]:
         """What an optimizer trains for this task: its modulators, its own norm affine and its head."""
-        return (list(self.modulators.values()) + [p for a in self.norm_affine.values() for p in a.values()]
-                + list(self.head.parameters()))
+        return list(self.modulator.values()) + list(self.norm.values()) + list(self.head.parameters())
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """The task's trainable tensors (``trainable()``), its head included wherever the model holds it."""
+        return iter(self.trainable())
+
+    def set_trainable(self, flag: bool) -> None:
+        """Let autograd (and so any optimizer) reach this task's tensors, or not: only the bound task's require
+        grad. Switching off also drops their gradients, so no optimizer step can change them."""
+        for p in self.trainable():
+            p.requires_grad_(flag)
+            if not flag:
+                p.grad = None
 
     def meta(self) -> Dict[str, Any]:
         """JSON-serialisable description of the task (everything but the tensors)."""
         return task_meta(self.name, self.num_classes, self.class_names, self.config, self.metadata)
 
     def info(self) -> TaskInfo:
-        affine = sum(p.numel() for a in self.norm_affine.values() for p in a.values())
+        affine = sum(p.numel() for p in self.norm.values())
         return TaskInfo(
             name=self.name,
             num_classes=self.num_classes,
             class_names=self.class_names,
             config=self.config,
-            num_modulator_params=sum(p.numel() for p in self.modulators.values()),
+            num_modulator_params=sum(p.numel() for p in self.modulator.values()),
             num_head_params=sum(p.numel() for p in self.head.parameters()),
             num_norm_values=affine + sum(v.numel() for s in self.norm_stats.values() for k, v in s.items()
                                          if k != 'num_batches_tracked'),
@@ -222,16 +412,5 @@ class TaskState:
             metadata=dict(self.metadata),
         )
 
-    def apply_(self, fn) -> None:
-        """Apply a tensor conversion (as ``nn.Module._apply`` does) to all tensors of the task, in place."""
-        for p in self.modulators.values():
-            p.data = fn(p.data)
-        for a in self.norm_affine.values():
-            for p in a.values():
-                p.data = fn(p.data)
-        for s in self.norm_stats.values():
-            for k in s:
-                s[k] = fn(s[k])
-        for k in self.stats:
-            self.stats[k] = fn(self.stats[k])
-        self.head._apply(fn)
+    def extra_repr(self) -> str:
+        return f'name={self.name!r}, num_classes={self.num_classes}, method={self.config.method!r}'
