@@ -669,6 +669,7 @@ class ModCLMixin:
         replacing_active = task.name == st.active
         st.cache.drop(task.name)
         task.set_trainable(False)
+        task.train(self.training)   # its head follows the model's mode (serving checks every module's flag)
         st.task_dict[task.name] = task
         if activate or replacing_active:
             self._bind(task.name)
@@ -1218,6 +1219,7 @@ class ModCLMixin:
         st.tasks.clear()
         for name, task in tasks.items():
             task.set_trainable(False)
+            task.train(self.training)
             st.task_dict[name] = task
         st.cache.clear()
         st.cache.bound = None
