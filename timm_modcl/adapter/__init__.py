@@ -50,6 +50,7 @@ __all__ = [
     'index_bytes', 'index_layer_table', 'adapter_config_bytes', 'model_architecture',
 ]
 
+
 class AdapterMixin:
     """Adapter file methods of modcl models (see the module functions for the details)."""
 

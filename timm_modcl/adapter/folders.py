@@ -23,6 +23,7 @@ from .files import (
 )
 from .loading import _add_payloads, _task_json, read_adapter, read_payload
 
+
 # ---------------------------------------------------------------------------------------------------- folders
 def _task_file(directory: Path, name: str) -> Path:
     validate_task_name(name)

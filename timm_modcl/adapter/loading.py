@@ -21,6 +21,7 @@ from .files import (
     read_file,
 )
 
+
 def read_adapter(source: Union[_PathLike, bytes], name: str = 'adapter', inside: Optional[_PathLike] = None,
                  ) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
     """Read an adapter file (path or bytes) into ``(metadata, tensors)``, checking the format but not the model fit.

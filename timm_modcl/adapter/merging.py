@@ -22,6 +22,7 @@ from .folders import (
     index_layer_table, read_index,
 )
 
+
 def merge_adapter_folders(sources: Iterable[_PathLike], destination: _PathLike, replace: bool = False) -> List[str]:
     """Merge adapter folders written from the same backbone (e.g. by workers that each learned some tasks) into one.
 

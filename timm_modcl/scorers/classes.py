@@ -13,6 +13,7 @@ from ..task import BASE_TASK
 from .features import BASE_SCORERS, RIDGE_GRID, _batches, _check_ridge, base_features
 from .decoding import _Decoded, _task_scores, check_candidates, decoded
 
+
 # ---------------------------------------------------------------------------------------------------- class-incremental
 @dataclass
 class ClassPrediction:

@@ -17,6 +17,7 @@ from .features import (
 )
 from .statistics import _unpack, has_ranpac, input_size_of, layers_of
 
+
 # ---------------------------------------------------------------------------------------------------- decoding
 class _Decoded:
     """Decoded ridge (or class-mean) weights of a candidate set, on one device and dtype."""

@@ -16,6 +16,7 @@ from ..data import check_labels, unpack_batch
 from ..errors import DataError, ModCLError, TaskError, UnsupportedModelError
 from ..task import BASE_TASK
 
+
 #: Scorers of this module (both read the ``ranpac_*`` statistics).
 BASE_SCORERS = ('ranpac', 'ncm')
 #: Names of the statistics in ``TaskState.stats`` (``stats.<name>`` tensors in adapter files).

@@ -15,6 +15,7 @@ from .features import (
     _check_ridge, check_all_reduce, check_input_size, check_layers, for_each_base_feature, random_features,
 )
 
+
 # ---------------------------------------------------------------------------------------------------- statistics
 class ClassMoments:
     """Float64 sums of features per class: counts, class sums and the sum of outer products (Gram matrix), added
