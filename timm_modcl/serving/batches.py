@@ -67,7 +67,7 @@ class MixedBatchMixin:
         known = self._modcl.tasks
         unknown = [(i, t) for i, t in enumerate(names) if not isinstance(t, str) or t not in known]
         if unknown:
-            from .errors import TaskNotFoundError
+            from ..errors import TaskNotFoundError
             shown = ', '.join(f'{t!r} (sample {i})' for i, t in unknown[:5])
             raise TaskNotFoundError(f'unknown task(s) {shown}{" ..." if len(unknown) > 5 else ""}; the model has '
                                     f'tasks: {", ".join(map(repr, known))}')
