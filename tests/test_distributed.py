@@ -328,7 +328,6 @@ import torch
 import ddp_worker as W
 from timm_modcl import train_task
 from timm_modcl import distributed as D
-from timm_modcl.distributed import ddp
 model = W.make_model(W.BN_ARCH)
 other = {k: v.clone() for k, v in model._task('other').tensors().items()}
 classes = [type(m) for m in model.modules()]
