@@ -16,6 +16,7 @@ from timm_modcl import DistributedError, load_tasks
 
 from _subproc import run_bounded
 from timm_modcl import distributed as D
+from timm_modcl.distributed import ddp
 from timm_modcl.checkpoint import checkpoint_info
 from timm_modcl.layers import TaskNorm
 from timm_modcl.serving import compute_task_statistics
@@ -306,7 +307,7 @@ def test_sync_batchnorm_swaps_classes_in_place_and_back():
         pass
 
     with pytest.raises(DistributedError, match='OddNorm'):
-        D._sync_base(OddNorm)
+        ddp._sync_base(OddNorm)
 
 
 def test_padding_mask_marks_the_samples_a_distributed_sampler_repeats():

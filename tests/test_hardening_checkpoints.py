@@ -20,7 +20,8 @@ from torch.utils.data import Dataset, IterableDataset, TensorDataset
 import timm
 import timm_modcl  # noqa: F401  (registers the models)
 from timm_modcl import AdapterError, CheckpointError, DataError, ModCLError, NonFiniteLossError, TaskError
-from timm_modcl.checkpoint import _load, _save, checkpoint_info
+from timm_modcl.checkpoint import checkpoint_info
+from timm_modcl.checkpoint.encoding import _load, _save
 from timm_modcl.train import train_task
 
 SIZE = 24

@@ -379,16 +379,17 @@ def test_unusable_statistics_are_skipped_at_predict_time(served):
 
 def test_compute_task_statistics_never_stores_statistics_that_would_not_load(served, monkeypatch):
     """A degenerate fit (here forced: scales beyond the bounds) is a DataError, and the task keeps its statistics."""
-    from timm_modcl import DataError, serving
+    from timm_modcl import DataError
+    from timm_modcl.serving import prototypes
     model, _ = served
-    finish = serving._Moments.finish
+    finish = prototypes._Moments.finish
 
     def degenerate(self, *args):
         out = finish(self, *args)
         out['proto_log_noise'] = out['proto_log_noise'] - 200.0
         return out
 
-    monkeypatch.setattr(serving._Moments, 'finish', degenerate)
+    monkeypatch.setattr(prototypes._Moments, 'finish', degenerate)
     saved = {k: v.clone() for k, v in model._task('t1').stats.items()}
     rng = _rng()
     with pytest.raises(DataError, match='unusable prototype statistics'):

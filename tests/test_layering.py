@@ -18,14 +18,24 @@ PACKAGE = Path(__file__).resolve().parents[1] / 'timm_modcl'
 #: Known reaches still to remove (issue 16): each entry is a module path relative to the package, or
 #: ``(path, function)`` for one function of it; the stale-entry test below fails once an entry is clean.
 ALLOWED: Set = {
-    ('scorers.py', 'decoded'),          # core's _task (per-call hot path: TaskInfo costs about 44 us a task)
-    ('scorers.py', 'predict_classes'),  # serving's _check_batch / _candidates, core's _modcl (class names)
-    ('serving.py', 'prototype_dim'),    # core's _modcl (per prediction: model.tasks builds every TaskInfo)
+    ('scorers/decoding.py', 'decoded'),          # core's _task (per-call hot path: TaskInfo costs about 44 us a task)
+    ('scorers/classes.py', 'predict_classes'),   # serving's _check_batch / _candidates, core's _modcl (class names)
+    ('serving/prototypes.py', 'prototype_dim'),  # core's _modcl (per prediction: model.tasks builds every TaskInfo)
 }
 #: Modules that must be clean now (the brief of the payload branch), whatever the allowlist says.
-MUST_BE_CLEAN = ('core.py', 'adapter.py', 'checkpoint.py', 'hub.py', 'task.py', 'payload.py')
+MUST_BE_CLEAN = ('core.py', 'adapter/', 'checkpoint/', 'hub/', 'task.py', 'payload.py')   # a folder: every module in it
 MUST_BE_CLEAN_FUNCTIONS = (('cli/share.py', 'cmd_push'), ('cli/share.py', 'cmd_pull'), ('cli/share.py', 'cmd_merge'),
                            ('cli/tasks.py', 'cmd_info'))
+
+#: Issue 16: modules of about 400 lines at most, each with one job. No module may be longer than ``MAX_LINES``, except
+#: the ones still to split, each at most its size when this list was written; the stale-entry test below fails once
+#: one is short enough, so the list can only shrink.
+MAX_LINES = 450
+TOO_LONG = {
+    'core.py': 1292,     # the task lifecycle (being reworked: tasks held in the module tree)
+    'layers.py': 677,    # the layer kinds (same)
+    'payload.py': 451,   # TaskPayload and LayerTable (left for after the core rework, which changes TaskPayload too)
+}
 
 _TORCH_NAMES = {n for n in set(dir(nn.Module)) | set(dir(nn.Module())) if n.startswith('_')}
 
@@ -117,8 +127,10 @@ def test_no_module_reaches_into_another_modules_private_members():
 
 
 def test_the_payload_modules_and_cli_commands_are_clean_without_the_allowlist():
+    assert all((PACKAGE / m).exists() for m in MUST_BE_CLEAN), 'a module of MUST_BE_CLEAN moved: re-point it'
     bad = [v for v in _violations()
-           if v[0] in MUST_BE_CLEAN or (v[0], v[1]) in MUST_BE_CLEAN_FUNCTIONS]
+           if v[0] in MUST_BE_CLEAN or v[0].startswith(tuple(m for m in MUST_BE_CLEAN if m.endswith('/')))
+           or (v[0], v[1]) in MUST_BE_CLEAN_FUNCTIONS]
     assert not bad, bad
     assert all(not (isinstance(a, str) and a in MUST_BE_CLEAN) for a in ALLOWED)
 
@@ -130,3 +142,20 @@ def test_the_allowlist_has_no_stale_entries():
             assert any(p == a or p.startswith(a) for p, _ in found), f'{a} is clean now: remove it from ALLOWED'
         else:
             assert a in found, f'{a} is clean now: remove it from ALLOWED'
+
+
+def _line_counts() -> Dict[str, int]:
+    return {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in sorted(PACKAGE.rglob('*.py'))}
+
+
+def test_no_module_is_longer_than_the_limit():
+    long = {p: n for p, n in _line_counts().items() if n > TOO_LONG.get(p, MAX_LINES)}
+    listed = '\n'.join(f'  timm_modcl/{p}: {n} lines (limit {TOO_LONG.get(p, MAX_LINES)})' for p, n in long.items())
+    assert not long, f'{len(long)} module(s) too long; split them by job:\n{listed}'
+
+
+def test_the_line_allowlist_has_no_stale_entries():
+    counts = _line_counts()
+    for p in TOO_LONG:
+        assert p in counts, f'timm_modcl/{p} is gone: remove it from TOO_LONG'
+        assert counts[p] > MAX_LINES, f'timm_modcl/{p} has {counts[p]} lines: remove it from TOO_LONG'

@@ -158,7 +158,7 @@ def test_bad_checkpoints_are_refused_before_anything_changes(tmp_path):
 def test_checkpoints_with_malformed_optimizer_scheduler_or_random_state_change_nothing(tmp_path):
     """Parts that only fail when loaded (optimizer scalars, scheduler, random states) are refused before any task
     tensor, the optimizer or the active task changes."""
-    from timm_modcl.checkpoint import _load, _save
+    from timm_modcl.checkpoint.encoding import _load, _save
     data = _data()
     ck = tmp_path / 'ck.safetensors'
     train_task(_model(), 't', data, checkpoint=ck, **dict(ARGS, epochs=1))

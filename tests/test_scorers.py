@@ -11,6 +11,7 @@ import timm
 import timm_modcl  # noqa: F401  (registers the models)
 from timm_modcl import DataError, InputError, StatisticsError, TaskError, TaskNotFoundError
 from timm_modcl import scorers
+from timm_modcl.scorers import decoding
 from timm_modcl.scorers import (
     RANPAC_STATS, ClassPrediction, merge_ranpac_statistics, random_features, ranpac_statistics, score_ranpac,
     select_ridge,
@@ -154,9 +155,9 @@ def test_statistics_survive_adapter_files_and_fp16(served, tmp_path):
 def test_decoded_weights_are_cached_and_refreshed_when_statistics_change(served, monkeypatch):
     model, data = served
     calls = []
-    real = scorers._decode
-    monkeypatch.setattr(scorers, '_decode', lambda *a, **k: calls.append(a[0]) or real(*a, **k))
-    scorers._decoded.pop(model, None)
+    real = decoding._decode
+    monkeypatch.setattr(decoding, '_decode', lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    decoding._decoded.pop(model, None)
     x = data['a'][0][:4]
     first = model.predict_classes(x)
     model.predict_classes(x)

@@ -677,16 +677,17 @@ def test_copies_and_pickles_start_with_an_empty_cache(small):
 def test_prepared_prototypes_are_kept_until_the_statistics_change(served):
     """The factorised Gaussian of a task is built once and reused, and rebuilt when its statistics change."""
     import timm_modcl.serving as serving
+    from timm_modcl.serving import prototypes
     model = served[0]
     names = [n for n in model.tasks if n != 'base' and serving.has_prototypes(model, n)]
     built = []
-    original = serving._TaskGaussian.__init__
+    original = prototypes._TaskGaussian.__init__
 
     def counting(self, name, *args, **kwargs):
         built.append(name)
         original(self, name, *args, **kwargs)
     first = model._gaussians(names)                          # built now or by an earlier test
-    serving._TaskGaussian.__init__ = counting
+    prototypes._TaskGaussian.__init__ = counting
     try:
         again = model._gaussians(names)
         assert built == [] and all(a is b for a, b in zip(first, again))
@@ -696,4 +697,4 @@ def test_prepared_prototypes_are_kept_until_the_statistics_change(served):
         model._gaussians(names)
         assert built == [names[0]]
     finally:
-        serving._TaskGaussian.__init__ = original
+        prototypes._TaskGaussian.__init__ = original

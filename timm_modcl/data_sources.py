@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import ChainDataset, ConcatDataset, Dataset, IterableDataset
 
-from .data import ImageFiles, _split, check_labels, data_config, image_folder_datasets
+from .data import ImageFiles, check_labels, data_config, image_folder_datasets
+from .data.folders import _split
 from .errors import DataError
 
 __all__ = ['DATA_PREFIXES', 'DataSource', 'TaskData', 'parse_data', 'read_class_map', 'task_datasets',

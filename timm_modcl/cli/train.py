@@ -130,7 +130,8 @@ def _finished_run(out: Path, args: argparse.Namespace, write: bool = True) -> Op
     import torch
 
     from ..adapter import ADAPTER_FILE, read_adapter
-    from ..checkpoint import _check_history, parse_checkpoint, read_checkpoint_bytes
+    from ..checkpoint import parse_checkpoint, read_checkpoint_bytes
+    from ..checkpoint.values import _check_history
     from ..train import TrainHistory
     data = read_checkpoint_bytes(args.checkpoint)
     if data is None:

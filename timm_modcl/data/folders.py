@@ -1,9 +1,7 @@
-"""Datasets for training and evaluating tasks: image folders (built with timm's data pipeline) and the bundled
-scikit-learn digits, split into a sequence of tasks for the demo.
-
-    train_ds, val_ds, class_names = image_folder_datasets('flowers/', model, input_size=160)
-    tasks = digits_tasks(num_tasks=5, size=32)   # [(name, class_names, train, test), ...]
+"""Image folders as datasets: finding and reading image files, ``scan_image_folder``, timm's evaluation transform
+for a model (``data_config``, ``eval_transform``), ``ImageFiles`` and ``image_folder_datasets`` (train / validation).
 """
+
 import math
 import os
 import random
@@ -11,47 +9,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-import torch
 import torch.nn as nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
-from .errors import DataError
-
-__all__ = [
-    'DigitsTask', 'FolderDatasets', 'ImageFiles', 'image_folder_datasets', 'data_config', 'eval_transform',
-    'scan_image_folder', 'digits_tasks', 'image_files', 'read_rgb_image',
-]
+from ..errors import DataError
 
 _VAL_SYNONYMS = ('val', 'validation', 'valid')
-
-
-# ---------------------------------------------------------------------------------------------------- batches
-def unpack_batch(batch, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(images, labels)`` of a batch that a Dataset or DataLoader yields, or a DataError naming ``what``."""
-    if isinstance(batch, dict):
-        raise DataError(f'{what} yields dicts; expected (image, label) pairs')
-    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-        raise DataError(f'{what} must yield (image, label) pairs, got {type(batch).__name__}')
-    return batch[0], torch.as_tensor(batch[1])
-
-
-def check_labels(y: torch.Tensor, num_classes: int, task: Optional[str] = None, images: Optional[int] = None) -> None:
-    """Labels must be one integer class index per image, from 0 to ``num_classes - 1`` (not floats, not one-hot).
-
-    Raises:
-        DataError: naming the first problem.
-    """
-    whose = f' for task {task!r}' if task is not None else ''
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise DataError(f'labels{whose} must be integer class indices, got dtype {str(y.dtype).replace("torch.", "")}')
-    if y.ndim != 1:
-        raise DataError(f'labels{whose} must be one class index per image (a 1-D tensor), got shape {tuple(y.shape)}')
-    if images is not None and y.shape[0] != images:
-        raise DataError(f'a batch has {images} images but {y.shape[0]} labels')
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
-        raise DataError(f'label {bad} is out of range{whose}, which has {num_classes} classes '
-                        f'(labels 0..{num_classes - 1})')
 
 
 class FolderDatasets(NamedTuple):
@@ -63,14 +26,6 @@ class FolderDatasets(NamedTuple):
     train: Dataset
     val: Optional[Dataset]
     class_names: List[str]
-
-
-class DigitsTask(NamedTuple):
-    """One task of ``digits_tasks``; unpacks as ``name, class_names, train, test``."""
-    name: str
-    class_names: List[str]
-    train: TensorDataset
-    test: TensorDataset
 
 
 def _natural_key(s: str):
@@ -379,82 +334,3 @@ def image_folder_datasets(
     if val_samples:
         val_ds = ImageFiles(val_samples, classes, eval_tf, [p for p, _ in val_skipped])
     return FolderDatasets(train_ds, val_ds, classes)
-
-
-# ---------------------------------------------------------------------------------------------- digits
-def digits_tasks(
-        num_tasks: int = 5,
-        size: int = 32,
-        seed: int = 0,
-        *,
-        test_fraction: float = 0.2,
-        max_train_per_class: Optional[int] = None,
-) -> List[DigitsTask]:
-    """scikit-learn's bundled handwritten digits (1797 images of 8x8 pixels, 10 classes) as a sequence of tasks.
-
-    The classes 0-9 are split into ``num_tasks`` consecutive groups (5 tasks: 0/1, 2/3, 4/5, 6/7, 8/9), each a
-    task with its own labels ``0..k-1``. Images are upsampled (bilinear) to ``size`` pixels, repeated to 3 channels
-    and normalised with the ImageNet mean and std. The train/test split is stratified and fixed by ``seed``.
-
-    Args:
-        num_tasks: Number of tasks, 1-10.
-        size: Image size in pixels.
-        seed: Seed of the train/test split (and of the ``max_train_per_class`` subset).
-        test_fraction: Share of each class in the test set.
-        max_train_per_class: Keep at most this many training images per class (for quick runs).
-
-    Returns:
-        One ``DigitsTask(name, class_names, train, test)`` per task, named ``digits-0-1`` etc.
-
-    Raises:
-        DataError: on bad arguments; ImportError (with advice) if scikit-learn is not installed.
-    """
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError('digits_tasks needs scikit-learn: pip install "timm_modcl[demo]"') from e
-    import numpy as np
-    import torch.nn.functional as F
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or not 1 <= num_tasks <= 10:
-        raise DataError(f'num_tasks must be an integer from 1 to 10, got {num_tasks!r}')
-    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-        raise DataError(f'size must be an integer >= 8, got {size!r}')
-    if not 0.0 < test_fraction < 1.0:
-        raise DataError(f'test_fraction must be in (0, 1), got {test_fraction!r}')
-
-    digits = load_digits()
-    x_all = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)  # N,1,8,8 in [0, 1]
-    y_all = digits.target.astype(np.int64)
-    idx_train, idx_test = train_test_split(
-        np.arange(len(y_all)), test_size=test_fraction, random_state=seed, stratify=y_all)
-    x = F.interpolate(x_all, size=(size, size), mode='bilinear', align_corners=False).clamp_(0.0, 1.0)
-    x = x.expand(-1, 3, -1, -1)
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
-    x = ((x - mean) / std).contiguous()
-    y = torch.from_numpy(y_all)
-    rng = np.random.default_rng(seed)
-
-    tasks = []
-    for group in np.array_split(np.arange(10), num_tasks):
-        classes = [int(c) for c in group]
-        remap = {c: i for i, c in enumerate(classes)}
-
-        def subset(indices, cap=None):
-            chosen = []
-            for c in classes:
-                ci = indices[y_all[indices] == c]
-                if cap is not None and len(ci) > cap:
-                    ci = np.sort(rng.choice(ci, cap, replace=False))
-                chosen.append(ci)
-            sel = torch.from_numpy(np.sort(np.concatenate(chosen)))
-            labels = torch.tensor([remap[int(t)] for t in y[sel]], dtype=torch.long)
-            return TensorDataset(x[sel].clone(), labels)
-
-        name = 'digits-' + '-'.join(str(c) for c in classes)
-        tasks.append(DigitsTask(name, [str(c) for c in classes], subset(idx_train, max_train_per_class),
-                                subset(idx_test)))
-    return tasks
