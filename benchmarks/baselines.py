@@ -976,12 +976,13 @@ class ModCL(Method):
         if self.head_init == "probe":
             self._probe_head(t, head, train_eval)
         ids = {id(p) for p in head}
+        own = self.model.task_parameters(self._name(t))   # the new task's tensors (every task's are in the model)
         if self.norm_lr_mult is None and self.modulator_wd is None:
-            return self._groups([p for p in self.model.parameters() if id(p) not in ids], head, self.recipe)
-        norm = [p for n, p in self.model.named_parameters()
-                if id(p) not in ids and n.rsplit(".", 1)[-1] in ("task_weight", "task_bias")]
+            return self._groups([p for p in own if id(p) not in ids], head, self.recipe)
+        norm_ids = {id(v) for k, v in self.model.task_tensors(self._name(t)).items() if k.startswith("norm.")}
+        norm = [p for p in own if id(p) not in ids and id(p) in norm_ids]
         ids |= {id(p) for p in norm}
-        groups = self._groups([p for p in self.model.parameters() if id(p) not in ids], head, self.recipe)
+        groups = self._groups([p for p in own if id(p) not in ids], head, self.recipe)
         if self.modulator_wd is not None:
             groups[0]["weight_decay"] = float(self.modulator_wd)
         if norm:

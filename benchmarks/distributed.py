@@ -114,7 +114,7 @@ def _worker(rank: int, world: int, port: int, args, out_file: str) -> None:
     if rank == 0:
         Path(out_file).write_text(json.dumps({
             'step_s': times, 'allreduce_inflight_s': inflight_per_step,
-            'allreduce_values': sum(p.numel() for p in model.parameters()),
+            'allreduce_values': sum(p.numel() for p in model.parameters() if p.requires_grad),
             'buckets_per_step': len(inflight) / max(1, args.steps * (args.blocks + 1)),
         }))
     dist.destroy_process_group()

@@ -165,7 +165,7 @@ def bench_train(size: int, batch: int, repeats: int) -> Dict[str, float]:
         'modcl_over_full': t['modcl'] / t['full'], 'lora_over_full': t['lora'] / t['full'],
         'trainable': {
             'full': sum(p.numel() for p in full.parameters()),
-            'modcl': sum(p.numel() for p in modcl.parameters()),
+            'modcl': sum(p.numel() for p in modcl.task_parameters()),
             'lora': sum(p.numel() for p in lora.parameters() if p.requires_grad),
         },
     }

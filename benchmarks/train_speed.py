@@ -7,7 +7,7 @@ Three training steps on the same random batch, timed in interleaved blocks (so t
 alike), medians over the blocks:
 
 * ``modcl``: a task of ``modcl_mobilenetv2_100`` at the default configuration (``model.add_task``), Adam over
-  ``model.parameters()`` (exactly the task's modulators and head): forward, loss, backward, optimizer step;
+  ``model.parameters()`` (of which only the task's modulators and head require grad): forward, loss, backward, optimizer step;
 * ``full_ft``: full fine-tuning of plain timm ``mobilenetv2_100`` (Adam over all parameters), the same step;
 * ``plain_fwd_bwd``: the plain model's forward and backward only (no optimizer step): the floor of any method that
   back-propagates through the whole network.

@@ -236,8 +236,12 @@ class TaskDict(nn.ModuleDict):
 
     _is_impure = True   # torch.fx: never removed from a traced graph as dead code
 
-    def forward(self, x=None, *args, **kwargs):
+    def forward(self, x):
         return x
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """TorchScript gets an identity: scripted layers have their task folded in and read no task."""
+        return nn.Identity()
 
 
 class TaskState(nn.Module):
