@@ -11,6 +11,7 @@ import torch.nn as nn
 from ..errors import UnsupportedModelError
 from ..layers import WeightCache
 from ..task import BASE_TASK, TaskState
+
 #: The model's child module holding the tasks (an ``nn.ModuleDict`` of ``TaskState``).
 TASKS_MODULE = 'modcl_tasks'
 
