@@ -23,7 +23,7 @@ ALLOWED: Set = {
     ('serving/prototypes.py', 'prototype_dim'),  # core's _modcl (per prediction: model.tasks builds every TaskInfo)
 }
 #: Modules that must be clean now (the brief of the payload branch), whatever the allowlist says.
-MUST_BE_CLEAN = ('core.py', 'adapter/', 'checkpoint/', 'hub/', 'task.py', 'payload.py')   # a folder: every module in it
+MUST_BE_CLEAN = ('core/', 'adapter/', 'checkpoint/', 'hub/', 'task.py', 'payload.py')   # a folder: every module in it
 MUST_BE_CLEAN_FUNCTIONS = (('cli/share.py', 'cmd_push'), ('cli/share.py', 'cmd_pull'), ('cli/share.py', 'cmd_merge'),
                            ('cli/tasks.py', 'cmd_info'))
 
@@ -32,8 +32,6 @@ MUST_BE_CLEAN_FUNCTIONS = (('cli/share.py', 'cmd_push'), ('cli/share.py', 'cmd_p
 #: one is short enough, so the list can only shrink.
 MAX_LINES = 450
 TOO_LONG = {
-    'core.py': 1292,     # the task lifecycle (being reworked: tasks held in the module tree)
-    'layers.py': 677,    # the layer kinds (same)
     'payload.py': 451,   # TaskPayload and LayerTable (left for after the core rework, which changes TaskPayload too)
 }
 
@@ -116,7 +114,7 @@ def test_the_checker_finds_a_reach_into_another_module(tmp_path):
     found = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and _private(n.attr)
              and not _own_object(n.value)]
     assert [ast.unparse(n) for n in found] == ['model._task']
-    assert '_task' in _defined(_modules()['core.py'])   # core owns it: other modules may not call it
+    assert '_task' in _defined(_modules()['core/lifecycle.py'])   # core owns it: other modules may not call it
     assert '_apply' not in set().union(*map(_defined, _modules().values())) - _TORCH_NAMES
 
 
