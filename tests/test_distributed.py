@@ -294,7 +294,7 @@ def test_sync_batchnorm_swaps_classes_in_place_and_back():
         assert n == len(bns) > 0
         for m, cls in zip(bns, classes):
             assert isinstance(m, TaskNorm) and isinstance(m, torch.nn.SyncBatchNorm)
-            assert isinstance(m, SyncBatchNormAct) == issubclass(cls._modcl_base, BatchNormAct2d)
+            assert isinstance(m, SyncBatchNormAct) == issubclass(cls._modcl_plain, BatchNormAct2d)
         # the same module objects, buffers and task bindings; without a process group SyncBatchNorm is plain BN
         assert [dict(m._buffers) for m in bns] == buffers
         with torch.no_grad():

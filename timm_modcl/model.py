@@ -35,7 +35,7 @@ def _new_model(base: type) -> nn.Module:
 
 
 def _reduce_ex(self, protocol):
-    return _new_model, (self._modcl.base,), self.__dict__
+    return _new_model, (self._modcl.plain_class,), self.__dict__
 
 
 def modcl_class(base: type) -> type:

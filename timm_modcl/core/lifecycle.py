@@ -248,7 +248,7 @@ class TaskLifecycleMixin:
         if st.head is None or num_classes == 0:
             return nn.Identity()
         old, old_num = self._get_head(), getattr(self, 'num_classes', None)
-        if not callable(getattr(st.base, 'reset_classifier', None)):  # not a timm model: a head like the base task's
+        if not callable(getattr(st.plain_class, 'reset_classifier', None)):  # not a timm model: a head like the base task's
             return _like(st.tasks[BASE_TASK].head if st.tasks else old, num_classes, st.head)
         # timm's reset_classifier may also replace modules beside the head (a new global_pool): put them back, so
         # making a head changes nothing of the live model (hooks on the pooling stay)
@@ -256,7 +256,7 @@ class TaskLifecycleMixin:
         saved = [(m, OrderedDict(m._modules)) for m in {id(m): m for m in (
             self, self.get_submodule(parent) if parent else self)}.values()]
         try:
-            st.base.reset_classifier(self, num_classes)
+            st.plain_class.reset_classifier(self, num_classes)
             head = self._get_head()
         finally:
             for m, modules in saved:

@@ -123,7 +123,7 @@ class LayerScanMixin:
                 if pname in known or any(fnmatch.fnmatchcase(full, pat) for pat in st.freeze):
                     freeze.append((name, module, pname))
                 else:
-                    owner = st.base if module is self else type(module)
+                    owner = st.plain_class if module is self else type(module)
                     problems.append((full, owner.__name__))
         if problems:
             listed = ', '.join(f'{full} ({owner})' for full, owner in problems[:8])

@@ -36,7 +36,7 @@ class _State:
 
     def __init__(self, base: type, head: Optional[str], freeze: Tuple[str, ...], cache: WeightCache,
                  task_dict: nn.ModuleDict) -> None:
-        self.base = base
+        self.plain_class = base      # the timm class the model was made from (not the "base" task)
         self.head = head
         self.freeze = freeze
         self.cache = cache
@@ -65,6 +65,8 @@ class _State:
         return state
 
     def __setstate__(self, state: dict) -> None:
+        if 'base' in state:   # pickled before the name changed
+            state['plain_class'] = state.pop('base')
         self.__dict__.update(state)
         self.lock = threading.RLock()
         self.__dict__.setdefault('prototype_cache', {})

@@ -292,7 +292,7 @@ class StateDictMixin:
         del plain.__dict__['_modcl']
         plain._modules.pop('_modcl_frozen', None)
         plain._modules.pop(TASKS_MODULE, None)
-        plain.__class__ = st.base
+        plain.__class__ = st.plain_class
         for p in plain.parameters():
             p.requires_grad_(True)
         cfg = getattr(plain, 'pretrained_cfg', None)

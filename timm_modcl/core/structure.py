@@ -27,10 +27,10 @@ class TimmStructureMixin:
             task = scoped_task(self._modcl.cache)
             if (task is not None and self._modcl.head is not None and task.head is not self._get_head()
                     and not (args and args[0]) and not kwargs.get('pre_logits', False)):
-                return task.head(self._modcl.base.forward_head(self, x, *args, **dict(kwargs, pre_logits=True)))
+                return task.head(self._modcl.plain_class.forward_head(self, x, *args, **dict(kwargs, pre_logits=True)))
         if _fx_tracing():  # an identity call: the traced graph module then holds the tasks its layers read
             x = self._modules[TASKS_MODULE](x)
-        return self._modcl.base.forward_head(self, x, *args, **kwargs)
+        return self._modcl.plain_class.forward_head(self, x, *args, **kwargs)
 
     def _modcl_group_matcher(self, coarse: bool = False):
         """timm's ``group_matcher`` (layer-wise learning-rate decay, ``group_parameters``) for task tensors: each
@@ -38,7 +38,7 @@ class TimmStructureMixin:
         ``blocks.0.0.conv.weight``), by a matcher callable."""
         from timm.models._manipulate import group_with_matcher
         st = self._modcl
-        matcher = st.base.group_matcher(self, coarse=coarse)
+        matcher = st.plain_class.group_matcher(self, coarse=coarse)
         natural = {n: self._natural_param_name(n) for n, _ in self.named_parameters(remove_duplicate=False)}
         natural.update((n, n) for n, _ in self.named_buffers(remove_duplicate=False))
         ids = group_with_matcher(((n, None) for n in dict.fromkeys(natural.values())), matcher, reverse=True)
@@ -75,9 +75,9 @@ class TimmStructureMixin:
             raise TaskError(f'reset_classifier(global_pool={global_pool!r}) would change the pooling of every task '
                             f'({", ".join(st.tasks)}); choose the pooling before adding tasks')
         if global_pool is None:  # keep the class's own default (timm keeps the current pooling)
-            st.base.reset_classifier(self, num_classes, *args, **kwargs)
+            st.plain_class.reset_classifier(self, num_classes, *args, **kwargs)
         else:
-            st.base.reset_classifier(self, num_classes, global_pool, *args, **kwargs)
+            st.plain_class.reset_classifier(self, num_classes, global_pool, *args, **kwargs)
         task = st.tasks[st.active]
         if st.head is not None:
             head = self._get_head()
@@ -107,7 +107,7 @@ class TimmStructureMixin:
         patch_size = kwargs.get('patch_size', args[1] if len(args) > 1 else None)
         if patch_size is not None:
             self._refuse_structural_change(f'set_input_size(patch_size={patch_size!r})')
-        out = self._modcl.base.set_input_size(self, *args, **kwargs)
+        out = self._modcl.plain_class.set_input_size(self, *args, **kwargs)
         self._modcl_scan()  # a resized position embedding is a new Parameter: freeze it again
         return out
 
@@ -118,7 +118,7 @@ class TimmStructureMixin:
             FrozenBackboneError: once tasks beside ``'base'`` exist (nothing changes).
         """
         self._refuse_structural_change('prune_intermediate_layers()')
-        out = self._modcl.base.prune_intermediate_layers(self, *args, **kwargs)
+        out = self._modcl.plain_class.prune_intermediate_layers(self, *args, **kwargs)
         st = self._modcl
         if st.head is not None and (not self._has_module(st.head) or isinstance(self._get_head(), nn.Identity)):
             st.head = None  # the head was pruned: the model is a feature extractor now, for every task
@@ -131,7 +131,7 @@ class TimmStructureMixin:
         """timm's no-weight-decay names, restricted to what is still a parameter (frozen tensors are buffers)."""
         names = {n for n, _ in self.named_parameters()}
         import fnmatch
-        return {p for p in self._modcl.base.no_weight_decay(self) if any(fnmatch.fnmatch(n, p) for n in names)}
+        return {p for p in self._modcl.plain_class.no_weight_decay(self) if any(fnmatch.fnmatch(n, p) for n in names)}
 
     def _has_module(self, path: str) -> bool:
         try:

@@ -20,7 +20,7 @@ class _FrozenGuard:
     reparametrizing them (``torch.nn.utils.parametrizations.weight_norm``). Each raises ``FrozenBackboneError``
     before anything changes, naming the supported way."""
 
-    _modcl_base: Type[nn.Module]               # the plain class the task-aware one was made from (task_aware_class)
+    _modcl_plain: Type[nn.Module]               # the plain class the task-aware one was made from (task_aware_class)
     _modcl_trainable: Tuple[str, ...] = ()     # the views of the bound task's tensors (``modulator``, ...)
 
     def _modcl_refuse(self, what: str) -> None:
@@ -69,7 +69,7 @@ def task_aware_class(mixin: type, base: type) -> type:
         task_views = ('modulator',) if mixin is ModulatedWeight else ('task_weight', 'task_bias')
         # '__module__': the package, timm_modcl.layers (as before it was split into modules), not this module
         cls = type(f'{prefix}{base.__name__}', (_FrozenGuard,) + mixins + (base,),
-                   {'__module__': __package__, '_modcl_base': base, '_modcl_trainable': task_views})
+                   {'__module__': __package__, '_modcl_plain': base, '_modcl_trainable': task_views})
         register_notrace_module(cls)  # its caching is Python-side logic: a leaf for feature extraction
         _CLASSES[(mixin, base)] = cls
     return cls
@@ -77,7 +77,7 @@ def task_aware_class(mixin: type, base: type) -> type:
 
 def plain_class(module: nn.Module) -> type:
     """The plain class a task-aware layer was made from (``nn.Conv2d``, timm's ``BatchNormAct2d``, ...)."""
-    return type(module)._modcl_base
+    return type(module)._modcl_plain
 
 
 def _new_layer(mixin: type, base: type) -> nn.Module:
@@ -183,13 +183,13 @@ def unmodulate_layer(module: nn.Module, copy: bool = False) -> nn.Module:
                 b = getattr(module, n)   # the bound task's statistics
             buffers[n] = b.detach().clone() if copy and b is not None else b
     if copy:
-        out = object.__new__(module._modcl_base)
+        out = object.__new__(module._modcl_plain)
         out.__dict__ = {k: (type(v)(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
     else:
         out = module
     for attr in _LAYER_ATTRS:
         out.__dict__.pop(attr, None)
-    out.__class__ = module._modcl_base
+    out.__class__ = module._modcl_plain
     out._parameters = params
     out._buffers = buffers
     out._non_persistent_buffers_set = {n for n in out._non_persistent_buffers_set if n in buffers}

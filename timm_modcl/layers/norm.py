@@ -17,7 +17,7 @@ class TaskNorm:
     BatchNorm running statistics are plain buffers that the model re-binds per task.
     """
 
-    _modcl_base: Type[nn.Module]
+    _modcl_plain: Type[nn.Module]
     modcl_cache: Optional[WeightCache] = None   # the model's cache: identifies the model in a task_scope
     modcl_name: str = ''
     modcl_key: str = ''
@@ -62,7 +62,7 @@ class TaskNorm:
 
     def __reduce_ex__(self, protocol):
         from .factory import _new_layer   # (the factory module imports this one)
-        return _new_layer, (TaskNorm, self._modcl_base), self.__dict__
+        return _new_layer, (TaskNorm, self._modcl_plain), self.__dict__
 
 
 def _scoped_stat(name: str) -> property:

@@ -83,7 +83,7 @@ class ModulatedWeight:
     unmodulated. The tasks' tensors live in the tasks (``model.modcl_tasks``), not in the layer.
     """
 
-    _modcl_base: Type[nn.Module]
+    _modcl_plain: Type[nn.Module]
     modcl_chunks: int
     modcl_cache: Optional[WeightCache]
     modcl_name: str = ''             # the layer's name in its model (what a task's tensors are keyed by)
@@ -209,7 +209,7 @@ class ModulatedWeight:
 
     def __reduce_ex__(self, protocol):
         from .factory import _new_layer   # (the factory module imports this one)
-        return _new_layer, (ModulatedWeight, self._modcl_base), self.__dict__
+        return _new_layer, (ModulatedWeight, self._modcl_plain), self.__dict__
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

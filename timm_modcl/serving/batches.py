@@ -136,7 +136,7 @@ class MixedBatchMixin:
 
     def _scoped_forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
         st = self._modcl
-        if st.head is not None and not callable(getattr(st.base, 'forward_head', None)):
+        if st.head is not None and not callable(getattr(st.plain_class, 'forward_head', None)):
             # not a timm model: its head is only switched by binding the task (one call at a time)
             with st.lock, self.use_task(task):
                 y = self(x)
