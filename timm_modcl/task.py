@@ -205,8 +205,7 @@ class TaskTable(nn.Module):
         return [(table_name(k), v) for k, v in self.store.items()]
 
     def pop(self, name: str, *default):
-        t = self.store.pop(table_key(name), *default) if default else self.store.pop(table_key(name))
-        return t
+        return self.store.pop(table_key(name), *default)
 
     def update(self, other: Mapping[str, torch.Tensor] = (), **kw) -> None:
         for k, v in dict(other, **kw).items():
