@@ -5,8 +5,8 @@ import torch
 def model_state(model):
     """Cheap fingerprint of everything a failed call must leave alone: the tasks, the bound task, the train flag,
     the identity and version of every task and frozen tensor, and the global torch random state."""
-    tensors = [t for task in model._modcl.tasks.values() for t in task.tensors().values()]
-    tensors += list(model._frozen_tensors().values())
+    tensors = [t for task in model.modcl_tasks.values() for t in task.tensors().values()]
+    tensors += list(model.frozen_tensors().values())
     return (list(model.tasks), model.active_task, model.training, [(id(t), t._version) for t in tensors],
             torch.random.get_rng_state())
 

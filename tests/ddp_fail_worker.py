@@ -43,7 +43,7 @@ class _Poisoned(Dataset):
 def main(out: Path, mode: str) -> None:
     rank = int(os.environ['RANK'])
     model = make_model(BN_ARCH)
-    before = {k: v.clone() for k, v in model._task('t').tensors().items()}
+    before = {k: v.clone() for k, v in model.modcl_tasks['t'].tensors().items()}
     data = _Poisoned(dataset(16, seed=0), after=4 if rank == 1 else None, mode=mode)  # rank 1's 3rd batch goes bad
     t0 = time.perf_counter()
     try:
@@ -53,7 +53,7 @@ def main(out: Path, mode: str) -> None:
     except Exception as e:  # noqa: BLE001 (reported)
         report = {'error': type(e).__name__, 'message': str(e), 'modcl': isinstance(e, timm_modcl.ModCLError)}
     report['seconds'] = time.perf_counter() - t0
-    after = model._task('t').tensors()
+    after = model.modcl_tasks['t'].tensors()
     report['unchanged'] = all(torch.equal(v, after[k]) for k, v in before.items())
     (out / f'{rank}.json').write_text(json.dumps(report))
 

@@ -61,7 +61,7 @@ def logits(model, task: str) -> torch.Tensor:
 
 
 def snapshot(model, task: str):
-    return {k: v.detach().clone() for k, v in model._task(task).tensors().items()}
+    return {k: v.detach().clone() for k, v in model.modcl_tasks[task].tensors().items()}
 
 
 class Interrupted(Exception):

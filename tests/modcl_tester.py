@@ -88,7 +88,7 @@ class ModCLTester:
             assert {id(p) for p in params} == {id(p) for p in model.task_parameters(name)}, name
             # every task's tensors are in the module tree (what DDP and optimizers capture), the others frozen
             assert {id(p) for p in model.parameters()} >= {id(p) for n in model.tasks for p in model.task_parameters(n)}
-        assert not any(t.requires_grad for t in model._frozen_tensors().values())
+        assert not any(t.requires_grad for t in model.frozen_tensors().values())
         others = {id(p) for n in model.tasks if n != 'gamma' for p in model.task_parameters(n)}
         model.set_task('gamma')
         assert not others & {id(p) for p in model.parameters() if p.requires_grad}

@@ -125,7 +125,7 @@ def test_benchmark_loop_is_train_task(sched, warmup):
         m.use_train_task = use
         loader = B.make_loader(B.ImageSet(sp.x_train, sp.y_train), CTX.size, recipe.batch_size, shuffle=False)
         m.fit_task(0, 3, loader, loader, recipe, seed=5)
-        states.append({k: v.detach().clone() for k, v in m.model._task('task0').tensors().items()})
+        states.append({k: v.detach().clone() for k, v in m.model.modcl_tasks['task0'].tensors().items()})
     assert states[0].keys() == states[1].keys()
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k

@@ -116,8 +116,8 @@ def test_train_uses_the_library_defaults(trained, data, tmp_path, monkeypatch):
         model = timm.create_model(read_index(trained.out)['architecture'])
     load_tasks(model, trained.out, names=['pets'])
     model.add_task('reference', 2)
-    assert model._task('pets').config == model._task('reference').config
-    assert model._task('pets').config.layer_resolution == DEFAULT_CONFIG.layer_resolution
+    assert model.modcl_tasks['pets'].config == model.modcl_tasks['reference'].config
+    assert model.modcl_tasks['pets'].config.layer_resolution == DEFAULT_CONFIG.layer_resolution
     seen = {}
     real = train_module.train_task
 
@@ -217,7 +217,7 @@ def _without_prototypes(trained, dest):
     """A copy of the adapter folder whose tasks have no statistics."""
     model = _copy_folder(trained, dest)
     for task in ('pets', 'shapes'):
-        model._task(task).stats.clear()
+        model.modcl_tasks[task].stats.clear()
     model.save_tasks(dest)
     return dest
 

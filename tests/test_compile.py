@@ -16,7 +16,7 @@ def model():
     m.add_task('b', 5)
     with torch.no_grad():
         for t in ('a', 'b'):
-            for p in m._task(t).modulators.values():
+            for p in m.modcl_tasks[t].modulators.values():
                 p.normal_(0, 0.1)
     return m
 

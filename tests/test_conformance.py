@@ -63,7 +63,7 @@ def test_forward_backward_with_a_task(model_name):
     assert not any(p.grad is not None for p in model.parameters() if not p.requires_grad)
     for n, p in named.items():
         assert p.grad is not None, f'no gradient for {n}'
-    assert not any(t.grad is not None for t in model._frozen_tensors().values())
+    assert not any(t.grad is not None for t in model.frozen_tensors().values())
 
 
 @pytest.mark.parametrize('model_name', MODELS)

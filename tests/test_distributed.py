@@ -49,7 +49,7 @@ def rank_batches(epoch: int, ds, world: int = 2, batch: int = 4):
 
 
 def task_optimizer(model, task='t'):
-    state = model._task(task)
+    state = model.modcl_tasks[task]
     head = list(state.head.parameters())
     ids = {id(p) for p in head}
     mods = [p for p in model.task_parameters(task) if id(p) not in ids]
@@ -95,12 +95,12 @@ def reference_batchnorm(ds):
             for o in opts:
                 o.step()
         with torch.no_grad():
-            for s0, s1 in zip(reps[0]._task('t').norm_stats.values(), reps[1]._task('t').norm_stats.values()):
+            for s0, s1 in zip(reps[0].modcl_tasks['t'].norm_stats.values(), reps[1].modcl_tasks['t'].norm_stats.values()):
                 for k in ('running_mean', 'running_var'):
                     avg = (s0[k] + s1[k]) / 2
                     s0[k].copy_(avg)
                     s1[k].copy_(avg)
-    after_epochs = {k: v.detach().clone() for k, v in reps[0]._task('t').tensors().items()}
+    after_epochs = {k: v.detach().clone() for k, v in reps[0].modcl_tasks['t'].tensors().items()}
     model = reps[0]
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for bn in bns:
@@ -113,7 +113,7 @@ def reference_batchnorm(ds):
     for bn in bns:
         bn.momentum = 0.1
     compute_task_statistics(model, 't', ds)  # prototypes over all the data: what the ranks' all-reduce must give
-    return after_epochs, {k: v.detach().clone() for k, v in model._task('t').tensors().items()}
+    return after_epochs, {k: v.detach().clone() for k, v in model.modcl_tasks['t'].tensors().items()}
 
 
 def assert_close(got, want, what):
@@ -160,10 +160,10 @@ def test_ddp_two_gloo_processes_match_single_process_references(tmp_path):
     # LayerNorm model == one process on the global batch
     ref = reference_layernorm(ds)
     compute_task_statistics(ref, 't', ds)  # prototypes over all the data: what the ranks' all-reduce must give
-    want = {k: v.detach() for k, v in ref._task('t').tensors().items()}
+    want = {k: v.detach() for k, v in ref.modcl_tasks['t'].tensors().items()}
     assert any(k.startswith('stats.proto_') for k in want)
     assert_close({k[3:]: v for k, v in got[0].items() if k.startswith('ln.')}, want, 'layernorm')
-    assert any(not torch.equal(v, W.make_model(W.LN_ARCH)._task('t').tensors()[k]) for k, v in want.items()
+    assert any(not torch.equal(v, W.make_model(W.LN_ARCH).modcl_tasks['t'].tensors()[k]) for k, v in want.items()
                if k.startswith('modulator.'))  # it did train
 
     # BatchNorm model == two replicas with averaged gradients (and averaged BN statistics after each epoch), and
@@ -236,13 +236,13 @@ def _toy(n=12, seed=0):
 def test_train_task_unwraps_a_ddp_made_before_set_task(world_of_one):
     model = W.make_model(W.BN_ARCH)  # 'other' is active: a DDP made now holds other's tensors
     wrapped = torch.nn.parallel.DistributedDataParallel(model)
-    other = {k: v.clone() for k, v in model._task('other').tensors().items()}
-    t0 = {k: v.clone() for k, v in model._task('t').tensors().items()}
+    other = {k: v.clone() for k, v in model.modcl_tasks['other'].tensors().items()}
+    t0 = {k: v.clone() for k, v in model.modcl_tasks['t'].tensors().items()}
     hist = train_task(wrapped, 't', _toy(), _toy(6, 1), epochs=1, batch_size=4, seed=0, progress=False,
                       distributed=True)
     assert hist.epochs == 1 and model.active_task == 't'
-    assert all(torch.equal(v, model._task('other').tensors()[k]) for k, v in other.items())
-    changed = [k for k, v in t0.items() if not torch.equal(v, model._task('t').tensors()[k])]
+    assert all(torch.equal(v, model.modcl_tasks['other'].tensors()[k]) for k, v in other.items())
+    changed = [k for k, v in t0.items() if not torch.equal(v, model.modcl_tasks['t'].tensors()[k])]
     assert any(k.startswith('modulator.') for k in changed) and any(k.startswith('head.') for k in changed)
     # nothing of the DDP wrapping stays on the model: training again in one process works
     from timm_modcl.core import _prepare_compiled_call  # the model's own (torch.compile) hook stays
@@ -329,15 +329,15 @@ import ddp_worker as W
 from timm_modcl import train_task
 from timm_modcl import distributed as D
 model = W.make_model(W.BN_ARCH)
-other = {k: v.clone() for k, v in model._task('other').tensors().items()}
+other = {k: v.clone() for k, v in model.modcl_tasks['other'].tensors().items()}
 classes = [type(m) for m in model.modules()]
 hist = train_task(model, 't', W.dataset(W.N_TRAIN, 0), W.dataset(W.N_VAL, 1), device='cuda', distributed=True,
                   sync_bn=True, **W.TRAIN)
 ok = {
     'device': str(next(model.parameters()).device),
-    'other_unchanged': all(torch.equal(v.cpu(), model._task('other').tensors()[k].cpu()) for k, v in other.items()),
+    'other_unchanged': all(torch.equal(v.cpu(), model.modcl_tasks['other'].tensors()[k].cpu()) for k, v in other.items()),
     'classes_restored': classes == [type(m) for m in model.modules()],
-    'finite': all(torch.isfinite(v).all().item() for v in model._task('t').tensors().values()
+    'finite': all(torch.isfinite(v).all().item() for v in model.modcl_tasks['t'].tensors().values()
                   if v.is_floating_point()),
     'val_acc': hist.val_acc[-1],
 }

@@ -129,7 +129,7 @@ def test_adapter_with_overflowing_modulators_is_refused(adapter):
     # the library never writes what it would refuse to read
     model.add_task('big', 3, (8, 8))
     with torch.no_grad():
-        model._task('big').modulators[key[len('modulator.'):]].fill_(2e6)
+        model.modcl_tasks['big'].modulators[key[len('modulator.'):]].fill_(2e6)
     with pytest.raises(AdapterError, match='beyond'):
         model.save_task('big', '/dev/null')
 

@@ -84,7 +84,7 @@ def _same_rng(a, b):
 def _snapshot(model, tasks=None):
     """Everything a refused call must leave alone: the tensors of every task (or of ``tasks``), the active task and
     mode, the RNGs."""
-    return ({t: {k: v.detach().clone() for k, v in model._task(t).tensors().items()} for t in tasks or model.tasks},
+    return ({t: {k: v.detach().clone() for k, v in model.modcl_tasks[t].tensors().items()} for t in tasks or model.tasks},
             model.active_task, model.training, _rng_states())
 
 
@@ -300,9 +300,9 @@ def test_checkpoint_path_that_is_a_folder_fails_before_any_training(tmp_path):
 
 # ------------------------------------------------------------------------------------------ item 3: NaN
 def _poison(model, task, key_suffix):
-    k = next(k for k in model._task(task).tensors() if k.endswith(key_suffix))
+    k = next(k for k in model.modcl_tasks[task].tensors() if k.endswith(key_suffix))
     with torch.no_grad():
-        model._task(task).tensors()[k].view(-1)[0] = float('nan')
+        model.modcl_tasks[task].tensors()[k].view(-1)[0] = float('nan')
     return k
 
 
@@ -324,9 +324,9 @@ def test_save_task_and_save_tasks_refuse_non_finite_tensors(suffix, tmp_path):
 
 def test_save_task_refuses_an_infinite_modulator(tmp_path):
     model = _model()
-    k = next(k for k in model._task('t').tensors() if k.startswith('modulator.'))
+    k = next(k for k in model.modcl_tasks['t'].tensors() if k.startswith('modulator.'))
     with torch.no_grad():
-        model._task('t').tensors()[k].view(-1)[0] = float('inf')
+        model.modcl_tasks['t'].tensors()[k].view(-1)[0] = float('inf')
     with pytest.raises(AdapterError):
         model.save_task('t', tmp_path / 't.safetensors')
     assert list(tmp_path.iterdir()) == []
@@ -349,13 +349,13 @@ def test_nan_loss_ends_with_a_typed_error_and_puts_the_task_back(epoch, tmp_path
     else:
         assert checkpoint_info(ck)['epoch'] == 1
         want = {k[len('task.'):]: v for k, v in _load(ck.read_bytes(), 'ck')[0].items() if k.startswith('task.')}
-        got = model._task('t').tensors(stats=False)
+        got = model.modcl_tasks['t'].tensors(stats=False)
         assert set(got) == set(want)
         for k, v in want.items():
             assert torch.equal(v, got[k]), k  # as epoch 2 began: epoch 1's checkpoint
         assert model.active_task == 'other' and _same_rng(_rng_states(), before[3])
-    assert all(torch.isfinite(v).all() for v in model._task('t').tensors().values() if v.is_floating_point())
-    assert all(torch.equal(v, model._task('other').tensors()[k]) for k, v in before[0]['other'].items())
+    assert all(torch.isfinite(v).all() for v in model.modcl_tasks['t'].tensors().values() if v.is_floating_point())
+    assert all(torch.equal(v, model.modcl_tasks['other'].tensors()[k]) for k, v in before[0]['other'].items())
 
 
 def test_typed_nan_error_is_still_a_task_error():
@@ -588,7 +588,7 @@ def test_fuzz_hundreds_of_checkpoints_mutated_in_their_values(tmp_path):
     foreign = []
     path = tmp_path / 'fuzzed.safetensors'
     model = _model()
-    pristine = {k: v.detach().clone() for k, v in model._task('t').tensors().items()}
+    pristine = {k: v.detach().clone() for k, v in model.modcl_tasks['t'].tensors().items()}
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -613,12 +613,12 @@ def test_fuzz_hundreds_of_checkpoints_mutated_in_their_values(tmp_path):
                 foreign.append((i, f'{type(e).__name__}: {e}'[:200]))
             else:
                 counts['resumed'] += 1
-                bad = [k for k, v in model._task('t').tensors().items() if v.is_floating_point()
+                bad = [k for k, v in model.modcl_tasks['t'].tensors().items() if v.is_floating_point()
                        and not torch.isfinite(v).all()]
                 if bad:
                     foreign.append((i, f'resumed into non-finite {bad[:3]}'))
                 with torch.no_grad():  # the next case starts from the same model (cheaper than a new one)
-                    for k, v in model._task('t').tensors().items():
+                    for k, v in model.modcl_tasks['t'].tensors().items():
                         v.copy_(pristine[k])
                 model.set_task('other')
     elapsed = time.perf_counter() - t0

@@ -39,8 +39,8 @@ def _x(n=4, seed=0):
 
 def _state(model):
     """Cheap fingerprint of everything a failed call must leave alone."""
-    tensors = [t for task in model._modcl.tasks.values() for t in task.tensors().values()]
-    tensors += list(model._frozen_tensors().values())
+    tensors = [t for task in model.modcl_tasks.values() for t in task.tensors().values()]
+    tensors += list(model.frozen_tensors().values())
     return (list(model.tasks), model.active_task, [m.training for m in model.modules()],
             [(id(t), t._version) for t in tensors])
 
@@ -160,7 +160,7 @@ def test_reset_classifier_checks_num_classes_and_keeps_shared_pooling():
     with pytest.raises(TaskError, match='pooling of every task'):
         model.reset_classifier(5, global_pool='max')
     model.reset_classifier(5)  # the active task's head, pooling as it was
-    assert model._task('a').num_classes == 5
+    assert model.modcl_tasks['a'].num_classes == 5
     with torch.no_grad(), model.use_task('base'):
         assert torch.equal(model(x), base)
 
@@ -180,7 +180,7 @@ def test_adding_a_task_keeps_hooks_on_the_pooling():
 def test_a_layer_resolution_callable_is_applied_to_every_layer():
     model = _model()
     model.add_task('a', 3, layer_resolution=lambda name, shape: (4, 4))
-    config = model._task('a').config
+    config = model.modcl_tasks['a'].config
     assert {config.layer(n) for n in model.modulated_layers} == {(4, 4)}
 
 
@@ -256,7 +256,7 @@ def _hostile_stats(s):
 
 def test_hostile_statistics_are_refused_at_load(served):
     model, data = served
-    good = {k: v.clone() for k, v in model._task('t1').stats.items()}
+    good = {k: v.clone() for k, v in model.modcl_tasks['t1'].stats.items()}
     variants = _hostile_stats(good)
     assert len(variants) >= 37
     victim = _model()
@@ -280,7 +280,7 @@ def test_hostile_statistics_are_refused_at_load(served):
 
 def test_hostile_statistics_are_refused_in_state_dicts(served):
     model, _ = served
-    good = {k: v.clone() for k, v in model._task('t1').stats.items()}
+    good = {k: v.clone() for k, v in model.modcl_tasks['t1'].stats.items()}
     fresh = _model(seed=1)
     before = _state(fresh)
     count = 0
@@ -302,7 +302,7 @@ def test_statistics_fuzz(served):
     """Randomly mutated ``stats.*`` tensors of an adapter file: no untyped error, no state change on refusal, and
     the other task is still predicted whether the mutant was refused or accepted."""
     model, data = served
-    good = {k: v.clone() for k, v in model._task('t1').stats.items()}
+    good = {k: v.clone() for k, v in model.modcl_tasks['t1'].stats.items()}
     victim = _model()
     victim.load_task(adapter_bytes(model, 't2'))
     rng = random.Random(0)
@@ -362,7 +362,7 @@ def test_unusable_statistics_are_skipped_at_predict_time(served):
     ref = fresh.predict_task_agnostic(x, tasks=['t2'])
     for breakage in ({'proto_power': torch.tensor(-1.0)}, {'proto_mean': torch.zeros(3, 7)},
                      {'proto_log_noise': torch.full((1280,), -1e30)}):
-        fresh._task('t1').stats.update(breakage)
+        fresh.modcl_tasks['t1'].stats.update(breakage)
         before = _state(fresh)
         with pytest.warns(RuntimeWarning, match="task 't1'.*skipped"):
             pred = fresh.predict_task_agnostic(x)
@@ -371,8 +371,8 @@ def test_unusable_statistics_are_skipped_at_predict_time(served):
         assert _state(fresh) == before
         with pytest.raises(StatisticsError, match='no candidate task has usable'):
             fresh.predict_task_agnostic(x, tasks=['t1'])
-        fresh._task('t1').stats.update({k: v.clone() for k, v in model._task('t1').stats.items()})
-    del fresh._task('t1').stats['proto_mean']  # missing (not broken) statistics: still a clear error, as documented
+        fresh.modcl_tasks['t1'].stats.update({k: v.clone() for k, v in model.modcl_tasks['t1'].stats.items()})
+    del fresh.modcl_tasks['t1'].stats['proto_mean']  # missing (not broken) statistics: still a clear error, as documented
     with pytest.raises(StatisticsError, match='no prototype statistics'):
         fresh.predict_task_agnostic(x)
 
@@ -390,12 +390,12 @@ def test_compute_task_statistics_never_stores_statistics_that_would_not_load(ser
         return out
 
     monkeypatch.setattr(prototypes._Moments, 'finish', degenerate)
-    saved = {k: v.clone() for k, v in model._task('t1').stats.items()}
+    saved = {k: v.clone() for k, v in model.modcl_tasks['t1'].stats.items()}
     rng = _rng()
     with pytest.raises(DataError, match='unusable prototype statistics'):
         compute_task_statistics(model, 't1', _data(3))
     _assert_rng(rng)
-    assert all(torch.equal(v, model._task('t1').stats[k]) for k, v in saved.items())
+    assert all(torch.equal(v, model.modcl_tasks['t1'].stats[k]) for k, v in saved.items())
 
 
 # ---------------------------------------------------------------- item 8: non-finite input
@@ -415,31 +415,31 @@ def test_non_finite_images_get_an_input_error_everywhere(served, value):
         'compute_task_statistics': lambda: compute_task_statistics(model, 't1', (x, torch.tensor([0, 1, 2, 0]))),
         'predict': lambda: timm_modcl.train.predict(model, x, 't1'),
     }
-    stats = {k: v.clone() for k, v in model._task('t1').stats.items()}
+    stats = {k: v.clone() for k, v in model.modcl_tasks['t1'].stats.items()}
     for label, call in calls.items():
         rng = _rng()
         with pytest.raises(InputError, match='NaN or Inf'):
             call()
         assert _state(model) == before, label
         _assert_rng(rng)
-    assert all(torch.equal(v, model._task('t1').stats[k]) for k, v in stats.items())
+    assert all(torch.equal(v, model.modcl_tasks['t1'].stats[k]) for k, v in stats.items())
 
 
 def test_nan_batch_in_train_mode_leaves_the_bn_statistics():
     model = _model()
     model.add_task('t', 3)
     model.train()
-    bn = {n: {k: v.clone() for k, v in s.items()} for n, s in model._task('t').norm_stats.items()}
+    bn = {n: {k: v.clone() for k, v in s.items()} for n, s in model.modcl_tasks['t'].norm_stats.items()}
     x = _x()
     x[0, 0, 0, 0] = float('nan')
     with pytest.raises(InputError, match='NaN or Inf'):
         model(x)
-    for n, s in model._task('t').norm_stats.items():
+    for n, s in model.modcl_tasks['t'].norm_stats.items():
         for k, v in s.items():
             assert torch.equal(v, bn[n][k]), (n, k)
     assert model.training
     model(_x())  # a finite batch still trains the statistics
-    assert not torch.equal(next(iter(model._task('t').norm_stats.values()))['running_mean'],
+    assert not torch.equal(next(iter(model.modcl_tasks['t'].norm_stats.values()))['running_mean'],
                            next(iter(bn.values()))['running_mean'])
 
 
@@ -450,10 +450,10 @@ def test_single_sample_batch_in_train_mode_changes_nothing():
     model.train()
     x = torch.randn(1, 3, 32, 32)
     before = _state_and_rng(model)
-    stats = {k: v.clone() for k, v in model._task('b').tensors().items() if k.startswith('bn.')}
+    stats = {k: v.clone() for k, v in model.modcl_tasks['b'].tensors().items() if k.startswith('bn.')}
     with pytest.raises(InputError, match='batch of 1'):
         model(x)
-    assert all(torch.equal(v, model._task('b').tensors()[k]) for k, v in stats.items())
+    assert all(torch.equal(v, model.modcl_tasks['b'].tensors()[k]) for k, v in stats.items())
     _assert_same(model, before)
     model.eval()
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
@@ -484,7 +484,7 @@ def test_evaluation_errors_leave_every_random_state(served, tmp_path):
         'create_model, adapters=3': lambda: timm.create_model('modcl_mobilenetv2_050', adapters=3),
         'create_model, empty folder': lambda: timm.create_model('modcl_mobilenetv2_050', adapters=tmp_path),
     }
-    stats = {k: v.clone() for k, v in model._task('t1').stats.items()}
+    stats = {k: v.clone() for k, v in model.modcl_tasks['t1'].stats.items()}
     before = _state(model)
     for label, call in cases.items():
         torch.manual_seed(123)
@@ -495,7 +495,7 @@ def test_evaluation_errors_leave_every_random_state(served, tmp_path):
             call()
         _assert_rng(rng)
         assert _state(model) == before, label
-    assert all(torch.equal(v, model._task('t1').stats[k]) for k, v in stats.items())
+    assert all(torch.equal(v, model.modcl_tasks['t1'].stats[k]) for k, v in stats.items())
 
 
 # ---------------------------------------------------------------- item 10: the last untyped errors

@@ -328,7 +328,7 @@ def test_save_tasks_writes_nothing_when_a_later_task_cannot_be_saved(tmp_path):
     model.add_task('a', 3)
     model.add_task('b', 3)
     with torch.no_grad():
-        model._task('b').head.weight[0, 0] = 1e6  # overflows float16
+        model.modcl_tasks['b'].head.weight[0, 0] = 1e6  # overflows float16
     with pytest.raises(AdapterError):
         model.save_tasks(tmp_path / 'out', dtype=torch.float16)
     assert not (tmp_path / 'out').exists() or not any((tmp_path / 'out').rglob('*'))

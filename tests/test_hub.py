@@ -61,7 +61,7 @@ def test_revisions_branch_subfolder_and_second_push(hub, rt, trained, tmp_path):
     api.create_tag('alice/tasks', tag='v1')
     changed = rt.trained_model()
     with torch.no_grad():
-        for p in changed._task('alpha').modulators.values():
+        for p in changed.modcl_tasks['alpha'].modulators.values():
             p.mul_(0.5)
     push_tasks(changed, 'alice/tasks', ['alpha', 'beta'], token=ALICE, endpoint=hub.url)
     commits = [c.title for c in api.list_repo_commits('alice/tasks')]

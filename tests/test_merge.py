@@ -55,14 +55,14 @@ def test_merge_three_workers_bit_identical_and_destination_kept(tmp_path):
     names = merge_adapter_folders([tmp_path / 'all', tmp_path / 'w2', tmp_path / 'w3'], tmp_path / 'all')
     assert names == ['task0', 'task1', 'task2', 'task3', 'task4']
     for i, (w, model) in enumerate(workers.items()):
-        for n in model._modcl.tasks:
+        for n in model.modcl_tasks:
             if n == 'base':
                 continue
             assert (tmp_path / 'all' / n / ADAPTER_FILE).read_bytes() == (tmp_path / w / n / ADAPTER_FILE).read_bytes()
     fresh = _backbone()
     assert load_tasks(fresh, tmp_path / 'all') == names
     for model in workers.values():
-        for n in model._modcl.tasks:
+        for n in model.modcl_tasks:
             if n != 'base':
                 assert torch.equal(_logits(fresh, n), _logits(model, n)), n
 

@@ -40,7 +40,7 @@ def test_bad_method_settings_are_refused(model, kwargs):
 def test_lora_covers_every_weight_layer_depthwise_included_and_starts_at_the_pretrained_weights(model):
     x = torch.randn(2, 3, 32, 32)
     model.add_task('l', 3, method='lora', rank=4)
-    tensors = model._task('l').modulators
+    tensors = model.modcl_tasks['l'].modulators
     assert set(tensors) == set(model.modulated_layers)
     dw = [n for n in tensors if n.endswith('conv_dw')]
     assert dw
@@ -59,7 +59,7 @@ def test_lora_effective_weight_is_w_plus_scaled_b_a(model):
     model.add_task('l', 3, method='lora', rank=3, config=TaskConfig(method='lora', rank=3, alpha=6.0))
     name = next(n for n in model.modulated_layers if n.endswith('conv_dw'))
     layer = model.get_submodule(name)
-    t = model._task('l').modulators[name]
+    t = model.modcl_tasks['l'].modulators[name]
     with torch.no_grad():
         t.normal_()
     w = layer._buffers['weight']

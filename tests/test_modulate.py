@@ -46,7 +46,7 @@ def test_modulate_finds_layers_head_and_frozen_parameters():
     assert 'patch_embed.proj' in layers and 'blocks.0.attn.qkv' in layers and 'head' not in layers
     assert model.get_submodule('blocks.0.attn.qkv').modcl_chunks == 3
     assert {'cls_token', 'pos_embed'} <= {k for _, k in model._modcl.extra_frozen}
-    assert all(not p.requires_grad for p in model._frozen_tensors().values())
+    assert all(not p.requires_grad for p in model.frozen_tensors().values())
     convnext = timm_modcl.modulate(timm.create_model('convnext_atto'))
     assert convnext._modcl.head == 'head.fc' and 'head.norm' in convnext.norm_layers
     assert ('stages.0.blocks.0', 'gamma') in convnext._modcl.extra_frozen

@@ -64,7 +64,7 @@ class _InterruptAfter(Dataset):
 
 
 def _tensors(model, task='t'):
-    return {k: v.detach().clone() for k, v in model._task(task).tensors().items()}
+    return {k: v.detach().clone() for k, v in model.modcl_tasks[task].tensors().items()}
 
 
 def _same_history(a, b):

@@ -52,13 +52,13 @@ def served():
 
 
 def _stats(model, name):
-    return {k: v.clone() for k, v in model._task(name).stats.items()}
+    return {k: v.clone() for k, v in model.modcl_tasks[name].stats.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
 def test_statistics_layout_and_values(served):
     model, data = served
-    st = model._task('a').stats
+    st = model.modcl_tasks['a'].stats
     assert set(RANPAC_STATS) <= set(st)
     assert st['ranpac_gram'].shape == (DIM * (DIM + 1) // 2,) and st['ranpac_mean'].shape == (3, DIM)
     x, y = data['a']
@@ -79,12 +79,12 @@ def test_incremental_accumulation_equals_one_pass(served):
         model.compute_task_statistics('a', (x[5:], y[5:]), scorer='ranpac', dim=DIM, ridge=RIDGE,
                                       accumulate=True)
         for k in RANPAC_STATS:   # equal up to float32 rounding (and CPU kernels that depend on the batch size)
-            torch.testing.assert_close(model._task('a').stats[k], before[k], rtol=1e-5, atol=1e-5)
-        assert torch.equal(model._task('a').stats['ranpac_count'], before['ranpac_count'])
+            torch.testing.assert_close(model.modcl_tasks['a'].stats[k], before[k], rtol=1e-5, atol=1e-5)
+        assert torch.equal(model.modcl_tasks['a'].stats['ranpac_count'], before['ranpac_count'])
         with pytest.raises(StatisticsError, match='seed'):
             model.compute_task_statistics('a', (x, y), scorer='ranpac', dim=DIM, seed=3, accumulate=True)
     finally:
-        model._task('a').stats.update(before)
+        model.modcl_tasks['a'].stats.update(before)
 
 
 def test_merging_shards_is_the_statistics_of_the_union():
@@ -125,7 +125,7 @@ def test_tasks_learned_in_separate_processes_combine_exactly(served, tmp_path):
     other.add_task('a', 3, class_names=['neg', 'zero', 'pos'], activate=False)
     other.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, ridge=RIDGE, batch_size=5)
     other.load_task(tmp_path / 'b.safetensors')
-    assert all(torch.equal(other._task('b').stats[k], model._task('b').stats[k]) for k in RANPAC_STATS)
+    assert all(torch.equal(other.modcl_tasks['b'].stats[k], model.modcl_tasks['b'].stats[k]) for k in RANPAC_STATS)
     x = torch.cat([data['a'][0][:4], data['b'][0][:4]])
     ref, got = model.predict_classes(x), other.predict_classes(x)
     assert torch.equal(ref.class_scores, got.class_scores) and ref.tasks == got.tasks
@@ -140,13 +140,13 @@ def test_statistics_survive_adapter_files_and_fp16(served, tmp_path):
     fresh = _model()
     fresh.load_tasks(tmp_path / 'folder')
     for n in ('a', 'b'):
-        assert all(torch.equal(fresh._task(n).stats[k], model._task(n).stats[k]) for k in RANPAC_STATS)
+        assert all(torch.equal(fresh.modcl_tasks[n].stats[k], model.modcl_tasks[n].stats[k]) for k in RANPAC_STATS)
     got = fresh.predict_classes(x)
     assert torch.equal(got.class_scores, ref.class_scores) and got.class_names == ref.class_names
     half = _model()
     for n in ('a', 'b'):
         half.load_task(model.save_task(n, tmp_path / f'{n}16.safetensors', dtype=torch.float16))
-        assert float(half._task(n).stats['ranpac_seed']) == 0.0
+        assert float(half.modcl_tasks[n].stats['ranpac_seed']) == 0.0
     got = half.predict_classes(x)
     torch.testing.assert_close(got.class_scores, ref.class_scores, rtol=0.05, atol=0.05)
 
@@ -167,14 +167,14 @@ def test_decoded_weights_are_cached_and_refreshed_when_statistics_change(served,
     assert len(calls) == 2
     saved = _stats(model, 'a')
     try:
-        model._task('a').stats['ranpac_mean'].mul_(-1)    # in place: the tensor's version changes
+        model.modcl_tasks['a'].stats['ranpac_mean'].mul_(-1)    # in place: the tensor's version changes
         changed = model.predict_classes(x)
         assert len(calls) == 3 and not torch.equal(changed.class_scores, first.class_scores)
-        model._task('a').stats['ranpac_mean'] = saved['ranpac_mean'].clone()   # a new tensor
+        model.modcl_tasks['a'].stats['ranpac_mean'] = saved['ranpac_mean'].clone()   # a new tensor
         again = model.predict_classes(x)
         assert len(calls) == 4 and torch.equal(again.class_scores, first.class_scores)
     finally:
-        model._task('a').stats.update(saved)
+        model.modcl_tasks['a'].stats.update(saved)
 
 
 def test_decoded_weights_follow_the_model_dtype(served):
@@ -183,7 +183,7 @@ def test_decoded_weights_follow_the_model_dtype(served):
     double = _model()
     for n in ('a', 'b'):
         double.add_task(n, model.tasks[n].num_classes, activate=False)
-        double._task(n).stats.update(_stats(model, n))
+        double.modcl_tasks[n].stats.update(_stats(model, n))
     double.double()
     d = scorers.decoded(double, ['a', 'b'])
     assert d.weights.dtype == torch.float64
@@ -208,7 +208,7 @@ def test_malformed_statistics_raise_a_typed_error_and_change_nothing(served, cha
     saved = _stats(model, 'a')
     bad = _stats(model, 'a')
     change(bad)
-    model._task('a').stats = bad
+    model.modcl_tasks['a'].stats = bad
     try:
         before = {k: v.clone() for k, v in bad.items()}
         x = data['a'][0][:2]
@@ -216,12 +216,12 @@ def test_malformed_statistics_raise_a_typed_error_and_change_nothing(served, cha
                      lambda: model.predict_classes(x, scorer='ncm')):
             with pytest.raises(StatisticsError, match=match):
                 call()
-        assert set(model._task('a').stats) == set(before)
+        assert set(model.modcl_tasks['a'].stats) == set(before)
         for k, v in before.items():
-            torch.testing.assert_close(model._task('a').stats[k], v, rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(model.modcl_tasks['a'].stats[k], v, rtol=0, atol=0, equal_nan=True)
         assert model.active_task == 'base' and not model.training
     finally:
-        model._task('a').stats = saved
+        model.modcl_tasks['a'].stats = saved
 
 
 def test_bad_arguments_raise_typed_errors(served):
@@ -285,7 +285,7 @@ def test_model_scores_equal_the_model_free_scores(served):
     x = data['b'][0][:5]
     f = model.prototype_features(x)
     for method in ('ranpac', 'ncm'):
-        task_scores, per_task = score_ranpac(f, [model._task(n).stats for n in ('a', 'b')], method)
+        task_scores, per_task = score_ranpac(f, [model.modcl_tasks[n].stats for n in ('a', 'b')], method)
         pred = model.predict_classes(x, scorer=method)
         torch.testing.assert_close(torch.cat(per_task, 1), pred.class_scores, rtol=1e-5, atol=1e-5)
 
@@ -301,7 +301,7 @@ def test_all_reduce_sums_the_statistics_of_the_processes(served, tmp_path):
                                             all_reduce=True)
     finally:
         dist.destroy_process_group()
-        model._task('b').stats.update(saved)
+        model.modcl_tasks['b'].stats.update(saved)
     assert all(torch.equal(got[k], saved[k]) for k in RANPAC_STATS)
     with pytest.raises(TaskError, match='process group'):
         model.compute_task_statistics('b', data['b'], scorer='ranpac', dim=DIM, all_reduce=True)
@@ -318,11 +318,11 @@ def test_select_ridge_stores_the_most_accurate_ridge_and_refreshes_the_cache(ser
         truth = torch.tensor([0] * 6 + [1] * 6)
         for r, a in acc.items():    # the reported accuracy is the task identification with that ridge
             for n in ('a', 'b'):
-                model._task(n).stats['ranpac_ridge'] = torch.tensor(r)
+                model.modcl_tasks[n].stats['ranpac_ridge'] = torch.tensor(r)
             assert (model.predict_classes(x).task_index == truth).float().mean().item() == pytest.approx(a)
         assert best == max(acc, key=lambda r: (acc[r], r))
         for n in ('a', 'b'):
-            model._task(n).stats['ranpac_ridge'] = torch.tensor(best)
+            model.modcl_tasks[n].stats['ranpac_ridge'] = torch.tensor(best)
         assert not torch.equal(model.predict_classes(x).class_scores, before.class_scores)
         with pytest.raises(TaskError, match='two tasks'):
             select_ridge(model, {'a': val['a']})
@@ -330,7 +330,7 @@ def test_select_ridge_stores_the_most_accurate_ridge_and_refreshes_the_cache(ser
             select_ridge(model, val, grid=(0.0,))
     finally:
         for n, s in saved.items():
-            model._task(n).stats.update(s)
+            model.modcl_tasks[n].stats.update(s)
 
 
 # ---------------------------------------------------------------------------------------------------- device caches
@@ -358,14 +358,14 @@ def test_cache_counts_hits_and_misses_and_a_changed_statistic_refreshes(served):
         assert after['ranpac_hits'] >= before['ranpac_hits'] + 3
         first = model.predict_task_agnostic(x, scorer='prototype').task_scores
         with torch.no_grad():
-            model._task('a').stats['proto_mean'].add_(0.5)     # in place: only task 'a' is prepared again
+            model.modcl_tasks['a'].stats['proto_mean'].add_(0.5)     # in place: only task 'a' is prepared again
         changed = model.predict_task_agnostic(x, scorer='prototype').task_scores
         now = scorers.cache_info(model)
         assert now['prototype_misses'] == after['prototype_misses'] + 1
         assert not torch.equal(changed[:, 0], first[:, 0]) and torch.equal(changed[:, 1], first[:, 1])
     finally:
         for n, s in saved.items():
-            model._task(n).stats = s
+            model.modcl_tasks[n].stats = s
 
 
 def test_factors_follow_the_model_device_and_dtype(served):
@@ -374,7 +374,7 @@ def test_factors_follow_the_model_device_and_dtype(served):
     other = _model()
     for n in ('a', 'b'):
         other.add_task(n, model.tasks[n].num_classes, activate=False)
-        other._task(n).stats.update(_stats(model, n))
+        other.modcl_tasks[n].stats.update(_stats(model, n))
     _with_prototypes(other, data)
     names = ['a', 'b']
     ref32 = other.predict_task_agnostic(x, scorer='prototype')
@@ -404,13 +404,13 @@ def test_float32_prototype_scores_match_the_float64_reference(served):
         _with_prototypes(model, data)
         x = torch.cat([data['a'][0], data['b'][0]])
         pred = model.predict_task_agnostic(x, scorer='prototype')
-        ref, _ = score_prototypes(model.prototype_features(x), [model._task(n).stats for n in ('a', 'b')])
+        ref, _ = score_prototypes(model.prototype_features(x), [model.modcl_tasks[n].stats for n in ('a', 'b')])
         assert ref.dtype == torch.float64
         torch.testing.assert_close(pred.task_scores.double(), ref, rtol=2e-4, atol=1e-3)
         assert torch.equal(pred.task_index, ref.argmax(1))
     finally:
         for n, s in saved.items():
-            model._task(n).stats = s
+            model.modcl_tasks[n].stats = s
 
 
 # ---------------------------------------------------------------------------------------------------- layers
@@ -433,7 +433,7 @@ def test_statistics_from_earlier_layers_use_a_truncated_forward(served):
         torch.testing.assert_close(f, expected)
         ref = ranpac_statistics(f, y, 3, dim=DIM, ridge=RIDGE, layers=(3, 5))
         for k in RANPAC_STATS + ('ranpac_layers',):
-            torch.testing.assert_close(ref[k], model._task('a').stats[k], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ref[k], model.modcl_tasks['a'].stats[k], rtol=1e-4, atol=1e-5)
         xs = torch.cat([data['a'][0], data['b'][0]])
         pred = model.predict_classes(xs)
         assert calls == [] and pred.tasks == ['a'] * 12 + ['b'] * 12
@@ -442,18 +442,18 @@ def test_statistics_from_earlier_layers_use_a_truncated_forward(served):
         calls.clear()                                         # (the chosen heads' forwards ran conv_head)
         # pre-logits and an inner layer: one full forward
         model.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, ridge=RIDGE, layers=[-1, 4])
-        assert model._task('a').stats['ranpac_layers'].tolist() == [4.0, -1.0] and len(calls) == 1
+        assert model.modcl_tasks['a'].stats['ranpac_layers'].tolist() == [4.0, -1.0] and len(calls) == 1
         with pytest.raises(StatisticsError, match='layers'):   # candidates made from other layers
             model.predict_classes(xs)
         with pytest.raises(StatisticsError, match='layers'):
             model.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, layers=[3], accumulate=True)
         # back to the pre-logits features: the layers statistic goes away
         model.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, ridge=RIDGE, layers=[-1])
-        assert 'ranpac_layers' not in model._task('a').stats
+        assert 'ranpac_layers' not in model.modcl_tasks['a'].stats
     finally:
         hook.remove()
         for n, s in saved.items():
-            model._task(n).stats = s
+            model.modcl_tasks[n].stats = s
 
 
 @pytest.mark.parametrize('layers, error', [([], TaskError), ('3', TaskError), ([1.5], TaskError), ([-2], TaskError),
@@ -464,8 +464,8 @@ def test_bad_layers_raise_typed_errors_and_change_nothing(served, layers, error)
     saved = _stats(model, 'a')
     with pytest.raises(UnsupportedModelError if error == 'unsupported' else error):
         model.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, layers=layers)
-    assert all(torch.equal(model._task('a').stats[k], saved[k]) for k in saved) and \
-        set(model._task('a').stats) == set(saved)
+    assert all(torch.equal(model.modcl_tasks['a'].stats[k], saved[k]) for k in saved) and \
+        set(model.modcl_tasks['a'].stats) == set(saved)
 
 
 def test_malformed_layers_statistic_raises(served):
@@ -473,11 +473,11 @@ def test_malformed_layers_statistic_raises(served):
     saved = _stats(model, 'a')
     try:
         for bad in (torch.tensor([3.5]), torch.tensor([5.0, 3.0]), torch.tensor([[3.0]]), torch.tensor([-3.0])):
-            model._task('a').stats['ranpac_layers'] = bad
+            model.modcl_tasks['a'].stats['ranpac_layers'] = bad
             with pytest.raises(StatisticsError, match='ranpac_layers'):
                 model.predict_classes(data['a'][0][:2])
     finally:
-        model._task('a').stats = saved
+        model.modcl_tasks['a'].stats = saved
 
 
 # ---------------------------------------------------------------------------------------------------- head evidence
@@ -513,7 +513,7 @@ def test_layers_travel_in_adapter_files_and_fp16(served, tmp_path):
         model.save_tasks(tmp_path / 'folder')
         fresh = _model()
         fresh.load_tasks(tmp_path / 'folder')
-        assert fresh._task('a').stats['ranpac_layers'].tolist() == [4.0, 7.0]
+        assert fresh.modcl_tasks['a'].stats['ranpac_layers'].tolist() == [4.0, 7.0]
         assert torch.equal(fresh.predict_classes(x).class_scores, ref.class_scores)
         half = _model()
         half.load_task(model.save_task('a', tmp_path / 'a16.safetensors', dtype=torch.float16))
@@ -522,7 +522,7 @@ def test_layers_travel_in_adapter_files_and_fp16(served, tmp_path):
         assert half.predict_classes(x).tasks == ref.tasks
     finally:
         for n, s in saved.items():
-            model._task(n).stats = s
+            model.modcl_tasks[n].stats = s
 
 
 # ---------------------------------------------------------------------------------------------------- input size
@@ -551,12 +551,12 @@ def test_input_size_statistics_equal_the_model_free_statistics_of_resized_inputs
         f = model.prototype_features(small)
         ref = ranpac_statistics(f, y, 3, dim=DIM, ridge=RIDGE, input_size=SMALL)
         for k in RANPAC_STATS + ('ranpac_input_size',):
-            torch.testing.assert_close(ref[k], model._task('a').stats[k], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ref[k], model.modcl_tasks['a'].stats[k], rtol=1e-4, atol=1e-5)
         # scoring resizes the same way: the model-free scores of the resized batch
         xs = torch.cat([data['a'][0][:4], data['b'][0][:4]])
         small = torch.nn.functional.interpolate(xs, size=(SMALL, SMALL), mode='bilinear', antialias=True,
                                                 align_corners=False)
-        want, _ = score_ranpac(model.prototype_features(small), [model._task(n).stats for n in ('a', 'b')])
+        want, _ = score_ranpac(model.prototype_features(small), [model.modcl_tasks[n].stats for n in ('a', 'b')])
         seen.clear()
         got = model.predict_classes(xs)
         assert seen == [(SMALL, SMALL)]
@@ -573,11 +573,11 @@ def test_input_size_statistics_equal_the_model_free_statistics_of_resized_inputs
         # None (the default): no resize, the full-size batch as before
         assert scorers.scaled_input(xs, None) is xs and scorers.scaled_input(xs, SIZE) is xs
         model.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, ridge=RIDGE)
-        assert 'ranpac_input_size' not in model._task('a').stats
+        assert 'ranpac_input_size' not in model.modcl_tasks['a'].stats
     finally:
         hook.remove()
         for n, s in saved.items():
-            model._task(n).stats = s
+            model.modcl_tasks[n].stats = s
 
 
 def test_scaled_input_keeps_the_aspect_ratio_and_dtype():
@@ -600,7 +600,7 @@ def test_input_size_travels_in_adapter_files_and_fp16(served, tmp_path):
         model.save_tasks(tmp_path / 'folder')
         fresh = _model()
         fresh.load_tasks(tmp_path / 'folder')
-        assert float(fresh._task('a').stats['ranpac_input_size']) == SMALL
+        assert float(fresh.modcl_tasks['a'].stats['ranpac_input_size']) == SMALL
         d = scorers.decoded(fresh, ['a', 'b'])
         assert (d.input_size, d.layers) == (SMALL, (4, 7))
         assert torch.equal(fresh.predict_classes(x).class_scores, ref.class_scores)
@@ -611,7 +611,7 @@ def test_input_size_travels_in_adapter_files_and_fp16(served, tmp_path):
         assert half.predict_classes(x).tasks == ref.tasks
     finally:
         for n, s in saved.items():
-            model._task(n).stats = s
+            model.modcl_tasks[n].stats = s
 
 
 def test_different_input_sizes_are_refused(served):
@@ -626,7 +626,7 @@ def test_different_input_sizes_are_refused(served):
                 call()
         with pytest.raises(StatisticsError, match='input_size'):
             model.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, input_size=24, accumulate=True)
-        assert float(model._task('a').stats['ranpac_input_size']) == SMALL
+        assert float(model.modcl_tasks['a'].stats['ranpac_input_size']) == SMALL
         f = torch.randn(6, 8)
         y = torch.arange(6) % 2
         with pytest.raises(StatisticsError, match='input sizes'):
@@ -637,10 +637,10 @@ def test_different_input_sizes_are_refused(served):
         assert float(merged['ranpac_input_size']) == SMALL
         # accumulating at the same size works and keeps the size
         model.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, input_size=SMALL, accumulate=True)
-        assert float(model._task('a').stats['ranpac_input_size']) == SMALL
+        assert float(model.modcl_tasks['a'].stats['ranpac_input_size']) == SMALL
     finally:
         for n, s in saved.items():
-            model._task(n).stats = s
+            model.modcl_tasks[n].stats = s
 
 
 @pytest.mark.parametrize('size', [0, 7, 4096, 16.0, True, '16'])
@@ -651,8 +651,8 @@ def test_bad_input_size_raises_a_typed_error_and_changes_nothing(served, size):
         model.compute_task_statistics('a', data['a'], scorer='ranpac', dim=DIM, input_size=size)
     with pytest.raises(TaskError, match='input_size'):
         ranpac_statistics(torch.randn(4, 8), torch.zeros(4, dtype=torch.long), 1, dim=DIM, input_size=size)
-    assert all(torch.equal(model._task('a').stats[k], saved[k]) for k in saved) and \
-        set(model._task('a').stats) == set(saved)
+    assert all(torch.equal(model.modcl_tasks['a'].stats[k], saved[k]) for k in saved) and \
+        set(model.modcl_tasks['a'].stats) == set(saved)
 
 
 def test_malformed_input_size_statistic_raises(served):
@@ -661,11 +661,11 @@ def test_malformed_input_size_statistic_raises(served):
     try:
         for bad in (torch.tensor(16.5), torch.tensor([16.0]), torch.tensor(4.0), torch.tensor(float('nan')),
                     torch.tensor(16)):
-            model._task('a').stats['ranpac_input_size'] = bad
+            model.modcl_tasks['a'].stats['ranpac_input_size'] = bad
             with pytest.raises(StatisticsError, match='ranpac_input_size'):
                 model.predict_classes(data['a'][0][:2])
     finally:
-        model._task('a').stats = saved
+        model.modcl_tasks['a'].stats = saved
 
 
 def test_a_model_that_cannot_take_the_resized_copy_raises_a_typed_error_and_keeps_its_statistics():
@@ -675,6 +675,6 @@ def test_a_model_that_cannot_take_the_resized_copy_raises_a_typed_error_and_keep
     x, y = torch.randn(4, 3, SIZE, SIZE), torch.tensor([0, 1, 0, 1])
     with pytest.raises(UnsupportedModelError, match='input_size=16'):
         model.compute_task_statistics('a', (x, y), scorer='ranpac', dim=DIM, input_size=SMALL)
-    assert not model._task('a').stats
+    assert not model.modcl_tasks['a'].stats
     model.compute_task_statistics('a', (x, y), scorer='ranpac', dim=DIM, input_size=SIZE)   # the same size: fine
-    assert float(model._task('a').stats['ranpac_input_size']) == SIZE
+    assert float(model.modcl_tasks['a'].stats['ranpac_input_size']) == SIZE

@@ -61,7 +61,7 @@ CLASSES = {'stripes': ['horizontal', 'vertical'], 'blobs': ['red', 'green', 'blu
 def _perturb(model, name: str, seed: int) -> None:
     """Make a task's modulators, head and BN statistics differ from the others' (as training would)."""
     g = torch.Generator().manual_seed(seed)
-    task = model._task(name)
+    task = model.modcl_tasks[name]
     with torch.no_grad():
         for p in task.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
@@ -87,7 +87,7 @@ def served(pretrained_model_factory):
 
 def _snapshot(model):
     return (model.active_task, [m.training for m in model.modules()], model.weight_cache.cached_tasks(),
-            model.weight_cache.bytes, {n: {k: v.clone() for k, v in model._task(n).stats.items()}
+            model.weight_cache.bytes, {n: {k: v.clone() for k, v in model.modcl_tasks[n].stats.items()}
                                         for n in model.tasks})
 
 
@@ -102,7 +102,7 @@ def _assert_unchanged(model, before, cache=True):
         assert model.weight_cache.cached_tasks() == cached and model.weight_cache.bytes == nbytes
     assert list(model.tasks) == list(stats)
     for n, s in stats.items():
-        now = model._task(n).stats
+        now = model.modcl_tasks[n].stats
         assert set(now) == set(s) and all(torch.equal(now[k], v) for k, v in s.items()), n
 
 
@@ -304,16 +304,16 @@ def test_compute_task_statistics_changes_nothing_but_the_statistics(served):
     model.train()
     state = {k: v.clone() for k, v in model.state_dict().items()
              if not k.startswith('modcl.') and not k.startswith('modcl_tasks.noise.stats.')}
-    old = {k: v.clone() for k, v in model._task('noise').stats.items()}
-    model._task('noise').stats['user_note'] = torch.ones(2)
+    old = {k: v.clone() for k, v in model.modcl_tasks['noise'].stats.items()}
+    model.modcl_tasks['noise'].stats['user_note'] = torch.ones(2)
     stats = model.compute_task_statistics('noise', torch.utils.data.TensorDataset(x, y), batch_size=7)
     assert model.active_task == 'stripes' and all(m.training for m in model.modules())
     now = model.state_dict()
     assert all(torch.equal(now[k], v) for k, v in state.items())
-    assert list(stats) == list(PROTOTYPE_STATS) and torch.equal(model._task('noise').stats['user_note'], torch.ones(2))
+    assert list(stats) == list(PROTOTYPE_STATS) and torch.equal(model.modcl_tasks['noise'].stats['user_note'], torch.ones(2))
     for k in PROTOTYPE_STATS:  # batch size 7 or the whole set: the same statistics up to rounding
         torch.testing.assert_close(stats[k], old[k], rtol=1e-3, atol=1e-3)
-    del model._task('noise').stats['user_note']
+    del model.modcl_tasks['noise'].stats['user_note']
     model.eval()
     model.set_task('base')
 
@@ -363,7 +363,7 @@ def test_prototype_scorer_identifies_tasks_and_classifies_with_the_chosen_head(s
         torch.testing.assert_close(pred.class_probs[i], z.softmax(0).max())
     # scores are the Gaussian log-likelihoods of the base task's features
     feats = model.prototype_features(x)
-    expected, _ = score_prototypes(feats, [model._task(n).stats for n in pred.candidates])
+    expected, _ = score_prototypes(feats, [model.modcl_tasks[n].stats for n in pred.candidates])
     # the model scores in float32 (the factors are kept on its device and dtype), the model-free call in float64
     torch.testing.assert_close(pred.task_scores, expected.float(), rtol=2e-4, atol=1e-3)
     torch.testing.assert_close(pred.task_probs.sum(1), torch.ones(len(x)))
@@ -399,7 +399,7 @@ def test_predict_task_agnostic_bad_input_leaves_the_model_unchanged(served, pret
     model.set_task('stripes')
     model.train()
     before = _snapshot(model)
-    saved = model._task('noise').stats
+    saved = model.modcl_tasks['noise'].stats
     cases = [
         (dict(scorer='knn'), TaskError, 'unknown scorer'),
         (dict(tasks=['noise', 'birds']), TaskNotFoundError, 'birds'),
@@ -415,24 +415,24 @@ def test_predict_task_agnostic_bad_input_leaves_the_model_unchanged(served, pret
         model.predict_task_agnostic(torch.zeros(2, 4, SIZE, SIZE))
     _assert_unchanged(model, before)
     try:
-        model._task('noise').stats = {k: v for k, v in saved.items() if k != 'proto_basis'}
+        model.modcl_tasks['noise'].stats = {k: v for k, v in saved.items() if k != 'proto_basis'}
         with pytest.raises(StatisticsError, match="'noise' have no prototype statistics"):
             model.predict_task_agnostic(x)
         bad = dict(saved, proto_prior=saved['proto_prior'][:1])
-        model._task('noise').stats = bad
+        model.modcl_tasks['noise'].stats = bad
         with pytest.warns(RuntimeWarning, match="'noise'.*inconsistent shapes.*skipped"):  # the others still work
             assert 'noise' not in model.predict_task_agnostic(x).candidates
         before = _snapshot(model)
         with pytest.raises(StatisticsError, match="'noise'.*inconsistent shapes"):
             model.predict_task_agnostic(x, tasks=['noise'])
         _assert_unchanged(model, before)
-        model._task('noise').stats = dict(saved, proto_mean=saved['proto_mean'][:, :10],
+        model.modcl_tasks['noise'].stats = dict(saved, proto_mean=saved['proto_mean'][:, :10],
                                           proto_basis=saved['proto_basis'][:10], proto_log_noise=saved['proto_log_noise'][:10])
         with pytest.raises(StatisticsError, match='size 10'):
             model.predict_task_agnostic(x, tasks=['noise'])
         assert model.active_task == 'stripes' and [m.training for m in model.modules()] == before[1]
     finally:
-        model._task('noise').stats = saved
+        model.modcl_tasks['noise'].stats = saved
     model.eval()
     model.set_task('base')
 
@@ -473,13 +473,13 @@ def test_prototype_statistics_survive_adapter_files_folders_and_fp16(served, pre
     meta, tensors = read_adapter(path)
     assert meta['has_stats'] == 'true' and describe_adapter(path)['has_stats']
     assert {k for k in tensors if k.startswith('stats.')} == {f'stats.{k}' for k in PROTOTYPE_STATS}
-    assert describe_adapter(path)['num_stats_values'] == sum(model._task('blobs').stats[k].numel()
+    assert describe_adapter(path)['num_stats_values'] == sum(model.modcl_tasks['blobs'].stats[k].numel()
                                                              for k in PROTOTYPE_STATS)
     model.save_tasks(tmp_path / 'folder')
     fresh = pretrained_model_factory()
     fresh.load_tasks(tmp_path / 'folder')
     for n in ('stripes', 'blobs', 'noise'):
-        assert all(torch.equal(fresh._task(n).stats[k], model._task(n).stats[k]) for k in PROTOTYPE_STATS)
+        assert all(torch.equal(fresh.modcl_tasks[n].stats[k], model.modcl_tasks[n].stats[k]) for k in PROTOTYPE_STATS)
     got = fresh.eval().predict_task_agnostic(x)
     assert got.tasks == ref.tasks and torch.equal(got.task_scores, ref.task_scores)
     assert all(torch.equal(a, b) for a, b in zip(got.logits, ref.logits))
@@ -513,7 +513,7 @@ def test_prototype_statistics_survive_the_hub(hub, served, pretrained_model_fact
     assert fresh.load_tasks_from_hub('alice/served', endpoint=hub.url, cache_dir=tmp_path / 'c') == \
         ['stripes', 'blobs', 'noise']
     for n in ('stripes', 'blobs', 'noise'):
-        assert all(torch.equal(fresh._task(n).stats[k], model._task(n).stats[k]) for k in PROTOTYPE_STATS)
+        assert all(torch.equal(fresh.modcl_tasks[n].stats[k], model.modcl_tasks[n].stats[k]) for k in PROTOTYPE_STATS)
     x = torch.cat([v[0][:3] for v in test.values()])
     a, b = model.predict_task_agnostic(x), fresh.eval().predict_task_agnostic(x)
     assert a.tasks == b.tasks and torch.equal(a.task_scores, b.task_scores)
@@ -528,7 +528,7 @@ def test_statistics_follow_state_dicts_and_dtype_moves(served, pretrained_model_
     ref = model.predict_task_agnostic(x)
     assert torch.equal(fresh.eval().predict_task_agnostic(x).task_scores, ref.task_scores)
     fresh.to(torch.float64)
-    assert fresh._task('blobs').stats['proto_mean'].dtype == torch.float64
+    assert fresh.modcl_tasks['blobs'].stats['proto_mean'].dtype == torch.float64
     got = fresh.predict_task_agnostic(x.double())
     assert got.tasks == ref.tasks
     torch.testing.assert_close(got.task_scores, ref.task_scores, rtol=1e-4, atol=1e-2)
@@ -568,7 +568,7 @@ def test_cache_is_never_stale_after_training_steps_and_train_task(small):
     after = _logits(small, x, 'a')
     assert not torch.equal(after, before) and torch.equal(after, _fresh_logits(small, x, 'a'))
     with torch.no_grad():  # an in-place edit of a cached task that is not active
-        next(iter(small._task('b').modulators.values())).mul_(3)
+        next(iter(small.modcl_tasks['b'].modulators.values())).mul_(3)
     assert torch.equal(_logits(small, x, 'b'), _fresh_logits(small, x, 'b'))
     ds = torch.utils.data.TensorDataset(torch.randn(8, 3, SIZE, SIZE), torch.arange(8) % 5)
     _logits(small, x, 'c')
@@ -691,7 +691,7 @@ def test_prepared_prototypes_are_kept_until_the_statistics_change(served):
     try:
         again = model._gaussians(names)
         assert built == [] and all(a is b for a, b in zip(first, again))
-        stats = model._task(names[0]).stats
+        stats = model.modcl_tasks[names[0]].stats
         with torch.no_grad():
             stats['proto_mean'].add_(0.0)                     # an in-place edit bumps the version
         model._gaussians(names)

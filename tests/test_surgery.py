@@ -89,7 +89,7 @@ def test_prune_intermediate_layers_before_tasks_keeps_tasks_consistent():
     n_layers = len(m.modulated_layers)
     m.prune_intermediate_layers(indices=2, prune_head=True)
     assert len(m.modulated_layers) < n_layers
-    base = m._task('base')
+    base = m.modcl_tasks['base']
     assert set(base.modulators) <= set(m.modulated_layers)
     assert set(base.norm_stats) <= set(m.norm_layers)
     m.add_task('t', num_classes=0)

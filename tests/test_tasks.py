@@ -94,12 +94,12 @@ def test_per_layer_resolution_mapping_and_callable():
     model = _model()
     full = model.modulator_shapes((4, 4))
     info = model.add_task('a', 3, (4, 4), layer_resolution={'conv_stem': None, 'blocks.*.conv_dw': (2, 2)})
-    a = model._task('a')
+    a = model.modcl_tasks['a']
     assert 'conv_stem' not in a.modulators
     assert a.modulators['blocks.1.0.conv_dw'].shape[0] == model.blocks[1][0].conv_dw.out_channels // 4
     assert info.num_modulator_params != sum(torch.Size(s).numel() for s in full.values())
     model.add_task('b', 3, (4, 4), layer_resolution=lambda name, shape: None if 'conv_pwl' in name else (8, 8))
-    assert not any('conv_pwl' in k for k in model._task('b').modulators)
+    assert not any('conv_pwl' in k for k in model.modcl_tasks['b'].modulators)
 
 
 # ---------------------------------------------------------------- lifecycle API
@@ -153,7 +153,7 @@ def test_optimizer_over_all_parameters_changes_only_the_active_task(make_opt, x_
     model.add_task('a', 3)
     model.add_task('b', 4)
     before = {t: {k: v.detach().clone() for k, v in model.task_tensors(t).items()} for t in model.tasks}
-    frozen = {k: v.clone() for k, v in model._frozen_tensors().items()}
+    frozen = {k: v.clone() for k, v in model.frozen_tensors().items()}
     opt = make_opt(model.parameters())   # weight decay over everything: must still never touch another task
     model.train()
     for _ in range(2):
@@ -165,13 +165,13 @@ def test_optimizer_over_all_parameters_changes_only_the_active_task(make_opt, x_
     for t in ('base', 'a'):
         assert all(torch.equal(v, model.task_tensors(t)[k]) for k, v in before[t].items()), t
     assert any(not torch.equal(v, model.task_tensors('b')[k]) for k, v in before['b'].items())
-    assert all(torch.equal(v, model._frozen_tensors()[k]) for k, v in frozen.items())
+    assert all(torch.equal(v, model.frozen_tensors()[k]) for k, v in frozen.items())
 
 
 def test_backbone_never_gets_gradients(x_small):
     model = _model()
     model.add_task('a', 3)
-    frozen = model._frozen_tensors()
+    frozen = model.frozen_tensors()
     model.train()
     model(x_small).sum().backward()
     assert all(not t.requires_grad and t.grad is None for t in frozen.values())
@@ -181,10 +181,10 @@ def test_variants_identity_starts_at_pretrained(x_small):
     model = _model()
     base = _logits(model, x_small)
     model.add_task('id', 1000, variant='identity')
-    model.classifier.load_state_dict(model._task(BASE_TASK).head.state_dict())
+    model.classifier.load_state_dict(model.modcl_tasks[BASE_TASK].head.state_dict())
     assert torch.allclose(_logits(model, x_small), base, atol=1e-5)
     model.add_task('paper', 1000, variant='paper')
-    model.classifier.load_state_dict(model._task(BASE_TASK).head.state_dict())
+    model.classifier.load_state_dict(model.modcl_tasks[BASE_TASK].head.state_dict())
     assert not torch.allclose(_logits(model, x_small), base, atol=1e-3)
 
 
@@ -192,14 +192,14 @@ def test_train_mode_updates_only_active_bn_stats(x_small):
     model = _model()
     model.add_task('a', 3)
     model.add_task('b', 3)
-    before_a = {k: v.clone() for k, v in model._task('a').tensors().items()}
-    before_base = {k: v.clone() for k, v in model._task(BASE_TASK).tensors().items()}
+    before_a = {k: v.clone() for k, v in model.modcl_tasks['a'].tensors().items()}
+    before_base = {k: v.clone() for k, v in model.modcl_tasks[BASE_TASK].tensors().items()}
     model.train()
     model(x_small)
-    after_b = model._task('b').tensors()
-    assert not torch.equal(after_b['bn.bn1.running_mean'], model._task('a').tensors()['bn.bn1.running_mean'])
-    assert all(torch.equal(v, model._task('a').tensors()[k]) for k, v in before_a.items())
-    assert all(torch.equal(v, model._task(BASE_TASK).tensors()[k]) for k, v in before_base.items())
+    after_b = model.modcl_tasks['b'].tensors()
+    assert not torch.equal(after_b['bn.bn1.running_mean'], model.modcl_tasks['a'].tensors()['bn.bn1.running_mean'])
+    assert all(torch.equal(v, model.modcl_tasks['a'].tensors()[k]) for k, v in before_a.items())
+    assert all(torch.equal(v, model.modcl_tasks[BASE_TASK].tensors()[k]) for k, v in before_base.items())
 
 
 # ---------------------------------------------------------------- zero forgetting
@@ -507,11 +507,11 @@ def test_device_dtype_moves_keep_all_tasks(x_small):
     model.add_task('a', 3)
     model.add_task('b', 3)
     model.double()
-    assert all(t.dtype == torch.float64 for t in model._task('a').tensors().values() if t.is_floating_point())
-    assert model.classifier is model._task('b').head
+    assert all(t.dtype == torch.float64 for t in model.modcl_tasks['a'].tensors().values() if t.is_floating_point())
+    assert model.classifier is model.modcl_tasks['b'].head
     model.float()
     model.set_task('a')
-    assert model.conv_stem.modulator is model._task('a').modulators['conv_stem']
+    assert model.conv_stem.modulator is model.modcl_tasks['a'].modulators['conv_stem']
     _train_steps(model, x_small, steps=1)
 
 

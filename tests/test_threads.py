@@ -15,7 +15,7 @@ def _perturb_(model, name: str, seed: int) -> None:
     """Give a task distinct modulators, BN statistics, affine and head (as training would)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for flat, t in model._task(name).tensors().items():
+        for flat, t in model.modcl_tasks[name].tensors().items():
             if not t.is_floating_point():
                 continue
             if flat.endswith('running_var'):
@@ -171,11 +171,11 @@ def test_scoped_training_step_updates_only_the_scoped_task_statistics(model):
     import copy
     m = copy.deepcopy(model)
     m.train()
-    snap = {t: {k: v.detach().clone() for k, v in m._task(t).tensors().items()} for t in TASKS}
+    snap = {t: {k: v.detach().clone() for k, v in m.modcl_tasks[t].tensors().items()} for t in TASKS}
     x = torch.randn(4, 3, 32, 32)
     with m.task_scope('c'):
         out = m(x)
-    changed = {t: [k for k, v in m._task(t).tensors().items() if not torch.equal(v, snap[t][k])] for t in TASKS}
+    changed = {t: [k for k, v in m.modcl_tasks[t].tensors().items() if not torch.equal(v, snap[t][k])] for t in TASKS}
     assert changed['c'] and all(k.startswith('bn.') for k in changed['c'])
     assert not changed['a'] and not changed['b'] and not changed['d']
     assert not out.requires_grad

@@ -41,7 +41,7 @@ def _logits(model, x, task):
 
 
 def _task_tensors(model, task):
-    return {k: v.detach().clone() for k, v in model._task(task).tensors().items()}
+    return {k: v.detach().clone() for k, v in model.modcl_tasks[task].tensors().items()}
 
 
 # ------------------------------------------------------------------------------------------ train_task
@@ -354,7 +354,7 @@ def test_train_task_amp_bfloat16_on_cpu_keeps_other_tasks():
 
 # ------------------------------------------------------------------------------------------ found in the 0.2 review
 def _snapshot(model):
-    return (model.active_task, {t: {k: v.detach().clone() for k, v in model._task(t).tensors().items()}
+    return (model.active_task, {t: {k: v.detach().clone() for k, v in model.modcl_tasks[t].tensors().items()}
                                 for t in model.tasks})
 
 
@@ -370,7 +370,7 @@ def _unchanged(model, before):
     active, tensors = before
     assert model.active_task == active
     for t, ts in tensors.items():
-        now = model._task(t).tensors()
+        now = model.modcl_tasks[t].tensors()
         assert all(torch.equal(v, now[k]) for k, v in ts.items()), t
 
 

@@ -48,12 +48,12 @@ def _data(n=14):
 
 
 def _tensors(model, task):
-    return {k: v.detach().clone() for k, v in model._task(task).tensors().items()}
+    return {k: v.detach().clone() for k, v in model.modcl_tasks[task].tensors().items()}
 
 
 def _digest(model, task='t'):
     h = hashlib.sha256()
-    for k, v in model._task(task).tensors().items():
+    for k, v in model.modcl_tasks[task].tensors().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -189,7 +189,7 @@ def test_interrupted_and_resumed_run_is_bit_equal_to_an_uninterrupted_one(tmp_pa
         assert h.train_loss == want.train_loss and h.val_acc == want.val_acc and h.lr == want.lr
     assert _digest(plain) == _digest(whole) == _digest(resumed)
     assert _digest(plain, 'other') == _digest(resumed, 'other')
-    assert want.epochs == 2 and plain._task('t').stats  # prototypes stored
+    assert want.epochs == 2 and plain.modcl_tasks['t'].stats  # prototypes stored
 
 
 # ---------------------------------------------------------------------------------------------------- BN
@@ -268,7 +268,7 @@ def test_stepper_steps_and_clips_the_gradient_norm(clip):
 def test_task_snapshot_puts_a_diverged_task_back():
     model = _model()
     snap = TaskSnapshot(model, 't')
-    live = model._task('t').tensors(stats=False)
+    live = model.modcl_tasks['t'].tensors(stats=False)
     name = next(k for k in live if k.startswith('modulator.'))
     with torch.no_grad():
         live[name].fill_(float('nan'))

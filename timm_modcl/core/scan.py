@@ -263,7 +263,7 @@ class LayerScanMixin:
         Two models have the same fingerprint exactly when task adapters trained on one apply unchanged to the other.
         """
         st = self._modcl
-        frozen = self._frozen_tensors()
+        frozen = self.frozen_tensors()
         key = tuple((id(t), t._version) for t in frozen.values())
         if st.fingerprint is not None and st.fingerprint[0] == key:
             return st.fingerprint[1]
@@ -276,7 +276,9 @@ class LayerScanMixin:
         st.fingerprint = (key, h.hexdigest())
         return st.fingerprint[1]
 
-    def _frozen_tensors(self) -> 'OrderedDict[str, torch.Tensor]':
+    def frozen_tensors(self) -> 'OrderedDict[str, torch.Tensor]':
+        """The frozen backbone tensors every task shares, by their timm names (weights and biases of the weight
+        layers, the pretrained norm affine, other frozen parameters): no task may change them."""
         st = self._modcl
         out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
         for layers in (st.weight_layers, st.norm_layers):
