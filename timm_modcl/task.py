@@ -337,6 +337,16 @@ class TaskState(nn.Module):
         """Per-task norm affine by layer name (the live parameters)."""
         return _grouped(self.norm)
 
+    def move_stats_to_layers(self, layers: Mapping[str, nn.Module]) -> None:
+        """Copy the task's BatchNorm statistics into the layers' own buffers and read them from there from now on
+        (what the base task does: its statistics are the checkpoint's, under timm's keys)."""
+        with torch.no_grad():
+            for layer, s in self.norm_stats.items():
+                for k, v in s.items():
+                    layers[layer]._buffers[k].copy_(v)
+        self.bn.clear()
+        self.__dict__['layer_stats'] = OrderedDict(layers)
+
     def forget_layers(self, weights: Sequence[str], norms: Sequence[str]) -> None:
         """Drop the entries of layers that are no longer in the model (after a structural change)."""
         weights, norms = set(weights), set(norms)

@@ -230,10 +230,14 @@ class LayerScanMixin:
         modulators = OrderedDict(
             (layer, nn.Parameter(torch.zeros(shape, device=ref.device, dtype=ref.dtype)))
             for layer, shape in self._modulator_shapes(config).items())
-        layer_stats = OrderedDict((n, m) for n, m in st.norm_layers.items() if _tracks_stats(m))
         head = self._get_head() if st.head is not None else nn.Identity()
         return TaskState(BASE_TASK, int(getattr(self, 'num_classes', 0) or 0) if st.head else 0, head, config,
-                         modulators=modulators, norm_affine=self._fresh_affine(config), layer_stats=layer_stats)
+                         modulators=modulators, norm_affine=self._fresh_affine(config),
+                         layer_stats=self._stat_layers())
+
+    def _stat_layers(self) -> 'OrderedDict[str, nn.Module]':
+        """The BatchNorm layers that track running statistics, by name (their buffers are the base task's)."""
+        return OrderedDict((n, m) for n, m in self._modcl.norm_layers.items() if _tracks_stats(m))
 
     def _ref_tensor(self) -> torch.Tensor:
         st = self._modcl

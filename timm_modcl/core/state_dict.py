@@ -17,7 +17,7 @@ from ..layers import unmodulate_layer
 from ..payload import TaskPayload
 from ..task import BASE_TASK, BN_STATS, TaskState, table_name
 from .scan import _prepare_compiled_call
-from .state import TASKS_MODULE, _State, _tracks_stats
+from .state import TASKS_MODULE, _State
 
 #: Version of the ``state_dict`` layout: PyTorch's own over the module tree (timm's keys for the backbone, the base
 #: task's BatchNorm statistics and the bound task's head; ``modcl_tasks.<name>.<table>.<key>`` for every task's tensors)
@@ -71,10 +71,9 @@ class StateDictMixin:
         task's head (at the model's head path) and the BatchNorm statistics (the layers' own: the base task's)."""
         st = self._modcl
         out: 'OrderedDict[str, str]' = OrderedDict()
-        for layer, m in st.norm_layers.items():
-            if _tracks_stats(m):
-                for k in BN_STATS:
-                    out[f'{prefix}{layer}.{k}'] = f'bn.{layer}.{k}'
+        for layer in self._stat_layers():
+            for k in BN_STATS:
+                out[f'{prefix}{layer}.{k}'] = f'bn.{layer}.{k}'
         if st.head is not None:
             for k in self._get_head().state_dict():
                 out[f'{prefix}{st.head}.{k}'] = f'head.{k}'
@@ -161,14 +160,7 @@ class StateDictMixin:
     def _install_tasks(self, tasks: 'OrderedDict[str, TaskState]', active: str) -> None:
         """Replace every task by ``tasks`` (built and checked by ``_plan_load``) and bind ``active``."""
         st = self._modcl
-        base = tasks[BASE_TASK]
-        layer_stats = OrderedDict((n, m) for n, m in st.norm_layers.items() if _tracks_stats(m))
-        with torch.no_grad():
-            for layer, s in base.norm_stats.items():   # the base task's statistics live in the layers
-                for k, v in s.items():
-                    layer_stats[layer]._buffers[k].copy_(v)
-        base.bn.clear()
-        base.__dict__['layer_stats'] = layer_stats
+        tasks[BASE_TASK].move_stats_to_layers(self._stat_layers())   # the base task's statistics live in the layers
         st.tasks.clear()
         for name, task in tasks.items():
             task.set_trainable(False)
