@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -31,6 +32,28 @@ import timm
 import timm_modcl  # noqa: F401
 
 RESULTS = Path(__file__).resolve().parent / 'results'
+#: The backbone weights every model of the eval measurements starts from (``main`` sets them): timm keys, no classifier.
+BACKBONE: Dict[str, object] = {'state': None, 'source': 'random initialisation (seed 0)'}
+
+
+def use_imagenet_backbone() -> None:
+    """Load the ImageNet MobileNetV2 backbone that ``_fetch.py`` takes from a package (offline after one download)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _fetch
+    path = _fetch.backbone_weights()
+    model = timm.create_model('modcl_mobilenetv2_100', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    BACKBONE['state'] = {k: v for k, v in model.state_dict().items()
+                         if not k.startswith(('modcl', 'classifier.'))}
+    BACKBONE['source'] = f'ImageNet MobileNetV2 ({path.name}, from {_fetch.DEEPSORT_REQ})'
+
+
+def plain_model(**kwargs) -> torch.nn.Module:
+    """Plain timm ``mobilenetv2_100`` (seed 0) with the benchmark's backbone weights."""
+    torch.manual_seed(0)
+    plain = timm.create_model('mobilenetv2_100', **kwargs)
+    if BACKBONE['state'] is not None:
+        plain.load_state_dict(BACKBONE['state'], strict=False)   # the classifier stays as created
+    return plain
 
 
 def median_time(fn: Callable[[], None], repeats: int, warmup: int = 2) -> float:
@@ -45,13 +68,17 @@ def median_time(fn: Callable[[], None], repeats: int, warmup: int = 2) -> float:
 
 
 def interleaved(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> Dict[str, float]:
-    """Median time of each function, alternating between them so that machine noise hits all alike."""
+    """Median time of each function, alternating between them (in a new random order each round) so that machine
+    noise and cache effects hit all alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: Dict[str, list] = {k: [] for k in fns}
+    order, rng = list(fns), random.Random(0)
     for _ in range(repeats):
-        for k, fn in fns.items():
+        rng.shuffle(order)
+        for k in order:
+            fn = fns[k]
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
@@ -66,8 +93,7 @@ def _eval_fn(model, x) -> Callable[[], None]:
 
 
 def bench_eval(size: int, batch: int, repeats: int) -> Dict[str, float]:
-    torch.manual_seed(0)
-    plain = timm.create_model('mobilenetv2_100').eval()
+    plain = plain_model().eval()
     model = timm.create_model('modcl_mobilenetv2_100').eval()
     model.load_state_dict(plain.state_dict())
     model.add_task('t', 1000, (4, 4))
@@ -79,15 +105,14 @@ def bench_eval(size: int, batch: int, repeats: int) -> Dict[str, float]:
 
 
 def _models_for_eval(size: int, batch: int):
-    torch.manual_seed(0)
-    plain = timm.create_model('mobilenetv2_100').eval()
+    plain = plain_model().eval()
     model = timm.create_model('modcl_mobilenetv2_100').eval()
     model.load_state_dict(plain.state_dict())
     for name, kwargs in (('t', {}), ('u', {}), ('lora', dict(method='lora', rank=8))):
         model.add_task(name, 1000, **kwargs)
         model.classifier.load_state_dict(plain.classifier.state_dict())
         with torch.no_grad():  # trained-looking tasks: the cache must hold real effective weights
-            for p in model._task(name).modulators.values():
+            for p in model.modcl_tasks[name].modulator.values():
                 p.normal_(0, 0.01)
     model.set_task('t')
     return plain, model, torch.randn(batch, 3, size, size)
@@ -141,11 +166,12 @@ def bench_train(size: int, batch: int, repeats: int) -> Dict[str, float]:
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
 
-    full = timm.create_model('mobilenetv2_100', num_classes=10).train()
+    full = plain_model(num_classes=10).train()
     modcl = timm.create_model('modcl_mobilenetv2_100')
+    modcl.load_state_dict(plain_model().state_dict())
     modcl.add_task('t', 10, (4, 4))
     modcl.train()
-    base = timm.create_model('mobilenetv2_100', num_classes=10)
+    base = plain_model(num_classes=10)
     targets = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1]
     lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=4, target_modules=targets, modules_to_save=['classifier']))
     lora.train()
@@ -172,8 +198,8 @@ def bench_train(size: int, batch: int, repeats: int) -> Dict[str, float]:
 
 
 def bench_scale(size: int, batch: int, repeats: int, n_tasks: int) -> Dict[str, float]:
-    torch.manual_seed(0)
     one = timm.create_model('modcl_mobilenetv2_100').eval()
+    one.load_state_dict(plain_model().state_dict())
     one.add_task('t0', 10)
     many = timm.create_model('modcl_mobilenetv2_100').eval()
     many.load_state_dict(one.state_dict())
@@ -230,19 +256,23 @@ def main(argv=None) -> dict:
     ap.add_argument('--out', default=str(RESULTS / 'speed.json'))
     ap.add_argument('--threads', type=int, default=1,
                     help='torch threads (1: steadiest ratios when other processes share the cores; 0: default)')
+    ap.add_argument('--weights', choices=('imagenet', 'random'), default='imagenet',
+                    help='backbone weights of every model (imagenet: from a package, see _fetch.py; default)')
     ap.add_argument('--compile', action=argparse.BooleanOptionalAction, default=True,
                     help='also measure torch.compile (inductor; minutes of compilation on a CPU)')
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     q = args.quick
+    if args.weights == 'imagenet':
+        use_imagenet_backbone()
     results = {
         'machine': {'platform': platform.platform(), 'processor': platform.processor(), 'cpus': os.cpu_count(),
                     'torch_threads': torch.get_num_threads(), 'torch': torch.__version__, 'timm': timm.__version__},
-        'quick': q,
+        'quick': q, 'backbone_weights': BACKBONE['source'],
     }
     t0 = time.perf_counter()
-    results['eval_bs1'] = bench_eval(size=224, batch=1, repeats=5 if q else 30)
+    results['eval_bs1'] = bench_eval(size=224, batch=1, repeats=5 if q else 60)
     print(f"eval  bs1  224px: modcl/plain = {results['eval_bs1']['ratio']:.3f}", flush=True)
     results['eval_bs32'] = bench_eval(size=64 if q else 224, batch=32 if not q else 8, repeats=3 if q else 10)
     print(f"eval  bs32 {64 if q else 224}px: modcl/plain = {results['eval_bs32']['ratio']:.3f}", flush=True)

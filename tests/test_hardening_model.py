@@ -425,6 +425,21 @@ def test_non_finite_images_get_an_input_error_everywhere(served, value):
     assert all(torch.equal(v, model.modcl_tasks['t1'].stats[k]) for k, v in stats.items())
 
 
+def test_the_finite_check_is_exact_when_a_sum_would_overflow():
+    """The input check sums the batch (fast) and only then runs the exact test: huge but finite values are accepted,
+    +Inf and -Inf together (their sum is NaN) and a NaN in half precision are refused."""
+    from timm_modcl.layers.inputs import _all_finite
+    assert _all_finite(torch.full((2, 3, 4, 4), 3e38))            # its sum overflows to inf; every value is finite
+    assert _all_finite(torch.full((64, 3, 8, 8), 60000.0, dtype=torch.float16))   # a float16 sum would overflow
+    both = torch.zeros(2, 3, 4, 4)
+    both[0, 0, 0, 0], both[1, 0, 0, 0] = float('inf'), -float('inf')
+    assert not _all_finite(both)
+    half = torch.zeros(2, 3, 4, 4, dtype=torch.bfloat16)
+    half[1, 2, 3, 3] = float('nan')
+    assert not _all_finite(half)
+    assert not _all_finite(torch.tensor([float('inf')], dtype=torch.float64))
+
+
 def test_nan_batch_in_train_mode_leaves_the_bn_statistics():
     model = _model()
     model.add_task('t', 3)

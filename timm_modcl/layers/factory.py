@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..errors import FrozenBackboneError
 from .inputs import check_input
-from .norm import _TASK_STATS, TaskNorm, _TaskStats
+from .norm import _TASK_STATS, _TASK_TENSORS, TaskNorm, _TaskStats
 from .weight import ModulatedWeight
 
 
@@ -151,7 +151,7 @@ def modulate_layer(module: nn.Module) -> str:
 
 
 _LAYER_ATTRS = ('modcl_chunks', 'modcl_cache', '_modcl_interp', '_modcl_frozen', 'modcl_bn_guard', 'modcl_name',
-                'modcl_key', '_modcl_eff')
+                'modcl_key', '_modcl_eff', '_modcl_key') + tuple('_modcl_key_' + n for n in _TASK_TENSORS)
 
 
 def frozen_names(module: nn.Module) -> Tuple[str, ...]:

@@ -101,8 +101,9 @@ class ModulatedWeight:
     def weight(self) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self._modcl_compiled_weight()
-        frozen = self._buffers['weight']
-        cache = self.modcl_cache
+        d = self.__dict__
+        frozen = d['_buffers']['weight']
+        cache = d.get('modcl_cache')
         call = _SCOPED.get()
         if call is not None and call[0] is cache:  # a task_scope of this model: its task, nothing shared
             task, slot, name = call[1], call[2], call[1].name
@@ -111,10 +112,10 @@ class ModulatedWeight:
         else:
             return frozen
         modulator = task.__dict__['modulator_store'].get(self.modcl_key)
-        method = task.method
         if modulator is None:
             return frozen
-        if self.training or (modulator.requires_grad and torch.is_grad_enabled()):
+        method = task.method
+        if d['training'] or (torch.is_grad_enabled() and modulator.requires_grad):
             return method.weight(self, modulator)
         # eval without autograd: the cached weight if it was made from these very tensors, at these versions
         entry = slot.get(self)
