@@ -131,7 +131,7 @@ def main(out: Path) -> None:
     model = make_model(LN_ARCH)
     if rank == 1:
         with torch.no_grad():
-            next(iter(model._modcl.weight_layers.values()))._buffers['weight'].add_(1e-3)
+            model.frozen_tensors()[model.modulated_layers[0] + '.weight'].add_(1e-3)
     try:
         train_task(model, 't', train, **TRAIN)
         report['backbone_error'] = None

@@ -126,7 +126,7 @@ class ModCLTester:
         ``reset_classifier`` would replace the real classifier while the named module stayed shared by all tasks."""
         from timm_modcl import UnsupportedModelError, modulate
         probe = self.make_model()
-        classifier = probe._modcl.head
+        classifier = probe.head_name
         others = [n for n in (probe.modulated_layers[0], probe.modulated_layers[-1]) if n != classifier]
         x = self.x()
         for head in ('auto', classifier, None):

@@ -25,16 +25,23 @@ def test_compiled_model_serves_tasks_with_one_graph_each_and_equal_outputs(model
     torch._dynamo.reset()
     x = torch.randn(2, 3, 32, 32)
     ref = {t: model.forward_task(x, t) for t in ('a', 'b')}
-    counter = CompileCounter()
-    compiled = torch.compile(model, backend=counter)
+    counter, graphs = CompileCounter(), []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return counter(gm, example_inputs)
+    compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         for i, t in enumerate(('a', 'b', 'a', 'b')):
             model.set_task(t)
             assert torch.equal(compiled(x), ref[t]), t
             # one graph per task (a graph break would add frames per call), none on switching back
             assert counter.frame_count == min(i + 1, 2)
-    # the graph computes no effective weight: it takes the cached ones as inputs (one per modulated layer)
-    assert all(layer.__dict__.get('_modcl_eff') is not None for layer in model._modcl.weight_layers.values())
+    # the graphs compute no effective weight (the modulation's upsampling products and addcmul): they take the
+    # cached weights as inputs, one per modulated layer
+    targets = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op in ('call_function', 'call_method')}
+    assert not {t for t in targets if 'addcmul' in t or 'matmul' in t}, targets
+    assert sum('conv2d' in str(n.target) for n in graphs[0].graph.nodes) == len(model.modulated_layers)
 
 
 def test_compiled_model_sees_a_training_step(model):

@@ -45,7 +45,7 @@ def test_lora_covers_every_weight_layer_depthwise_included_and_starts_at_the_pre
     dw = [n for n in tensors if n.endswith('conv_dw')]
     assert dw
     for name, t in tensors.items():
-        w = model.get_submodule(name)._buffers['weight']
+        w = model.frozen_tensors()[name + '.weight']
         fan_in = math.prod(w.shape[1:])
         assert t.shape == (w.shape[0] + fan_in, min(4, w.shape[0], fan_in)), name
         assert not t[:w.shape[0]].any() and t[w.shape[0]:].any()          # B = 0, A random
@@ -62,7 +62,7 @@ def test_lora_effective_weight_is_w_plus_scaled_b_a(model):
     t = model.modcl_tasks['l'].modulators[name]
     with torch.no_grad():
         t.normal_()
-    w = layer._buffers['weight']
+    w = model.frozen_tensors()[name + '.weight']
     o = w.shape[0]
     b, a = t[:o], t[o:].t()
     expected = w + (6.0 / t.shape[1]) * (b @ a).reshape(w.shape)

@@ -41,15 +41,15 @@ def test_modulate_plain_timm_model(name, kwargs):
 
 def test_modulate_finds_layers_head_and_frozen_parameters():
     model = timm_modcl.modulate(timm.create_model('vit_tiny_patch16_224', img_size=32))
-    assert model._modcl.head == 'head'
+    assert model.head_name == 'head'
     layers = model.modulated_layers
     assert 'patch_embed.proj' in layers and 'blocks.0.attn.qkv' in layers and 'head' not in layers
     assert model.get_submodule('blocks.0.attn.qkv').modcl_chunks == 3
-    assert {'cls_token', 'pos_embed'} <= {k for _, k in model._modcl.extra_frozen}
+    assert {'cls_token', 'pos_embed'} <= set(model.frozen_tensors())
     assert all(not p.requires_grad for p in model.frozen_tensors().values())
     convnext = timm_modcl.modulate(timm.create_model('convnext_atto'))
-    assert convnext._modcl.head == 'head.fc' and 'head.norm' in convnext.norm_layers
-    assert ('stages.0.blocks.0', 'gamma') in convnext._modcl.extra_frozen
+    assert convnext.head_name == 'head.fc' and 'head.norm' in convnext.norm_layers
+    assert 'stages.0.blocks.0.gamma' in convnext.frozen_tensors()
 
 
 class _Custom(nn.Module):

@@ -141,7 +141,7 @@ def test_bad_checkpoints_are_refused_before_anything_changes(tmp_path):
     refused(ck, 'another config', model=model)
     moved = _model()
     with torch.no_grad():
-        next(iter(moved._modcl.weight_layers.values()))._buffers['weight'].mul_(2)
+        moved.frozen_tensors()[moved.modulated_layers[0] + '.weight'].mul_(2)
     refused(ck, 'other backbone weights', model=moved)
 
     data_bytes = ck.read_bytes()

@@ -380,7 +380,7 @@ def test_factors_follow_the_model_device_and_dtype(served):
     ref32 = other.predict_task_agnostic(x, scorer='prototype')
     g32 = other._gaussians(names)
     assert all(g.mean_s.dtype == torch.float32 and g.w.dtype == torch.float32 for g in g32)
-    assert all(g.mean_s.device == other._ref_tensor().device for g in g32)
+    assert all(g.mean_s.device == other.backbone_device for g in g32)
     assert scorers.decoded(other, names).weights.dtype == torch.float32
     misses = scorers.cache_info(other)
     other.double()                                            # the factors follow: built again in float64

@@ -54,6 +54,11 @@ class TaskLifecycleMixin:
         return list(self._modcl.weight_layers)
 
     @property
+    def head_name(self) -> Optional[str]:
+        """Path of the per-task classifier (``'classifier'``, ``'head.fc'``, ...); ``None`` for a model without one."""
+        return self._modcl.head
+
+    @property
     def norm_layers(self) -> List[str]:
         """Names of the normalisation layers with per-task state."""
         return list(self._modcl.norm_layers)
