@@ -716,6 +716,39 @@ def _per_seed(store: Store, specs: List[Dict[str, Any]], tasks: Sequence[str]):
             "forgetting": forgetting}
 
 
+def _mask_agreement(store: Store, specs: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Piggyback's masks across test seeds, per task, from each cell's fixed sample of mask entries: the fraction of
+    entries flipped to 0, and for every pair of seeds the Jaccard overlap of their flipped entries beside the overlap
+    two independent masks with those flip rates would have by chance (``p q / (p + q - p q)``)."""
+    import baselines as B
+    masks: Dict[str, Dict[int, np.ndarray]] = {}
+    for spec, cell in _cells(store, specs):
+        c = (cell or {}).get("result", {}).get("counts", {})
+        if c.get("mask_sample") is None or spec["kind"] == "sequence":
+            continue
+        masks.setdefault(spec["tasks"][0], {})[spec["seed"]] = ~B.unpack_bits(c["mask_sample"], int(c["mask_sample_n"]))
+    if not masks:
+        return None
+    out: Dict[str, Any] = {"sample_entries": int(next(iter(next(iter(masks.values())).values())).size), "tasks": {}}
+    for task, by_seed in sorted(masks.items()):
+        seeds = sorted(by_seed)
+        flipped = [float(by_seed[s].mean()) for s in seeds]
+        pairs, chance = [], []
+        for i, a in enumerate(seeds):
+            for b in seeds[i + 1:]:
+                x, y = by_seed[a], by_seed[b]
+                union = int((x | y).sum())
+                pairs.append(float((x & y).sum() / union) if union else None)
+                p_, q_ = float(x.mean()), float(y.mean())
+                chance.append(p_ * q_ / (p_ + q_ - p_ * q_) if p_ + q_ > 0 else None)
+        known = [(j, c) for j, c in zip(pairs, chance) if j is not None and c is not None]
+        out["tasks"][task] = {"seeds": seeds, "flipped_fraction": flipped,
+                              "jaccard_mean": float(np.mean([j for j, _ in known])) if known else None,
+                              "jaccard_chance_mean": float(np.mean([c for _, c in known])) if known else None,
+                              "pairs": len(pairs)}
+    return out
+
+
 def _bytes_of(counts: Dict[str, Dict[str, Any]]) -> Optional[float]:
     vals = [c["bytes"] for c in counts.values() if "bytes" in c]
     return float(np.mean(vals)) if vals else None
@@ -807,6 +840,8 @@ def summarise(p: Protocol, st: Settings, wall_s: float, complete: bool) -> Dict[
                                   for t in st.tasks}
         if d["forgetting"]:
             e["forgetting"] = _stats.mean_sd(list(d["forgetting"].values()))
+        if m == "piggyback":
+            e["mask_agreement"] = _mask_agreement(store, specs)
         e["test_cell_s"] = d["wall_s"]
         out["methods"][m] = e
     comps = _compare_all(ps, "modcl", [m for m in methods if m not in SEQUENTIAL])

@@ -411,7 +411,19 @@ def v2_markdown(summary: Dict[str, Any], stem: str = "accuracy_v2") -> str:
     lines += ["## Seed-level means (mean over tasks per seed, %)", "", v2_per_seed_table(summary), "",
               "## Accuracy vs bytes", "", v2_bytes_table(summary), "",
               f"![accuracy vs bytes]({_plot_name(stem)})", "",
-              "## Library recipe", "", v2_recipe_table(summary), "", "## Budgets and searches", ""]
+              "## Library recipe", "", v2_recipe_table(summary), ""]
+    pig = (summary["methods"].get("piggyback") or {}).get("mask_agreement")
+    if pig:
+        lines += ["## Piggyback's masks", "", f"From a fixed sample of {pig['sample_entries']:,} mask entries per "
+                  "test cell: the share flipped to 0, and the Jaccard overlap of two seeds' flipped entries beside "
+                  "what two independent masks with those rates would share by chance.", "",
+                  "| task | flipped (% per seed) | Jaccard across seeds | by chance |", "|---|---|---|---|"]
+        for task, a in pig["tasks"].items():
+            flips = ", ".join(f"{100 * f:.2f}" for f in a["flipped_fraction"])
+            lines.append(f"| {task} | {flips} | {_pct(a['jaccard_mean'], 2)} % | "
+                         f"{_pct(a['jaccard_chance_mean'], 2)} % |")
+        lines.append("")
+    lines += ["## Budgets and searches", ""]
     for name, s in summary["methods"].items():
         b = s.get("budget")
         if not b:

@@ -179,3 +179,28 @@ def test_a_diverged_cell_scores_zero_and_stays_well_formed():
     r = _cellrun.diverged_result(seq, [S(7, 9), S(3, 4)], "loss inf")
     assert r["val_acc"] == [0.0, 0.0] and r["test_n"] == [9, 4] and len(r["test_matrix"]) == 2
     assert [B.unpack_bits(c, n).sum() for c, n in zip(r["test_correct"], (9, 4))] == [0, 0]
+
+
+# ---------------------------------------------------------------------------------------------------- piggyback masks
+def test_mask_agreement_against_chance(monkeypatch):
+    """Two seeds that flip the same entries overlap fully; independent flips overlap about as chance predicts."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("torch")
+    import accuracy as A
+    import baselines as B
+
+    rng = np.random.default_rng(0)
+    n = 4096
+    same = rng.random(n) < 0.05
+    cells = []
+    for seed, flipped in ((0, same), (1, same), (2, rng.random(n) < 0.05), (3, rng.random(n) < 0.05)):
+        task = "a" if seed < 2 else "b"
+        counts = {"mask_sample": B.pack_bits(~flipped), "mask_sample_n": n}
+        cells.append(({"seed": seed, "tasks": [task], "kind": "single"}, {"result": {"counts": counts}}))
+    monkeypatch.setattr(A, "_cells", lambda store, specs: cells)
+    out = A._mask_agreement(None, [])
+    a, b = out["tasks"]["a"], out["tasks"]["b"]
+    assert out["sample_entries"] == n and a["pairs"] == b["pairs"] == 1
+    assert a["jaccard_mean"] == 1.0 and a["flipped_fraction"][0] == pytest.approx(same.mean())
+    assert b["jaccard_mean"] == pytest.approx(b["jaccard_chance_mean"], abs=0.03)
+    assert b["jaccard_chance_mean"] == pytest.approx(0.05 * 0.05 / (0.1 - 0.0025), rel=0.3)
