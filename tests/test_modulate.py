@@ -112,3 +112,51 @@ def test_modulated_models_pickle_and_deepcopy(tmp_path):
         with torch.no_grad():
             assert torch.equal(clone(x), ref)
         assert clone.tasks == model.tasks and type(clone) is type(model)
+
+
+@pytest.mark.parametrize('arch', ['modcl_mobilenetv2_050', 'modcl_resnet18'])   # timm's BatchNormAct2d, nn.BatchNorm2d
+def test_batchnorm_eval_fast_path_equals_the_plain_forward(arch):
+    """In eval mode BatchNorm layers resolve the task's four tensors at once; their output equals the plain class's
+    forward (which reads them one property at a time) for the bound task, a scoped task and the base task, and
+    training still goes through the plain forward (it updates the bound task's statistics)."""
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False).eval()
+    for t in ('a', 'b'):
+        model.add_task(t, 3)
+        with torch.no_grad():
+            for v in model.task_tensors(t).values():
+                if v.is_floating_point():
+                    v.add_(torch.rand_like(v) * 0.5)   # every task's statistics and affine differ from the base's
+    model.set_task('a')
+    bns = {n: model.get_submodule(n) for n in model.norm_layers}
+    bns = {n: m for n, m in bns.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    assert bns and all(type(m).forward is not type(m)._modcl_plain.forward for m in bns.values())
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.__setitem__(n, a[0])) for n, m in bns.items()]
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    outs = {}
+    with torch.no_grad():
+        for name, m in bns.items():
+            x, plain = inputs[name], type(m)._modcl_plain.forward
+            outs[name] = [m(x)]
+            assert torch.equal(outs[name][0], plain(m, x)), name
+            with model.task_scope('b'):
+                outs[name].append(m(x))
+                assert torch.equal(outs[name][1], plain(m, x)), name
+            with model.use_task(BASE_TASK):
+                outs[name].append(m(x))
+                assert torch.equal(outs[name][2], plain(m, x)), name
+    # the three tasks give three different outputs through the fast path
+    assert all(not torch.equal(a, b) and not torch.equal(a, base) for a, b, base in outs.values())
+    name, m = next(iter(bns.items()))
+    x = inputs[name]
+    with pytest.raises((AssertionError, ValueError)):
+        m(x[0, 0])                                                  # a 2-D input: the plain forward's error
+    key = f'bn.{name}.running_mean'
+    before = model.task_tensors('a')[key].clone()
+    model.train()
+    m(x)
+    assert not torch.equal(model.task_tensors('a')[key], before)   # training: the bound task's statistics move

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..errors import FrozenBackboneError
 from .inputs import check_input
-from .norm import _TASK_STATS, _TASK_TENSORS, TaskNorm, _TaskStats
+from .norm import _TASK_STATS, _TASK_TENSORS, TaskNorm, _TaskStats, stats_mixin
 from .weight import ModulatedWeight
 
 
@@ -64,8 +64,8 @@ def task_aware_class(mixin: type, base: type) -> type:
     if cls is None:
         from timm.models._features_fx import register_notrace_module
         prefix = 'Modulated' if mixin is ModulatedWeight else 'Task'
-        mixins = (_TaskStats, mixin) if mixin is TaskNorm and issubclass(base, nn.modules.batchnorm._BatchNorm) else (
-            mixin,)
+        mixins = (stats_mixin(base), mixin) if mixin is TaskNorm and issubclass(base, nn.modules.batchnorm._BatchNorm) \
+            else (mixin,)
         task_views = ('modulator',) if mixin is ModulatedWeight else ('task_weight', 'task_bias')
         # '__module__': the package, timm_modcl.layers (as before it was split into modules), not this module
         cls = type(f'{prefix}{base.__name__}', (_FrozenGuard,) + mixins + (base,),

@@ -1,10 +1,11 @@
 """The task-aware normalisation layer (``TaskNorm``): the affine of the task of the call, and (``_TaskStats``, in
 front of BatchNorm layers) its running statistics; the layer's own buffers are the base task's.
 """
-from typing import Optional, Type
+from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .cache import _SCOPED, WeightCache
 
@@ -100,3 +101,71 @@ class _TaskStats:
     running_mean = _task_tensor('running_mean', 'bn_store')
     running_var = _task_tensor('running_var', 'bn_store')
     num_batches_tracked = _task_tensor('num_batches_tracked', 'bn_store')
+
+
+class _EvalBatchNorm(_TaskStats):
+    """``_TaskStats`` for a BatchNorm class whose forward is exactly PyTorch's ``_BatchNorm.forward`` or timm's
+    ``BatchNormAct2d.forward``: in eval mode with running statistics, the task's four tensors are resolved in one
+    lookup and ``F.batch_norm`` runs on them, as the plain forward does (the same call, so the same result), instead
+    of five property reads; training, and layers without running statistics, take the plain forward. About a 2 % faster
+    batch-1 forward of MobileNetV2 at 224 px on a CPU (``benchmarks/speed.py``)."""
+
+    def _modcl_eval_tensors(self) -> Tuple[Optional[torch.Tensor], ...]:
+        """(running_mean, running_var, weight, bias) of the task of the call, each the layer's own buffer when the task
+        has none for this layer."""
+        d = self.__dict__
+        b = d['_buffers']
+        cache = d.get('modcl_cache')
+        call = _SCOPED.get()
+        if call is not None and call[0] is cache:
+            task = call[1]
+        else:
+            task = None if cache is None else cache.bound
+        if task is None:
+            return b['running_mean'], b['running_var'], b['weight'], b['bias']
+        td = task.__dict__
+        bn, norm = td['bn_store'], td['norm_store']
+        rm, rv = bn.get(d['_modcl_key_running_mean']), bn.get(d['_modcl_key_running_var'])
+        w, bias = norm.get(d['_modcl_key_weight']), norm.get(d['_modcl_key_bias'])
+        return (b['running_mean'] if rm is None else rm, b['running_var'] if rv is None else rv,
+                b['weight'] if w is None else w, b['bias'] if bias is None else bias)
+
+    def _modcl_batch_norm(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The eval-mode batch norm of ``x`` with the task's tensors; ``None`` where the plain forward must run."""
+        if self.training:
+            return None
+        rm, rv, w, b = self._modcl_eval_tensors()
+        if rm is None or rv is None:
+            return None
+        return F.batch_norm(x, rm, rv, w, b, False, 0.0 if self.momentum is None else self.momentum, self.eps)
+
+
+class _EvalTorchBatchNorm(_EvalBatchNorm):
+    """For ``nn.BatchNorm1d/2d/3d`` (``_BatchNorm.forward``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            self._check_input_dim(x)
+        y = self._modcl_batch_norm(x)
+        return super().forward(x) if y is None else y
+
+
+class _EvalBatchNormAct2d(_EvalBatchNorm):
+    """For timm's ``BatchNormAct2d`` (batch norm, then its ``drop`` and ``act``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and x.ndim != 4:
+            raise AssertionError(f'expected 4D input (got {x.ndim}D input)')   # timm's check, as its _assert raises
+        y = self._modcl_batch_norm(x)
+        return super().forward(x) if y is None else self.act(self.drop(y))
+
+
+def stats_mixin(base: type) -> type:
+    """The running-statistics mixin for a BatchNorm class ``base``: an eval fast path when its forward is one this
+    module reproduces exactly, else ``_TaskStats``."""
+    from timm.layers.norm_act import BatchNormAct2d
+    if base.forward is nn.modules.batchnorm._BatchNorm.forward:
+        return _EvalTorchBatchNorm
+    if base.forward is BatchNormAct2d.forward:
+        return _EvalBatchNormAct2d
+    return _TaskStats
