@@ -1,5 +1,6 @@
 """The task-aware normalisation layer (``TaskNorm``): the affine of the task of the call, and (``_TaskStats``, in
-front of BatchNorm layers) its running statistics; the layer's own buffers are the base task's.
+front of BatchNorm layers) its running statistics; the layer's own buffers are the base task's. BatchNorm classes
+whose forward is PyTorch's or timm's ``BatchNormAct2d``'s get an eval-mode fast path (``stats_mixin``).
 """
 from typing import Optional, Tuple, Type
 
