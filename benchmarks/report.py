@@ -3,6 +3,7 @@
     python benchmarks/report.py                          # accuracy.md and plots from benchmarks/results/accuracy.json
     python benchmarks/report.py --json benchmarks/results/accuracy_v2.json   # protocol v2: accuracy_v2.md + plot
     python benchmarks/report.py --readme README.md       # also rewrite README's table between its markers
+    python benchmarks/report.py --json benchmarks/results/accuracy_v2.json --readme README.md   # from protocol v2
 
 README's section sits between ``<!-- accuracy-benchmark:start -->`` and ``<!-- accuracy-benchmark:end -->``.
 """
@@ -440,6 +441,49 @@ def v2_markdown(summary: Dict[str, Any], stem: str = "accuracy_v2") -> str:
     return "\n".join(lines) + "\n"
 
 
+def readme_section_v2(summary: Dict[str, Any]) -> str:
+    """README's benchmark section (between the markers) from a protocol v2 summary; a partial run says so and lists
+    what is missing."""
+    st, m = summary["settings"], summary["machine"]
+    cell_h = summary.get("cell_wall_s_total", 0) / 3600
+    status = ("complete" if summary["complete"] else
+              "**partial: the run goes on** (resumable cells; this section is rebuilt as they land)")
+    lines = [START, "",
+             f"Protocol v2, `nice -n 10 python benchmarks/accuracy.py --workers {m['workers']}` ({status}; "
+             f"{summary.get('cells_total', '?')} cells, {cell_h:.1f} h of cell time so far on a {m['cpus']}-core "
+             f"CPU, {m['workers']} worker processes; the plan estimated {summary['plan']['hours']:.1f} h of wall "
+             f"time, worst case {summary['plan']['worst_case_hours']:.1f} h). ImageNet MobileNetV2 (offline weights), "
+             f"{st['size']} px, {st['epochs']} epochs, batch {st['batch_size']}, Adam, `{st['sched']}` for every "
+             f"method, 500 training images per task. Every method gets the same search: a joint adapter-lr x head-lr "
+             f"grid extended while its best point is on an edge (at most {st['max_extensions']} extensions per axis "
+             f"and side), then 3 structural options, chosen on the mean validation accuracy of tuning-only seeds "
+             f"{', '.join(map(str, st['tune_seeds']))} on {', '.join(st['tune_tasks'])}; test once on fresh seeds "
+             f"{st['test_seeds'][0]}-{st['test_seeds'][-1]} x {len(st['tasks'])} tasks "
+             f"({', '.join(st['tasks'])}). Intervals: t over seeds (the seed's mean over tasks), Holm over the "
+             f"comparisons with modcl. Everything else (per-task numbers, every setting tried, bytes curve, library "
+             f"recipe, Piggyback's masks): `benchmarks/results/accuracy_v2.md`; this section: `python "
+             f"benchmarks/report.py --json benchmarks/results/accuracy_v2.json --readme README.md`.", ""]
+    if summary.get("missing"):
+        lines += ["Missing so far: " + "; ".join(f"{k}: {v}" for k, v in summary["missing"].items()) + ".", ""]
+    lines += [v2_main_table(summary), ""]
+    t = summary.get("target", {})
+    if t.get("evaluated"):
+        ft = t.get("full_finetune_minus_modcl")
+        lines += [f"Target at the default budget: {'met' if t.get('met') else '**not met**'} "
+                  f"(modcl significantly better than: {', '.join(t.get('significantly_better_than') or []) or 'none'};"
+                  f" full fine-tuning − modcl: {'not measured yet' if ft is None else _pct(ft, 2) + ' points'})"
+                  f"{'' if summary['complete'] else ', on the cells so far'}.", ""]
+    b = summary.get("bytes") or {}
+    if b.get("configs"):
+        lines += ["Accuracy against bytes per task:", "", v2_bytes_table(summary), "",
+                  "![accuracy vs bytes](benchmarks/results/accuracy_vs_bytes_v2.png)", ""]
+    r = summary.get("recipe") or {}
+    if any("chosen" in row for row in (r.get("methods") or {}).values()):
+        lines += ["At the library's own recipe:", "", v2_recipe_table(summary), ""]
+    lines.append(END)
+    return "\n".join(lines)
+
+
 def v2_plot(summary: Dict[str, Any], path: Path) -> Optional[Path]:
     """Accuracy vs bytes per task (log x), one line per method family, t intervals as error bars."""
     b = summary.get("bytes") or {}
@@ -499,6 +543,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stem = path.stem
     if summary.get("protocol_version", 1) >= 2:
         write_all_v2(summary, path.parent, stem)
+        if a.readme:
+            update_readme(Path(a.readme), readme_section_v2(summary))
         print(v2_main_table(summary))
         return 0
     write_all(summary, path.parent, stem)

@@ -204,3 +204,25 @@ def test_mask_agreement_against_chance(monkeypatch):
     assert a["jaccard_mean"] == 1.0 and a["flipped_fraction"][0] == pytest.approx(same.mean())
     assert b["jaccard_mean"] == pytest.approx(b["jaccard_chance_mean"], abs=0.03)
     assert b["jaccard_chance_mean"] == pytest.approx(0.05 * 0.05 / (0.1 - 0.0025), rel=0.3)
+
+
+def test_readme_section_v2_from_the_committed_summary(tmp_path):
+    """README's section is generated from the v2 summary: every method's row, the missing cells of a partial run,
+    and a rewrite between the markers that leaves the rest of the file as it was."""
+    path = BENCH / "results" / "accuracy_v2.json"
+    if not path.is_file():
+        pytest.skip("benchmarks/results/accuracy_v2.json does not exist yet")
+    import report
+    summary = json.loads(path.read_text())
+    section = report.readme_section_v2(summary)
+    assert section.startswith(report.START) and section.endswith(report.END)
+    for s in summary["methods"].values():
+        assert f"| {s['label']} |" in section
+    assert ("Missing so far" in section) == bool(summary.get("missing"))
+    assert ("partial" in section) == (not summary["complete"])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{report.START}\nold\n{report.END}\nafter\n")
+    report.update_readme(readme, section)
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("\nafter\n") and "\nold\n" not in text
+    assert section in text
