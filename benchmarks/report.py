@@ -463,8 +463,17 @@ def readme_section_v2(summary: Dict[str, Any]) -> str:
              f"comparisons with modcl. Everything else (per-task numbers, every setting tried, bytes curve, library "
              f"recipe, Piggyback's masks): `benchmarks/results/accuracy_v2.md`; this section: `python "
              f"benchmarks/report.py --json benchmarks/results/accuracy_v2.json --readme README.md`.", ""]
-    if summary.get("missing"):
-        lines += ["Missing so far: " + "; ".join(f"{k}: {v}" for k, v in summary["missing"].items()) + ".", ""]
+    b, r = summary.get("bytes") or {}, summary.get("recipe") or {}
+    n_seeds = len(b.get("seeds") or [])
+    bytes_done = [k for k, c in (b.get("configs") or {}).items() if (c.get("test_avg") or {}).get("n") == n_seeds]
+    recipe_done = [k for k, row in (r.get("methods") or {}).items() if "test_avg" in row]
+    missing = [f"{k}: {v}" for k, v in (summary.get("missing") or {}).items()]
+    if len(bytes_done) < len(b.get("configs") or {}) or not b.get("configs"):
+        missing.append(f"accuracy vs bytes: {len(bytes_done)} of {len(b.get('configs') or {})} configurations")
+    if len(recipe_done) < len(r.get("methods") or {}) or not r.get("methods"):
+        missing.append(f"library recipe: {len(recipe_done)} of {len(r.get('methods') or {})} methods")
+    if missing and not summary["complete"]:
+        lines += ["Missing so far: " + "; ".join(missing) + ".", ""]
     lines += [v2_main_table(summary), ""]
     t = summary.get("target", {})
     if t.get("evaluated"):
@@ -473,12 +482,10 @@ def readme_section_v2(summary: Dict[str, Any]) -> str:
                   f"(modcl significantly better than: {', '.join(t.get('significantly_better_than') or []) or 'none'};"
                   f" full fine-tuning − modcl: {'not measured yet' if ft is None else _pct(ft, 2) + ' points'})"
                   f"{'' if summary['complete'] else ', on the cells so far'}.", ""]
-    b = summary.get("bytes") or {}
-    if b.get("configs"):
+    if b.get("configs") and len(bytes_done) == len(b["configs"]):
         lines += ["Accuracy against bytes per task:", "", v2_bytes_table(summary), "",
                   "![accuracy vs bytes](benchmarks/results/accuracy_vs_bytes_v2.png)", ""]
-    r = summary.get("recipe") or {}
-    if any("chosen" in row for row in (r.get("methods") or {}).values()):
+    if r.get("methods") and len(recipe_done) == len(r["methods"]):
         lines += ["At the library's own recipe:", "", v2_recipe_table(summary), ""]
     lines.append(END)
     return "\n".join(lines)

@@ -218,8 +218,11 @@ def test_readme_section_v2_from_the_committed_summary(tmp_path):
     assert section.startswith(report.START) and section.endswith(report.END)
     for s in summary["methods"].values():
         assert f"| {s['label']} |" in section
-    assert ("Missing so far" in section) == bool(summary.get("missing"))
+    assert ("Missing so far" in section) == (not summary["complete"])
     assert ("partial" in section) == (not summary["complete"])
+    done = all((c.get("test_avg") or {}).get("n") == len(summary["bytes"]["seeds"])
+               for c in summary["bytes"].get("configs", {}).values())
+    assert ("Accuracy against bytes per task" in section) == (done and bool(summary["bytes"].get("configs")))
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{report.START}\nold\n{report.END}\nafter\n")
     report.update_readme(readme, section)
