@@ -732,14 +732,15 @@ def _mask_agreement(store: Store, specs: List[Dict[str, Any]]) -> Optional[Dict[
     out: Dict[str, Any] = {"sample_entries": int(next(iter(next(iter(masks.values())).values())).size), "tasks": {}}
     for task, by_seed in sorted(masks.items()):
         seeds = sorted(by_seed)
-        flipped = [float(by_seed[s].mean()) for s in seeds]
+        rate = {s: float(by_seed[s].mean()) for s in seeds}
+        flipped = [rate[s] for s in seeds]
         pairs, chance = [], []
         for i, a in enumerate(seeds):
             for b in seeds[i + 1:]:
                 x, y = by_seed[a], by_seed[b]
                 union = int((x | y).sum())
                 pairs.append(float((x & y).sum() / union) if union else None)
-                p_, q_ = float(x.mean()), float(y.mean())
+                p_, q_ = rate[a], rate[b]
                 chance.append(p_ * q_ / (p_ + q_ - p_ * q_) if p_ + q_ > 0 else None)
         known = [(j, c) for j, c in zip(pairs, chance) if j is not None and c is not None]
         out["tasks"][task] = {"seeds": seeds, "flipped_fraction": flipped,
