@@ -29,7 +29,8 @@ stops cleanly and the summary marks what is missing):
    BN + head, linear probe and full fine-tuning on ``Settings.recipe_tasks`` (the tuning tasks) x seeds 0, 1, 2.
    Reduced, equal tuning rule:
    the adapter rate at the short protocol's chosen value and one half-decade step either side (3 settings, head rate
-   at its chosen ratio to the adapter rate), tuning seed 100, validation of the second tuning task. The linear probe
+   at its chosen ratio to the adapter rate), extended one step past an edge optimum as in tuning, tuning seed 100,
+   validation of the second tuning task. The linear probe
    caches its features, so its cells get no augmentation (recorded per cell as ``augment_applied``).
 
 Every method trains with the same short recipe (Adam, batch 32, 5 epochs, cosine: the library's default schedule,
@@ -551,13 +552,29 @@ class Protocol:
         row = self.chosen[method]
         i = P.nearest_index(row["lr"])
         ratio = row["head_lr"] / row["lr"]
+
+        def run(js):
+            return self.parallel([self.evaluate(method, row["hp"], LADDER[j], LADDER[j] * ratio,
+                                                st.recipe_tune_tasks, st.recipe_tune_seeds, 3, f"recipe lr {j}",
+                                                table, epochs=st.recipe_epochs, augment=True) for j in js])
+
         idx = [j for j in (i - 1, i, i + 1) if 0 <= j < len(LADDER)]
-        rows = yield from self.parallel([self.evaluate(method, row["hp"], LADDER[j], LADDER[j] * ratio,
-                                                       st.recipe_tune_tasks, st.recipe_tune_seeds, 3,
-                                                       f"recipe lr {j}",
-                                                       table, epochs=st.recipe_epochs, augment=True) for j in idx])
+        rows = yield from run(idx)
+        ext = {-1: 0, 1: 0}
+        while True:  # the tuning stage's rule: extend one step past an edge optimum, at most max_extensions a side
+            k = max(range(len(rows)), key=lambda n: (rows[n]["val_mean"], -abs(idx[n] - i)))
+            side = -1 if idx[k] == min(idx) else 1 if idx[k] == max(idx) else 0
+            nxt = idx[k] + side
+            if side == 0 or ext[side] >= st.max_extensions or not 0 <= nxt < len(LADDER):
+                break
+            ext[side] += 1
+            new = yield from run([nxt])
+            idx, rows = idx + [nxt], rows + new
+        order = sorted(range(len(idx)), key=lambda n: idx[n])
+        idx, rows = [idx[n] for n in order], [rows[n] for n in order]
         k = max(range(len(rows)), key=lambda n: (rows[n]["val_mean"], -abs(idx[n] - i)))
-        best = dict(rows[k], interior=0 < k < len(rows) - 1, position=k)
+        best = dict(rows[k], interior=0 < k < len(rows) - 1, position=k, settings_tried=len(rows),
+                    extensions={"down": ext[-1], "up": ext[1]})
         specs = []
         for seed in st.recipe_seeds:
             specs += specs_for(st, method, row["hp"], self.recipe(best["lr"], best["head_lr"], st.recipe_epochs,
@@ -925,7 +942,8 @@ def _recipe_summary(p: Protocol, st: Settings) -> Dict[str, Any]:
     return {"tasks": list(st.recipe_tasks), "seeds": list(st.recipe_seeds), "epochs": st.recipe_epochs,
             "sched": st.sched, "augment": "timm create_transform(is_training=True)",
             "tuning_rule": "3 adapter rates: the short protocol's choice and one half-decade step either side, head "
-                           "rate at the chosen ratio; tuning seed(s) " + ", ".join(map(str, st.recipe_tune_seeds))
+                           "rate at the chosen ratio, extended one step at a time while the best is on an edge (at "
+                           f"most {st.max_extensions} a side, as in tuning); tuning seed(s) " + ", ".join(map(str, st.recipe_tune_seeds))
                            + ", task(s) " + ", ".join(st.recipe_tune_tasks),
             "methods": rows}
 

@@ -379,7 +379,8 @@ def v2_recipe_table(summary: Dict[str, Any]) -> str:
         c = row["chosen"]
         lines.append(f"| {m} | {_mci(row.get('test_avg'))} | "
                      f"{'(reference)' if m == 'modcl' else _ci(row.get('diff_vs_modcl'))} | "
-                     f"{c['lr']:g} / {c['head_lr']:g}{'' if c.get('interior') else ' (edge of 3)'} | "
+                     f"{c['lr']:g} / {c['head_lr']:g} ({c.get('settings_tried', 3)} tried"
+                     f"{'' if c.get('interior') else ', on the edge'}) | "
                      f"{row.get('augment_applied')} |")
     return "\n".join(lines)
 

@@ -229,3 +229,32 @@ def test_readme_section_v2_from_the_committed_summary(tmp_path):
     text = readme.read_text()
     assert text.startswith("before\n") and text.endswith("\nafter\n") and "\nold\n" not in text
     assert section in text
+
+
+class _DictStore(dict):
+    """An in-memory cell store: ``key in store`` and ``store.get(key)``, as :class:`_cellrun.Store`."""
+
+
+@pytest.mark.parametrize("peak_step, settings, interior", [(0, 3, True), (-1, 4, True), (-3, 5, False)])
+def test_recipe_tuning_extends_past_an_edge_like_the_tuning_stage(peak_step, settings, interior):
+    import accuracy as A
+    st = A.Settings()
+    st.max_extensions = 2
+    store = _DictStore()
+    p = A.Protocol(st, store)
+    i = 6
+    p.chosen["modcl"] = {"lr": P.LADDER[i], "head_lr": P.LADDER[i] / 3, "hp": {}}
+    val = _peak((i + peak_step,), 0.01)
+    g = p.recipe_stage("modcl")
+    batch = next(g)
+    while not any("test" in s["evaluate"] for s in batch):
+        for s in batch:  # every tuning cell: the synthetic validation surface at its adapter rate
+            j = P.nearest_index(s["recipe"]["lr"])
+            assert s["recipe"]["epochs"] == st.recipe_epochs and s["recipe"]["augment"] == "timm"
+            store[A.cell_key(s)] = {"result": {"val_acc": val((j,))}}
+        batch = g.send(None)
+    best = p.recipe_out["modcl"]["chosen"]
+    assert best["settings_tried"] == settings and len(p.recipe_out["modcl"]["validation"]) == settings
+    assert best["interior"] is interior
+    assert P.nearest_index(best["lr"]) == i + max(peak_step, -1 - st.max_extensions)
+    assert all(s["recipe"]["lr"] == best["lr"] for s in batch)  # the test cells run the chosen rate
