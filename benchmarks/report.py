@@ -467,7 +467,8 @@ def readme_section_v2(summary: Dict[str, Any]) -> str:
     b, r = summary.get("bytes") or {}, summary.get("recipe") or {}
     n_seeds = len(b.get("seeds") or [])
     bytes_done = [k for k, c in (b.get("configs") or {}).items() if (c.get("test_avg") or {}).get("n") == n_seeds]
-    recipe_done = [k for k, row in (r.get("methods") or {}).items() if "test_avg" in row]
+    recipe_done = [k for k, row in (r.get("methods") or {}).items() if "test_avg" in row
+                   and not row.get("missing_cells")]
     missing = [f"{k}: {v}" for k, v in (summary.get("missing") or {}).items()]
     if len(bytes_done) < len(b.get("configs") or {}) or not b.get("configs"):
         missing.append(f"accuracy vs bytes: {len(bytes_done)} of {len(b.get('configs') or {})} configurations")
