@@ -1,7 +1,7 @@
 """Continual-learning accuracy benchmark, protocol v2: equal held-out tuning, 8 test seeds, accuracy vs bytes, and
 the library's own training recipe.
 
-    nice -n 10 python benchmarks/accuracy.py --workers 2          # the whole protocol (about 6 h on 2 CPU cores)
+    nice -n 10 python benchmarks/accuracy.py --workers 2          # the whole protocol (about 8 h on 2 CPU cores)
     python benchmarks/accuracy.py --plan                          # cells per stage and the estimated hours
     python benchmarks/accuracy.py --quick                         # every stage end to end, tiny (a few minutes)
     python benchmarks/accuracy.py --paper-scale --cache DIR --time-budget-s 270   # GPU: chosen settings, 224 px
@@ -32,6 +32,9 @@ stops cleanly and the summary marks what is missing):
    at its chosen ratio to the adapter rate), extended one step past an edge optimum as in tuning, tuning seed 100,
    validation of the second tuning task. The linear probe
    caches its features, so its cells get no augmentation (recorded per cell as ``augment_applied``).
+5. **Library defaults**: modcl at ``train_task``'s default rates and at the recipe stage's chosen rates, at the
+   recipe, on every tuning seed x tuning task (validation only): the library's defaults change only when these
+   tuning-only cells prefer the other setting (the summary's ``defaults``; the change itself is made by hand).
 
 Every method trains with the same short recipe (Adam, batch 32, 5 epochs, cosine: the library's default schedule,
 fixed for all, not chosen on anyone's validation) at 64 px on 500 training images per task.
@@ -41,9 +44,11 @@ tuning on 2 of the tasks and 2 tuning seeds (not all tasks); grids of 3 x 3 with
 sequential fine-tuning and LwF (forgetting references, not adapter methods) are tuned on one tuning seed and tested
 on 3 seeds (0..2); the bytes curve on 2 tasks x 3 seeds at the chosen rates of each method (no per-budget rate
 search); the recipe comparison on 2 tasks x 3 seeds with the 3-setting rule above (1 tuning seed, 1 task); no
-data-size sweep (protocol v1 has one). The estimate assumes one extension line per method; if every search used all
-its extensions the tuning stage alone would take about 2.5 times as long (``--plan`` prints the worst case), and the
-later stages would then be cut by ``--time-budget-s`` in priority order.
+data-size sweep (protocol v1 has one). It did not fit: the plan made before the run (from protocol v1's cell times)
+said 6.0 h, the run needed about 8 h of the machine (more extensions than the one line per method the estimate
+assumes, and slower cells). ``--plan`` now prices cells at the run's measured times (``_protocol.CELL_S``): expected
+about 7 h, worst case (every search using all its extensions) about 12 h; a tighter budget is cut by
+``--time-budget-s`` in priority order.
 
 Cells are keyed by their spec, which holds the hash of the code that produces them (``baselines.py``,
 ``_fetch.py``, ``_cellrun.py``); each cell also records the timm_modcl source hash and the git commit. Cells live in
@@ -55,6 +60,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import copy
+import datetime
 import json
 import math
 import multiprocessing as mp
@@ -148,7 +154,7 @@ class Settings:
     recipe_tune_seeds: Tuple[int, ...] = (100,)
     recipe_tune_tasks: Tuple[str, ...] = field(default_factory=lambda: _default_tune_tasks()[1:])
     recipe_epochs: int = 30
-    stages: Tuple[str, ...] = ("tune", "test", "bytes", "recipe")
+    stages: Tuple[str, ...] = ("tune", "test", "bytes", "recipe", "defaults")
     device: str = "cpu"
     amp: bool = False
     workers: int = 2
@@ -396,6 +402,7 @@ class Protocol:
         self.test_specs: Dict[str, List[Dict[str, Any]]] = {}
         self.bytes_specs: Dict[str, Dict[str, Any]] = {}
         self.recipe_out: Dict[str, Dict[str, Any]] = {}
+        self.defaults_out: Dict[str, Any] = {}
         self.preset: Dict[str, Dict[str, Any]] = {}
         if st.hp_from:
             data = json.loads(Path(st.hp_from).read_text())
@@ -596,7 +603,81 @@ class Protocol:
             for m in st.recipe_methods:
                 if m in methods:
                     out[f"recipe {m}"] = self.recipe_stage(m)
+        if "defaults" in st.stages and "recipe" in st.stages and "modcl" in methods and "modcl" in st.recipe_methods:
+            out["defaults"] = self.defaults_check()
         return out
+
+    # -- stage 5: the library's default rates against the recipe stage's choice
+    def defaults_check(self):
+        """modcl at ``train_task``'s default rates and at the recipe stage's chosen rates, at the recipe, on every
+        tuning seed x tuning task (validation only). The library's defaults change only when these tuning-only cells
+        prefer the other setting; the summary records the paired differences, the decision is made by hand."""
+        st, table = self.st, []
+        while "modcl" not in self.recipe_out:
+            yield WAIT
+        lib, chosen = library_defaults(), self.recipe_out["modcl"]["chosen"]
+        settings = {"library default": (lib["lr"], lib["head_lr"]), "recipe choice": (chosen["lr"], chosen["head_lr"])}
+        runs = {name: ("modcl", self.chosen["modcl"]["hp"], lr, head_lr) for name, (lr, head_lr) in settings.items()}
+        diagnosis = []
+        if "bn_head" in st.recipe_methods and "bn_head" in st.methods_present():
+            # modcl only, outside the equal search: is its gap to BN + head at the recipe the rates of the parts the
+            # two share (norm affine, head) or the modulators? modcl's modulators at its recipe rate, its norm affine
+            # and head at BN + head's recipe rates; and BN + head itself on the same tuning cells.
+            while "bn_head" not in self.recipe_out:
+                yield WAIT
+            bn = self.recipe_out["bn_head"]["chosen"]
+            runs["modcl, norm affine and head at BN + head's rates"] = (
+                "modcl", dict(self.chosen["modcl"]["hp"], norm_lr_mult=_r(bn["lr"] / chosen["lr"])), chosen["lr"],
+                bn["head_lr"])
+            runs["BN + head"] = ("bn_head", self.chosen["bn_head"]["hp"], bn["lr"], bn["head_lr"])
+            diagnosis = list(runs)[2:]
+        rows = yield from self.parallel([
+            self.evaluate(method, hp, lr, head_lr, st.tune_tasks, st.tune_seeds, 4, f"defaults: {name}", table,
+                          epochs=st.recipe_epochs, augment=True)
+            for name, (method, hp, lr, head_lr) in runs.items()])
+        for row, (method, _, _, _) in zip(rows, runs.values()):
+            row["method"] = method
+        self.defaults_out = {"library": lib, "settings": dict(zip(runs, rows)), "diagnosis": diagnosis}
+        if rows[0]["val_mean"] > rows[1]["val_mean"]:
+            # the tuning-only cells prefer the library's defaults to the recipe stage's choice: test them once on
+            # the recipe stage's seeds and tasks, beside that stage's methods
+            lr, head_lr = settings["library default"]
+            specs = []
+            for seed in st.recipe_seeds:
+                specs += specs_for(st, "modcl", self.chosen["modcl"]["hp"],
+                                   self.recipe(lr, head_lr, st.recipe_epochs, True), st.recipe_tasks, seed,
+                                   ["val", "test"], 4, "defaults")
+            self.defaults_out["test_specs"] = specs
+            yield specs
+
+
+def busy_wall_s(cells) -> Optional[float]:
+    """Wall time during which at least one cell ran: the union of the cells' ``[finished - wall_s, finished]``
+    intervals (None when a cell lacks its finishing time)."""
+    spans = []
+    for c in cells:
+        try:
+            end = datetime.datetime.fromisoformat(str(c["finished"]).replace("Z", "+00:00")).timestamp()
+        except (KeyError, ValueError):
+            return None
+        spans.append((end - float(c["wall_s"]), end))
+    total, cur = 0.0, None
+    for a, b in sorted(spans):
+        if cur is not None and a <= cur[1]:
+            cur[1] = max(cur[1], b)
+            continue
+        if cur is not None:
+            total += cur[1] - cur[0]
+        cur = [a, b]
+    return total + (cur[1] - cur[0] if cur else 0.0)
+
+
+def library_defaults() -> Dict[str, Any]:
+    """``timm_modcl.train_task``'s default training settings (read from its signature)."""
+    import inspect
+    from timm_modcl import train_task
+    ps = inspect.signature(train_task).parameters
+    return {k: ps[k].default for k in ("lr", "head_lr", "epochs", "batch_size", "sched", "weight_decay")}
 
 
 def _yield_once(specs):
@@ -606,7 +687,7 @@ def _yield_once(specs):
 def plan(st: Settings, methods: Optional[Sequence[str]] = None,
          budget_configs: Optional[Sequence[Tuple[str, str, Dict[str, Any]]]] = None,
          n_structures: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
-    """Cells per stage and estimated hours (``_protocol.cell_seconds``, from the v1 cells' wall times).
+    """Cells per stage and estimated hours (``_protocol.cell_seconds``, from protocol v2's measured cell times).
 
     Expected tuning: the initial grid, one extension line and the structural options; the worst case uses every
     extension. Bytes configurations with an empty hp are the method's default structure, whose cells on the bytes
@@ -619,7 +700,7 @@ def plan(st: Settings, methods: Optional[Sequence[str]] = None,
     n_budgets = sum(1 for _, m, hp in budget_configs if hp and m in methods)
     scale = (st.size / 64.0) ** 2 * ((st.train_n or 500) / 500.0)
     stages: Dict[str, Dict[str, float]] = {k: {"cells": 0, "seconds": 0.0, "worst_seconds": 0.0}
-                                           for k in ("tune", "test", "bytes", "recipe")}
+                                           for k in ("tune", "test", "bytes", "recipe", "defaults")}
     per_method: Dict[str, Dict[str, float]] = {}
 
     def add(stage, method, cells, task_cells, test, epochs=None, augment=False, worst=None):
@@ -643,10 +724,10 @@ def plan(st: Settings, methods: Optional[Sequence[str]] = None,
         add("tune", m, cells, settings * len(seeds) * len(st.tune_tasks), False, worst=worst_settings / settings)
         tseeds = st.seq_test_seeds if seq else st.test_seeds
         add("test", m, len(tseeds) * (1 if seq else len(st.tasks)), len(tseeds) * len(st.tasks), True)
-    bytes_cells = n_budgets * len(st.bytes_seeds) * len(st.bytes_tasks)
-    stages["bytes"]["cells"] = bytes_cells
-    stages["bytes"]["seconds"] = stages["bytes"]["worst_seconds"] = \
-        bytes_cells * P.cell_seconds("lora", True) * scale
+    per_config = len(st.bytes_seeds) * len(st.bytes_tasks)
+    stages["bytes"]["cells"] = n_budgets * per_config
+    stages["bytes"]["seconds"] = stages["bytes"]["worst_seconds"] = sum(
+        per_config * P.cell_seconds(m, True) * scale for _, m, hp in budget_configs if hp and m in methods)
     for m in st.recipe_methods:
         if m not in methods:
             continue
@@ -655,12 +736,19 @@ def plan(st: Settings, methods: Optional[Sequence[str]] = None,
         n_test = len(st.recipe_seeds) * len(st.recipe_tasks)
         add("recipe", m, n_tune, n_tune, False, st.recipe_epochs, aug)
         add("recipe", m, n_test, n_test, True, st.recipe_epochs, aug)
+    if "modcl" in methods and "modcl" in st.recipe_methods:
+        n = len(st.tune_seeds) * len(st.tune_tasks)
+        add("defaults", "modcl", 3 * n, 3 * n, False, st.recipe_epochs, True)  # default, choice, diagnosis
+        n_test = len(st.recipe_seeds) * len(st.recipe_tasks)  # the test of the defaults, when they are preferred
+        add("defaults", "modcl", n_test, n_test, True, st.recipe_epochs, True)
+        if "bn_head" in methods and "bn_head" in st.recipe_methods:
+            add("defaults", "bn_head", n, n, False, st.recipe_epochs, True)
     total = sum(s["seconds"] for s in stages.values())
     worst = sum(s["worst_seconds"] for s in stages.values())
     w = max(1, st.workers)
     return {"stages": stages, "per_method_seconds": per_method, "cell_seconds": total, "workers": w,
             "hours": total / w / 3600, "worst_case_hours": worst / w / 3600,
-            "basis": "v1 cell wall times at 64 px / 500 images / 5 epochs / 1 thread (_protocol.CELL_S)"}
+            "basis": "protocol v2's measured cell wall times, 64 px, 500 images, 1 thread a worker (_protocol.CELL_S)"}
 
 
 def _known_methods() -> Tuple[str, ...]:
@@ -674,7 +762,7 @@ def _known_methods() -> Tuple[str, ...]:
 def print_plan(pl: Dict[str, Any]) -> None:
     print(f"protocol v{PROTOCOL_VERSION} plan ({pl['basis']}; {pl['workers']} workers)")
     for name, s in pl["stages"].items():
-        print(f"  {name:7s} {int(s['cells']):5d} cells  {s['seconds'] / 3600:6.2f} cell-h"
+        print(f"  {name:8s} {int(s['cells']):5d} cells  {s['seconds'] / 3600:6.2f} cell-h"
               f"  (worst case {s['worst_seconds'] / 3600:.2f})")
     print(f"  estimated wall: {pl['hours']:.2f} h (every search extended at most once per method); "
           f"worst case {pl['worst_case_hours']:.2f} h")
@@ -875,6 +963,7 @@ def summarise(p: Protocol, st: Settings, wall_s: float, complete: bool) -> Dict[
                           "ci_bonferroni: simultaneous over the comparisons"}
     out["bytes"] = _bytes_summary(p, st)
     out["recipe"] = _recipe_summary(p, st)
+    out["defaults"] = _defaults_summary(p, st)
     out["target"] = _target(out)
     return out
 
@@ -943,9 +1032,42 @@ def _recipe_summary(p: Protocol, st: Settings) -> Dict[str, Any]:
             "sched": st.sched, "augment": "timm create_transform(is_training=True)",
             "tuning_rule": "3 adapter rates: the short protocol's choice and one half-decade step either side, head "
                            "rate at the chosen ratio, extended one step at a time while the best is on an edge (at "
-                           f"most {st.max_extensions} a side, as in tuning); tuning seed(s) " + ", ".join(map(str, st.recipe_tune_seeds))
-                           + ", task(s) " + ", ".join(st.recipe_tune_tasks),
+                           f"most {st.max_extensions} a side, as in tuning); tuning seed(s) "
+                           + ", ".join(map(str, st.recipe_tune_seeds)) + ", task(s) " + ", ".join(st.recipe_tune_tasks),
             "methods": rows}
+
+
+def _defaults_summary(p: Protocol, st: Settings) -> Dict[str, Any]:
+    d = p.defaults_out
+    if not d:
+        return {"missing": "not run (waits on the recipe stage)" if "defaults" in st.stages else "not in the stages"}
+    lib, ours = d["settings"]["library default"], d["settings"]["recipe choice"]
+    keys = sorted(set(lib["val"]) & set(ours["val"]))
+
+    def minus(a, b):
+        return _mean_ci([a["val"][k] - b["val"][k] for k in keys])
+    diffs = [ours["val"][k] - lib["val"][k] for k in keys]
+    out = {"library": d["library"], "settings": d["settings"], "cells": keys,
+           "recipe_choice_minus_default": _mean_ci(diffs), "per_cell_diff": dict(zip(keys, diffs)),
+           "prefers": "recipe choice" if ours["val_mean"] > lib["val_mean"] else "library default",
+           "rule": "the library's defaults change only when the tuning-only cells prefer the other setting"}
+    if d.get("test_specs"):
+        ps = {"preferred": _per_seed(p.store, d["test_specs"], st.recipe_tasks)}
+        for m, r in p.recipe_out.items():
+            ps[m] = _per_seed(p.store, r["specs"], st.recipe_tasks)
+        pref = ps["preferred"]
+        out["preferred_test"] = {
+            "setting": "library default", "tasks": list(st.recipe_tasks), "seeds": list(st.recipe_seeds),
+            "per_seed_test": {str(k): v for k, v in sorted(pref["test"].items())},
+            "test_avg": _mean_ci(list(pref["seed_mean"].values())), "missing_cells": len(pref["missing"]),
+            "bytes_per_task": _bytes_of(pref["counts"]),
+            "others_minus_preferred": _compare_all(ps, "preferred", [m for m in ps if m != "preferred"])}
+    if d.get("diagnosis"):
+        out["diagnosis"] = {
+            "note": "modcl only, outside the equal search (not in any comparison table); validation of the tuning "
+                    "cells",
+            "minus_recipe_choice": {n: minus(d["settings"][n], ours) for n in d["diagnosis"]}}
+    return out
 
 
 def _target(out: Dict[str, Any]) -> Dict[str, Any]:
@@ -998,7 +1120,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Settings, argparse
                          "settings from --hp-from (default benchmarks/results/accuracy_v2.json); no re-tuning")
     ap.add_argument("--hp-from", help="accuracy_v2.json whose chosen settings are tested (no tuning)")
     ap.add_argument("--device", help="cpu (default) or cuda")
-    ap.add_argument("--stages", help="comma-separated subset of tune,test,bytes,recipe")
+    ap.add_argument("--stages", help="comma-separated subset of tune,test,bytes,recipe,defaults")
     ap.add_argument("--tasks", help="comma-separated test tasks (default: " + ",".join(_fetch.TASK_ORDER) + ")")
     ap.add_argument("--tune-tasks", help="comma-separated tuning tasks")
     ap.add_argument("--methods", help="comma-separated methods (default: " + ",".join(ALL_METHODS) + ")")
@@ -1044,7 +1166,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[Settings, argparse
     bad = [m for m in st.methods if m not in ALL_METHODS]
     if bad:
         ap.error(f"unknown methods {bad}; choose from {ALL_METHODS}")
-    bad = [s for s in st.stages if s not in ("tune", "test", "bytes", "recipe")]
+    bad = [s for s in st.stages if s not in ("tune", "test", "bytes", "recipe", "defaults")]
     if bad:
         ap.error(f"unknown stages {bad}")
     if set(st.tune_seeds) & set(st.test_seeds):
@@ -1088,6 +1210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     summary["abandoned_cells"] = runner.abandoned
     summary["cells_total"] = len(store.mem)
     summary["cell_wall_s_total"] = float(sum(r["wall_s"] for r in store.mem.values()))
+    summary["busy_wall_s"] = busy_wall_s(store.mem.values())
     from timm_modcl._io import atomic_write_json
     path = atomic_write_json(out_dir / f"{st.stem}.json", summary)
     _log(f"wrote {path} ({'complete' if complete else 'partial'}, {wall / 60:.1f} min)")

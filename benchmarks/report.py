@@ -373,16 +373,60 @@ def v2_recipe_table(summary: Dict[str, Any]) -> str:
              "| method | test accuracy, mean [95 % t CI] (%) | minus modcl [95 % t CI] | chosen lr / head lr | "
              "augmented |", "|---|---|---|---|---|"]
     for m, row in r["methods"].items():
+        label = (summary.get("methods", {}).get(m) or {}).get("label", m)
         if "chosen" not in row:
-            lines.append(f"| {m} | {row.get('missing')} | | | |")
+            lines.append(f"| {label} | {row.get('missing')} | | | |")
             continue
         c = row["chosen"]
-        lines.append(f"| {m} | {_mci(row.get('test_avg'))} | "
+        lines.append(f"| {label} | {_mci(row.get('test_avg'))} | "
                      f"{'(reference)' if m == 'modcl' else _ci(row.get('diff_vs_modcl'))} | "
                      f"{c['lr']:g} / {c['head_lr']:g} ({c.get('settings_tried', 3)} tried"
                      f"{'' if c.get('interior') else ', on the edge'}) | "
                      f"{row.get('augment_applied')} |")
     return "\n".join(lines)
+
+
+def v2_defaults_text(summary: Dict[str, Any]) -> str:
+    """The check of ``train_task``'s default rates against the recipe stage's choice, in one paragraph."""
+    d = summary.get("defaults") or {}
+    if "settings" not in d:
+        return d.get("missing", "not run")
+    lib, ours = d["settings"]["library default"], d["settings"]["recipe choice"]
+    diff = d["recipe_choice_minus_default"]
+    ci = f" [{100 * diff['ci'][0]:+.2f}, {100 * diff['ci'][1]:+.2f}]" if diff.get("ci") else ""
+    return (f"modcl at the library recipe on the tuning-only cells ({len(d['cells'])}: {', '.join(d['cells'])}), "
+            f"validation accuracy: `train_task`'s defaults (lr {lib['lr']:g}, head lr {lib['head_lr']:g}) "
+            f"{_pct(lib['val_mean'])} %, the recipe stage's choice (lr {ours['lr']:g}, head lr {ours['head_lr']:g}) "
+            f"{_pct(ours['val_mean'])} %; choice − default {100 * diff['mean']:+.2f} points{ci} (t over the cells). "
+            f"Preferred: {d['prefers']}. Rule: {d['rule']}." + _preferred_text(d, summary.get("methods") or {})
+            + _diagnosis_text(d))
+
+
+def _preferred_text(d: Dict[str, Any], methods: Dict[str, Any]) -> str:
+    pt = d.get("preferred_test")
+    if not pt or pt.get("missing_cells") or "mean" not in (pt.get("test_avg") or {}):
+        return " Its test cells are missing." if pt else ""
+    names = {m: r.get("label", m) for m, r in methods.items()}
+    names["modcl"] = "modcl at the rule's choice"
+    others = "; ".join(f"{names.get(m, m)} {_ci(c)}"
+                       + (f", Holm p {c['p_holm']:.3g}" if c.get("p_holm") is not None else "")
+                       for m, c in pt["others_minus_preferred"].items())
+    return (f" Tested once on the recipe stage's seeds and tasks, modcl at the library's defaults scores "
+            f"{_mci(pt['test_avg'])}; each recipe-stage method minus it: {others}.")
+
+
+def _diagnosis_text(d: Dict[str, Any]) -> str:
+    diag = d.get("diagnosis")
+    if not diag:
+        return ""
+    parts = []
+    for name, diff in diag["minus_recipe_choice"].items():
+        row = d["settings"][name]
+        ci = f" [{100 * diff['ci'][0]:+.2f}, {100 * diff['ci'][1]:+.2f}]" if diff.get("ci") else ""
+        extra = "".join(f", {k} {v:g}" for k, v in (row.get("hp") or {}).items() if isinstance(v, (int, float)))
+        parts.append(f"{name} (lr {row['lr']:g}, head lr {row['head_lr']:g}{extra}) "
+                     f"{_pct(row['val_mean'])} %, {100 * diff['mean']:+.2f} points{ci} against the recipe choice")
+    return " Diagnosis (" + diag["note"] + "): " + "; ".join(parts) + "."
 
 
 def v2_markdown(summary: Dict[str, Any], stem: str = "accuracy_v2") -> str:
@@ -413,7 +457,8 @@ def v2_markdown(summary: Dict[str, Any], stem: str = "accuracy_v2") -> str:
     lines += ["## Seed-level means (mean over tasks per seed, %)", "", v2_per_seed_table(summary), "",
               "## Accuracy vs bytes", "", v2_bytes_table(summary), "",
               f"![accuracy vs bytes]({_plot_name(stem)})", "",
-              "## Library recipe", "", v2_recipe_table(summary), ""]
+              "## Library recipe", "", v2_recipe_table(summary), "",
+              "## The library's default rates", "", v2_defaults_text(summary), ""]
     pig = (summary["methods"].get("piggyback") or {}).get("mask_agreement")
     if pig:
         lines += ["## Piggyback's masks", "", f"From a fixed sample of {pig['sample_entries']:,} mask entries per "
@@ -447,12 +492,14 @@ def readme_section_v2(summary: Dict[str, Any]) -> str:
     what is missing."""
     st, m = summary["settings"], summary["machine"]
     cell_h = summary.get("cell_wall_s_total", 0) / 3600
+    busy = f" ({summary['busy_wall_s'] / 3600:.1f} h of wall time)" if summary.get("busy_wall_s") else ""
     status = ("complete" if summary["complete"] else
               "**partial: the run goes on** (resumable cells; this section is rebuilt as they land)")
     lines = [START, "",
              f"Protocol v2, `nice -n 10 python benchmarks/accuracy.py --workers {m['workers']}` ({status}; "
-             f"{summary.get('cells_total', '?')} cells, {cell_h:.1f} h of cell time so far on a {m['cpus']}-core "
-             f"CPU, {m['workers']} worker processes; the plan estimated {summary['plan']['hours']:.1f} h of wall "
+             f"{summary.get('cells_total', '?')} cells, {cell_h:.1f} h of cell time{busy} "
+             f"{'' if summary['complete'] else 'so far '}on a {m['cpus']}-core CPU, {m['workers']} worker processes; "
+             f"the plan, priced at these cells' times, estimates {summary['plan']['hours']:.1f} h of wall "
              f"time, worst case {summary['plan']['worst_case_hours']:.1f} h). ImageNet MobileNetV2 (offline weights), "
              f"{st['size']} px, {st['epochs']} epochs, batch {st['batch_size']}, Adam, `{st['sched']}` for every "
              f"method, 500 training images per task. Every method gets the same search: a joint adapter-lr x head-lr "
@@ -474,6 +521,9 @@ def readme_section_v2(summary: Dict[str, Any]) -> str:
         missing.append(f"accuracy vs bytes: {len(bytes_done)} of {len(b.get('configs') or {})} configurations")
     if len(recipe_done) < len(r.get("methods") or {}) or not r.get("methods"):
         missing.append(f"library recipe: {len(recipe_done)} of {len(r.get('methods') or {})} methods")
+    dft = summary.get("defaults") or {}
+    if "missing" in dft or (dft.get("preferred_test") or {}).get("missing_cells"):
+        missing.append("library defaults check: " + dft.get("missing", "test cells missing"))
     if missing and not summary["complete"]:
         lines += ["Missing so far: " + "; ".join(missing) + ".", ""]
     lines += [v2_main_table(summary), ""]
@@ -489,6 +539,8 @@ def readme_section_v2(summary: Dict[str, Any]) -> str:
                   "![accuracy vs bytes](benchmarks/results/accuracy_vs_bytes_v2.png)", ""]
     if r.get("methods") and len(recipe_done) == len(r["methods"]):
         lines += ["At the library's own recipe:", "", v2_recipe_table(summary), ""]
+    if "settings" in (summary.get("defaults") or {}):
+        lines += [v2_defaults_text(summary), ""]
     lines.append(END)
     return "\n".join(lines)
 
