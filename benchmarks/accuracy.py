@@ -34,7 +34,10 @@ stops cleanly and the summary marks what is missing):
    caches its features, so its cells get no augmentation (recorded per cell as ``augment_applied``).
 5. **Library defaults**: modcl at ``train_task``'s default rates and at the recipe stage's chosen rates, at the
    recipe, on every tuning seed x tuning task (validation only): the library's defaults change only when these
-   tuning-only cells prefer the other setting (the summary's ``defaults``; the change itself is made by hand).
+   tuning-only cells prefer the other setting (the summary's ``defaults``; the change itself is made by hand). When
+   they prefer the defaults, those are tested once on the recipe stage's seeds and tasks. Beside it, outside the
+   equal search, a diagnosis: modcl with its norm affine and head at BN + head's recipe rates, and BN + head itself,
+   on the same tuning cells.
 
 Every method trains with the same short recipe (Adam, batch 32, 5 epochs, cosine: the library's default schedule,
 fixed for all, not chosen on anyone's validation) at 64 px on 500 training images per task.
@@ -1046,9 +1049,9 @@ def _defaults_summary(p: Protocol, st: Settings) -> Dict[str, Any]:
 
     def minus(a, b):
         return _mean_ci([a["val"][k] - b["val"][k] for k in keys])
-    diffs = [ours["val"][k] - lib["val"][k] for k in keys]
     out = {"library": d["library"], "settings": d["settings"], "cells": keys,
-           "recipe_choice_minus_default": _mean_ci(diffs), "per_cell_diff": dict(zip(keys, diffs)),
+           "recipe_choice_minus_default": minus(ours, lib),
+           "per_cell_diff": {k: ours["val"][k] - lib["val"][k] for k in keys},
            "prefers": "recipe choice" if ours["val_mean"] > lib["val_mean"] else "library default",
            "rule": "the library's defaults change only when the tuning-only cells prefer the other setting"}
     if d.get("test_specs"):

@@ -392,14 +392,18 @@ def v2_defaults_text(summary: Dict[str, Any]) -> str:
     if "settings" not in d:
         return d.get("missing", "not run")
     lib, ours = d["settings"]["library default"], d["settings"]["recipe choice"]
-    diff = d["recipe_choice_minus_default"]
-    ci = f" [{100 * diff['ci'][0]:+.2f}, {100 * diff['ci'][1]:+.2f}]" if diff.get("ci") else ""
     return (f"modcl at the library recipe on the tuning-only cells ({len(d['cells'])}: {', '.join(d['cells'])}), "
             f"validation accuracy: `train_task`'s defaults (lr {lib['lr']:g}, head lr {lib['head_lr']:g}) "
             f"{_pct(lib['val_mean'])} %, the recipe stage's choice (lr {ours['lr']:g}, head lr {ours['head_lr']:g}) "
-            f"{_pct(ours['val_mean'])} %; choice − default {100 * diff['mean']:+.2f} points{ci} (t over the cells). "
+            f"{_pct(ours['val_mean'])} %; choice − default {_points(d['recipe_choice_minus_default'])} (t over the cells). "
             f"Preferred: {d['prefers']}. Rule: {d['rule']}." + _preferred_text(d, summary.get("methods") or {})
             + _diagnosis_text(d))
+
+
+def _points(d: Dict[str, Any]) -> str:
+    """A mean difference (fractions) in points with its t interval when there is one."""
+    ci = f" [{100 * d['ci'][0]:+.2f}, {100 * d['ci'][1]:+.2f}]" if d.get("ci") else ""
+    return f"{100 * d['mean']:+.2f} points{ci}"
 
 
 def _preferred_text(d: Dict[str, Any], methods: Dict[str, Any]) -> str:
@@ -422,10 +426,9 @@ def _diagnosis_text(d: Dict[str, Any]) -> str:
     parts = []
     for name, diff in diag["minus_recipe_choice"].items():
         row = d["settings"][name]
-        ci = f" [{100 * diff['ci'][0]:+.2f}, {100 * diff['ci'][1]:+.2f}]" if diff.get("ci") else ""
         extra = "".join(f", {k} {v:g}" for k, v in (row.get("hp") or {}).items() if isinstance(v, (int, float)))
         parts.append(f"{name} (lr {row['lr']:g}, head lr {row['head_lr']:g}{extra}) "
-                     f"{_pct(row['val_mean'])} %, {100 * diff['mean']:+.2f} points{ci} against the recipe choice")
+                     f"{_pct(row['val_mean'])} %, {_points(diff)} against the recipe choice")
     return " Diagnosis (" + diag["note"] + "): " + "; ".join(parts) + "."
 
 
